@@ -1,0 +1,441 @@
+"""Block-sparse attention forward: each query block attends to its own list of key blocks.
+
+Layout and semantics are those of :func:`vdopt.kernels.reference.block_sparse_attention_reference`:
+``q: [batch, heads, q_tokens, head_dim]``, ``k, v: [batch, heads, kv_tokens, head_dim]`` (any strides, so a
+``[batch, tokens, heads, head_dim].transpose(1, 2)`` view needs no copy), ``kv_block_indices: int [batch, heads,
+q_blocks, max_kept]`` with ``kv_block_counts: int [batch, heads, q_blocks]``; ragged last blocks; a query block
+with no key block gets output 0 and log-sum-exp -inf. Returns ``(out, lse)``, ``out`` in q's dtype and memory
+order, ``lse: float32 [batch, heads, q_tokens]`` in natural-log units.
+
+Public entry points: :func:`block_sparse_attention` (the dispatcher) and the registered op
+``torch.ops.vdopt.block_sparse_attention`` (one opaque node under torch.compile and torch.export).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from vdopt.kernels import _backends
+from vdopt.kernels.reference import block_sparse_attention_reference, validate_kv_block_list
+
+_LOG2E = 1.4426950408889634
+_OP = "block_sparse_attention"
+
+# Ragged key handling (KV_RAGGED): 0 = key count divides the tile, nothing masked; 1 = mask every tile's
+# columns past the end; 2 = mask only in the tile that crosses the end (a branch in the loop).
+RAGGED_MASK_EVERY_TILE = 1
+RAGGED_MASK_IN_BRANCH = 2
+
+
+@triton.jit
+def attend_tile(
+    acc, l_i, m_i, q, k, v, qk_scale, kv_start, kv_stop,
+    BLOCK_N: tl.constexpr, KV_RAGGED: tl.constexpr, PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    """One step of the exp2 online softmax: fold key tile ``k, v: [BLOCK_N, D]`` (rows from ``kv_start``;
+    rows at or past ``kv_stop`` are not keys) into ``acc [BLOCK_M, D]``, row sums ``l_i`` and row maxima
+    ``m_i`` (log2 units). ``DOT_UPCAST`` multiplies in float32: Triton's CPU interpreter (3.9) multiplies
+    bfloat16 operands as their raw 16-bit patterns, so interpreted bf16 runs need it; GPU code never sets it."""
+    if DOT_UPCAST:
+        q = q.to(tl.float32)
+        k = k.to(tl.float32)
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    if KV_RAGGED == 1:
+        cols = kv_start + tl.arange(0, BLOCK_N)
+        qk = tl.where(cols[None, :] < kv_stop, qk, float("-inf"))
+    elif KV_RAGGED == 2:  # noqa: SIM102 (the outer test is compile-time, the inner one runs per tile)
+        if kv_start + BLOCK_N > kv_stop:
+            cols = kv_start + tl.arange(0, BLOCK_N)
+            qk = tl.where(cols[None, :] < kv_stop, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    # A row that has seen only masked keys keeps m = -inf: subtract 0 there so exp2 gives 0 instead of NaN.
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
+    alpha = tl.math.exp2(m_i - m_sub)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if DOT_UPCAST:
+        acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc, input_precision=PRECISION)
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def store_rows(
+    Out, Lse, acc, l_i, m_i, out_base, lse_base, row0, row_stop, stride_on,
+    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    """Normalise and write rows ``[row0, row_stop)`` of one tile; rows with no key get 0 and lse -inf."""
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    # m is in log2 units (scores were scaled by log2(e)); lse = ln(2) * (m + log2(l)).
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+    row_ok = offs_m < row_stop
+    tl.store(
+        out_base + offs_m[:, None] * stride_on + offs_d[None, :],
+        out.to(Out.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
+    tl.store(lse_base + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _block_sparse_fwd_kernel(
+    Q, K, V, Out, Lse, KvIndices, KvCounts, HeadIndices,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    stride_ib, stride_ih, stride_iq,
+    stride_cb, stride_ch,
+    group_heads, q_tokens, kv_tokens, qk_scale,
+    HEAD_DIM: tl.constexpr, LAYOUT_BLOCK_M: tl.constexpr, LAYOUT_BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
+    HAS_HEAD_INDICES: tl.constexpr, USE_TMA: tl.constexpr, KV_RAGGED: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+):
+    # Grid: (query tiles, batch * launched heads); query tiles vary fastest so the programs resident at one
+    # time share a head and its K/V stays in L2.
+    tile_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // group_heads).to(tl.int64)
+    g = pid_bh % group_heads
+    if HAS_HEAD_INDICES:
+        h = tl.load(HeadIndices + g).to(tl.int64)
+    else:
+        h = g.to(tl.int64)
+    row0 = tile_m * BLOCK_M
+    q_block = row0 // LAYOUT_BLOCK_M
+    count = tl.load(KvCounts + b * stride_cb + g * stride_ch + q_block)
+    index_row = KvIndices + b * stride_ib + g * stride_ih + q_block * stride_iq
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    if USE_TMA:
+        # Per-(batch, head) 2-D descriptors: bounds are that head's own rows, so a ragged tile reads zeros
+        # instead of the next head, and any head stride works.
+        q_desc = tl.make_tensor_descriptor(q_base, [q_tokens, HEAD_DIM], [stride_qn, 1], [BLOCK_M, HEAD_DIM])
+        k_desc = tl.make_tensor_descriptor(k_base, [kv_tokens, HEAD_DIM], [stride_kn, 1], [BLOCK_N, HEAD_DIM])
+        v_desc = tl.make_tensor_descriptor(v_base, [kv_tokens, HEAD_DIM], [stride_vn, 1], [BLOCK_N, HEAD_DIM])
+        q = q_desc.load([row0, 0])
+    else:
+        offs_m = row0 + tl.arange(0, BLOCK_M)
+        q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=offs_m[:, None] < q_tokens, other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    TILES_PER_BLOCK: tl.constexpr = LAYOUT_BLOCK_N // BLOCK_N
+    for t in tl.range(0, count * TILES_PER_BLOCK, num_stages=NUM_STAGES):
+        kv_block = tl.load(index_row + t // TILES_PER_BLOCK)
+        kv_start = kv_block * LAYOUT_BLOCK_N + (t % TILES_PER_BLOCK) * BLOCK_N
+        if USE_TMA:
+            k = k_desc.load([kv_start, 0])
+            v = v_desc.load([kv_start, 0])
+        else:
+            rows = kv_start + offs_n
+            k = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :], mask=rows[:, None] < kv_tokens, other=0.0)
+            v = tl.load(v_base + rows[:, None] * stride_vn + offs_d[None, :], mask=rows[:, None] < kv_tokens, other=0.0)
+        acc, l_i, m_i = attend_tile(
+            acc, l_i, m_i, q, k, v, qk_scale, kv_start, kv_tokens, BLOCK_N, KV_RAGGED, PRECISION, DOT_UPCAST
+        )
+    store_rows(
+        Out, Lse, acc, l_i, m_i, Out + b * stride_ob + g * stride_oh, Lse + pid_bh.to(tl.int64) * q_tokens,
+        row0, q_tokens, stride_on, BLOCK_M, HEAD_DIM,
+    )
+
+
+# Tile configurations tried by the autotuner (BLOCK_M, BLOCK_N, stages, warps); configs whose tiles do not
+# divide the layout's blocks are pruned per call. Chosen from the H100 sweep (benchmarks/notes_attention_kernels.md).
+TILE_CONFIGS: tuple[tuple[int, int, int, int], ...] = (
+    (128, 64, 2, 4),
+    (128, 64, 3, 4),
+    (128, 128, 2, 8),
+    (64, 64, 2, 4),
+)
+
+
+def _largest_pow2_divisor(n: int, cap: int) -> int:
+    tile = cap
+    while tile > 1 and n % tile:
+        tile //= 2
+    return tile
+
+
+def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
+    layout_m, layout_n = named_args["LAYOUT_BLOCK_M"], named_args["LAYOUT_BLOCK_N"]
+    kept = [c for c in configs if layout_m % c.kwargs["BLOCK_M"] == 0 and layout_n % c.kwargs["BLOCK_N"] == 0]
+    return kept or configs[-1:]
+
+
+def _autotune_configs() -> list[triton.Config]:
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "NUM_STAGES": s}, num_warps=w, num_stages=s)
+        for m, n, s, w in TILE_CONFIGS
+    ]
+
+
+_block_sparse_fwd_autotuned = triton.autotune(
+    configs=_autotune_configs(),
+    key=["HEAD_DIM", "LAYOUT_BLOCK_M", "LAYOUT_BLOCK_N", "KV_RAGGED", "USE_TMA"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)(_block_sparse_fwd_kernel)
+
+
+def output_like(q: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    """Empty ``[batch, heads, q_tokens, head_dim]`` output in q's memory order: token-major
+    (``[B, N, H, D]`` storage, the usual layout before the output projection) when q is, else head-major."""
+    batch, _, tokens, _ = q.shape
+    if q.stride(1) < q.stride(2):
+        return q.new_empty(batch, tokens, heads, head_dim).transpose(1, 2)
+    return q.new_empty(batch, heads, tokens, head_dim)
+
+
+def check_attention_inputs(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Shape, dtype and device checks shared by the ops (no device synchronisation)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"{op}: q, k, v must be [batch, heads, tokens, head_dim]; got {tuple(q.shape)}, {tuple(k.shape)}, "
+            f"{tuple(v.shape)}"
+        )
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"{op}: k and v must match and share batch, heads and head_dim with q; got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(
+            f"{op}: q, k, v must share one dtype of float16, bfloat16, float32; got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{op}: q, k, v are on {q.device}, {k.device}, {v.device}; put them on one device")
+
+
+def triton_head_dim_ok(op: str, head_dim: int) -> None:
+    if head_dim < 16 or head_dim & (head_dim - 1) or head_dim > 256:
+        raise ValueError(
+            f"{op}: the triton backend needs a power-of-two head_dim in [16, 256], got {head_dim}; "
+            "use backend='reference' for this head size"
+        )
+
+
+def block_sparse_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_block_indices: torch.Tensor,
+    kv_block_counts: torch.Tensor,
+    block_m: int,
+    block_n: int,
+    scale: float | None = None,
+    head_indices: torch.Tensor | None = None,
+    config: tuple[int, int, int, int] | None = None,
+    use_tma: bool | None = None,
+    kv_ragged_mode: int = RAGGED_MASK_IN_BRANCH,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the Triton kernel (no validation of the index lists; see :func:`block_sparse_attention`).
+
+    ``config = (BLOCK_M, BLOCK_N, stages, warps)`` pins the tiles (None: autotuned on GPU, (128, 64, 2, 4)
+    under the interpreter); ``use_tma`` None picks tensor-descriptor loads wherever the GPU and strides allow.
+    """
+    batch, heads, q_tokens, head_dim = q.shape
+    kv_tokens = k.shape[2]
+    triton_head_dim_ok(_OP, head_dim)
+    for name, block in (("block_m", block_m), ("block_n", block_n)):
+        if block % 16:
+            raise ValueError(
+                f"{_OP}: the triton backend needs {name} to be a multiple of 16, got {block}; "
+                "use backend='reference' for this block size"
+            )
+    group = heads if head_indices is None else head_indices.numel()
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    if scale <= 0:
+        raise ValueError(f"{_OP}: scale must be positive, got {scale}")
+    out = output_like(q, group, head_dim)
+    lse = torch.empty(batch, group, q_tokens, dtype=torch.float32, device=q.device)
+    if q_tokens == 0 or group == 0 or batch == 0:
+        return out, lse
+    if use_tma is None:
+        use_tma = _backends.tma_compatible(q, k, v)
+    if use_tma:
+        _backends.ensure_descriptor_allocator()
+    kv_block_indices = kv_block_indices if kv_block_indices.stride(-1) == 1 else kv_block_indices.contiguous()
+    if kv_block_counts.stride(-1) != 1:
+        kv_block_counts = kv_block_counts.contiguous()
+    head_arg = head_indices.to(device=q.device) if head_indices is not None else kv_block_counts
+    common = {
+        "HEAD_DIM": head_dim,
+        "LAYOUT_BLOCK_M": block_m,
+        "LAYOUT_BLOCK_N": block_n,
+        "HAS_HEAD_INDICES": head_indices is not None,
+        "USE_TMA": bool(use_tma),
+        "PRECISION": "ieee" if q.dtype == torch.float32 or _backends.interpreting() else "tf32",
+        "DOT_UPCAST": q.dtype == torch.bfloat16 and _backends.interpreting(),
+    }
+    args = (
+        q, k, v, out, lse, kv_block_indices, kv_block_counts, head_arg,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        kv_block_indices.stride(0), kv_block_indices.stride(1), kv_block_indices.stride(2),
+        kv_block_counts.stride(0), kv_block_counts.stride(1),
+        group, q_tokens, kv_tokens, scale * _LOG2E,
+    )
+    if config is None and _backends.interpreting():
+        config = TILE_CONFIGS[0]
+    if config is None:
+        # The key-tile size is chosen inside the autotuner: mask when the largest tile could cross the end.
+        ragged = kv_ragged_mode if kv_tokens % max(c[1] for c in TILE_CONFIGS) else 0
+        def grid(meta: dict) -> tuple[int, int]:
+            return (triton.cdiv(q_tokens, meta["BLOCK_M"]), batch * group)
+
+        _block_sparse_fwd_autotuned[grid](*args, KV_RAGGED=ragged, **common)
+        return out, lse
+    tile_m = _largest_pow2_divisor(block_m, config[0])
+    tile_n = _largest_pow2_divisor(block_n, config[1])
+    ragged = kv_ragged_mode if kv_tokens % tile_n else 0
+    grid = (triton.cdiv(q_tokens, tile_m), batch * group)
+    _block_sparse_fwd_kernel[grid](
+        *args, BLOCK_M=tile_m, BLOCK_N=tile_n, NUM_STAGES=config[2], KV_RAGGED=ragged, **common,
+        num_warps=config[3], num_stages=config[2],
+    )
+    return out, lse
+
+
+def _check_block_lists(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    kv_block_indices: torch.Tensor,
+    kv_block_counts: torch.Tensor,
+    block_m: int,
+    block_n: int,
+    head_indices: torch.Tensor | None,
+) -> None:
+    batch, heads, q_tokens, _ = q.shape
+    if block_m <= 0 or block_n <= 0:
+        raise ValueError(f"{_OP}: block_m and block_n must be positive, got {block_m} and {block_n}")
+    group = heads if head_indices is None else head_indices.numel()
+    expected = (batch, group, -(-q_tokens // block_m))
+    if tuple(kv_block_counts.shape) != expected or tuple(kv_block_indices.shape[:3]) != expected:
+        raise ValueError(
+            f"{_OP}: kv_block_counts {tuple(kv_block_counts.shape)} and kv_block_indices "
+            f"{tuple(kv_block_indices.shape)} must be [batch, heads, q_blocks(, max_kept)] with [batch, heads, "
+            f"q_blocks] = {expected} for {q_tokens} query tokens in blocks of {block_m}"
+            + ("" if head_indices is None else f" and {group} heads in head_indices")
+        )
+    for name, t in (("kv_block_indices", kv_block_indices), ("kv_block_counts", kv_block_counts)):
+        if t.dtype not in (torch.int32, torch.int64) or t.device != q.device:
+            raise ValueError(f"{_OP}: {name} must be int32 (or int64) on {q.device}; got {t.dtype} on {t.device}")
+    if head_indices is not None and (head_indices.dim() != 1 or head_indices.dtype.is_floating_point):
+        raise ValueError(f"{_OP}: head_indices must be a 1-D integer tensor, got {head_indices.dtype} "
+                         f"{tuple(head_indices.shape)}")
+
+
+def _block_sparse_attention_impl(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_block_indices: torch.Tensor,
+    kv_block_counts: torch.Tensor,
+    block_m: int,
+    block_n: int,
+    scale: float | None,
+    head_indices: torch.Tensor | None,
+    backend: str,
+    validate: bool | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    check_attention_inputs(_OP, q, k, v)
+    _check_block_lists(q, k, kv_block_indices, kv_block_counts, block_m, block_n, head_indices)
+    chosen = _backends.resolve_backend(_OP, backend, q.device)
+    _backends.record_backend(_OP, chosen)
+    if chosen == "reference":
+        return block_sparse_attention_reference(
+            q, k, v, kv_block_indices, kv_block_counts, block_m, block_n, scale, head_indices
+        )
+    # Validation synchronises with the device (about 0.1 ms), so on GPU it runs only when asked.
+    if validate or (validate is None and q.device.type == "cpu"):
+        validate_kv_block_list(kv_block_indices, kv_block_counts, -(-k.shape[2] // block_n))
+        if head_indices is not None and head_indices.numel() and (
+            int(head_indices.min()) < 0 or int(head_indices.max()) >= q.shape[1]
+        ):
+            raise ValueError(f"{_OP}: head_indices must lie in [0, {q.shape[1]}), got {head_indices.tolist()}")
+    return block_sparse_attention_triton(
+        q, k, v, kv_block_indices, kv_block_counts, block_m, block_n, scale, head_indices
+    )
+
+
+@torch.library.custom_op("vdopt::block_sparse_attention", mutates_args=())
+def _block_sparse_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_block_indices: torch.Tensor,
+    kv_block_counts: torch.Tensor,
+    block_m: int,
+    block_n: int,
+    scale: float | None = None,
+    head_indices: torch.Tensor | None = None,
+    backend: str = "auto",
+    validate: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _block_sparse_attention_impl(
+        q, k, v, kv_block_indices, kv_block_counts, block_m, block_n, scale, head_indices, backend, validate
+    )
+
+
+@_block_sparse_attention_op.register_fake
+def _block_sparse_attention_fake(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_block_indices: torch.Tensor,
+    kv_block_counts: torch.Tensor,
+    block_m: int,
+    block_n: int,
+    scale: float | None = None,
+    head_indices: torch.Tensor | None = None,
+    backend: str = "auto",
+    validate: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    group = q.shape[1] if head_indices is None else head_indices.shape[0]
+    out = output_like(q, group, v.shape[-1])
+    return out, q.new_empty(q.shape[0], group, q.shape[2], dtype=torch.float32)
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_block_indices: torch.Tensor,
+    kv_block_counts: torch.Tensor,
+    block_m: int,
+    block_n: int,
+    scale: float | None = None,
+    head_indices: torch.Tensor | None = None,
+    backend: str = "auto",
+    validate: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention through the registered op ``torch.ops.vdopt.block_sparse_attention``.
+
+    q: [B, H, Nq, D]; k, v: [B, H, Nk, D] (any strides); kv_block_indices: int32 [B, G, ceil(Nq/block_m),
+    max_kept]; kv_block_counts: int32 [B, G, ceil(Nq/block_m)], where G = H, or len(head_indices) for a
+    head-group launch that reads only those heads (no copy). scale defaults to D**-0.5.
+    backend: "auto" (CUDA: fastest measured backend, see ``_backends.MEASURED_ORDER``; CPU: "reference"),
+    "triton" or "reference"; ``last_backend()`` names the one that ran. validate: check index lists for
+    range and duplicates (None: on CPU only, since it synchronises the GPU).
+    Returns (out [B, G, Nq, D] in q's dtype and memory order, lse float32 [B, G, Nq], natural log).
+    """
+    return torch.ops.vdopt.block_sparse_attention(
+        q, k, v, kv_block_indices, kv_block_counts, block_m, block_n, scale, head_indices, backend, validate
+    )
+
+
+def last_backend() -> str | None:
+    """Backend that ran the latest block_sparse_attention call in this process ("triton" or "reference")."""
+    return _backends.last_backend(_OP)
