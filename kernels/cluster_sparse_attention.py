@@ -1,0 +1,340 @@
+"""Cluster-sparse attention forward: variable-size query clusters attend to lists of variable-size key clusters.
+
+Layout and semantics are those of :func:`vdopt.kernels.reference.cluster_sparse_attention_reference` (the layout
+after a semantic k-means permutation, no padding): ``q: [batch, heads, q_tokens, head_dim]``, ``k, v: [batch,
+heads, kv_tokens, head_dim]`` (any strides), ``q_offsets: int [batch, heads, q_clusters + 1]`` and
+``kv_offsets: int [batch, heads, kv_clusters + 1]`` ascending cluster boundaries (clusters may be empty),
+``kv_cluster_indices: int [batch, heads, q_clusters, max_kept]`` with ``kv_cluster_counts``. A query cluster with
+no key cluster gets output 0 and log-sum-exp -inf. Returns ``(out, lse)`` as the block op does.
+
+Two launches: a planning kernel cuts each query cluster's kept key clusters into key tiles of ``BLOCK_N`` rows
+(the last tile of a cluster is partial and masked), then the attention kernel walks that flat tile list with the
+same pipelined loop as the block kernel. Query tiles start at each cluster's first row; rows past the cluster's
+end are computed but not stored.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from vdopt.kernels import _backends
+from vdopt.kernels.block_sparse_attention import (
+    RAGGED_MASK_IN_BRANCH,
+    attend_tile,
+    check_attention_inputs,
+    output_like,
+    store_rows,
+    triton_head_dim_ok,
+)
+from vdopt.kernels.reference import cluster_sparse_attention_reference, validate_kv_block_list
+
+_LOG2E = 1.4426950408889634
+_OP = "cluster_sparse_attention"
+# A schedule entry packs a key tile as start * 256 + valid rows (1..BLOCK_N <= 128), one int32 per tile.
+_LENGTH_BITS = 8
+
+
+@triton.jit
+def _cluster_tile_plan_kernel(
+    KvOffsets, KvIndices, KvCounts, Schedule, TileCounts,
+    stride_ob, stride_oh, stride_ib, stride_ih, stride_iq, stride_cb, stride_ch,
+    heads, q_clusters, schedule_stride,
+    KEPT_P: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, LENGTH_BITS: tl.constexpr,
+):
+    """For query cluster ``program_id(0)`` of (batch, head) ``program_id(1)``: list its key tiles."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // heads).to(tl.int64)
+    h = bh % heads
+    count = tl.load(KvCounts + b * stride_cb + h * stride_ch + c)
+    pos = tl.arange(0, KEPT_P)
+    used = pos < count
+    kept = tl.load(KvIndices + b * stride_ib + h * stride_ih + c * stride_iq + pos, mask=used, other=0)
+    offsets = KvOffsets + b * stride_ob + h * stride_oh
+    start = tl.load(offsets + kept, mask=used, other=0)
+    stop = tl.load(offsets + kept + 1, mask=used, other=0)
+    tiles = tl.where(used, (stop - start + BLOCK_N - 1) // BLOCK_N, 0)
+    ends = tl.cumsum(tiles, 0)
+    total = tl.sum(tiles, 0)
+    firsts = ends - tiles
+    row = bh.to(tl.int64) * q_clusters + c
+    tl.store(TileCounts + row, total)
+    for chunk in range(0, total, CHUNK):
+        slots = chunk + tl.arange(0, CHUNK)
+        # Kept position of each slot: how many clusters end at or before it (each non-empty one has >= 1 tile).
+        which = tl.sum((ends[None, :] <= slots[:, None]).to(tl.int32), 1)
+        pick = pos[None, :] == which[:, None]
+        tile_start = tl.sum(tl.where(pick, start[None, :], 0), 1)
+        tile_stop = tl.sum(tl.where(pick, stop[None, :], 0), 1)
+        tile_first = tl.sum(tl.where(pick, firsts[None, :], 0), 1)
+        kv_start = tile_start + (slots - tile_first) * BLOCK_N
+        length = tl.minimum(tile_stop - kv_start, BLOCK_N)
+        tl.store(
+            Schedule + row * schedule_stride + slots,
+            (kv_start << LENGTH_BITS) + length,
+            mask=slots < total,
+        )
+
+
+@triton.jit
+def _cluster_sparse_fwd_kernel(
+    Q, K, V, Out, Lse, QOffsets, Schedule, TileCounts,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    stride_qob, stride_qoh,
+    heads, q_clusters, q_tokens, kv_tokens, schedule_stride, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
+    CLUSTERS_P: tl.constexpr, USE_TMA: tl.constexpr, KV_RAGGED: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr, LENGTH_BITS: tl.constexpr,
+):
+    # Grid: (query-tile slots, batch * heads). A head has at most ceil(q_tokens / BLOCK_M) + q_clusters query
+    # tiles; slot p finds its cluster from the running tile count, slots past the last tile exit.
+    p = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // heads).to(tl.int64)
+    h = (bh % heads).to(tl.int64)
+    cl = tl.arange(0, CLUSTERS_P)
+    offsets = QOffsets + b * stride_qob + h * stride_qoh
+    starts = tl.load(offsets + cl, mask=cl < q_clusters, other=0)
+    stops = tl.load(offsets + cl + 1, mask=cl < q_clusters, other=0)
+    tiles = tl.where(cl < q_clusters, (stops - starts + BLOCK_M - 1) // BLOCK_M, 0)
+    ends = tl.cumsum(tiles, 0)
+    c = tl.sum((ends <= p).to(tl.int32), 0)
+    if c >= q_clusters:
+        return
+    pick = cl == c
+    row0 = tl.sum(tl.where(pick, starts + (p - (ends - tiles)) * BLOCK_M, 0), 0)
+    row_stop = tl.sum(tl.where(pick, stops, 0), 0)
+    plan_row = bh.to(tl.int64) * q_clusters + c
+    total = tl.load(TileCounts + plan_row)
+    schedule_row = Schedule + plan_row * schedule_stride
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    if USE_TMA:
+        q_desc = tl.make_tensor_descriptor(q_base, [q_tokens, HEAD_DIM], [stride_qn, 1], [BLOCK_M, HEAD_DIM])
+        k_desc = tl.make_tensor_descriptor(k_base, [kv_tokens, HEAD_DIM], [stride_kn, 1], [BLOCK_N, HEAD_DIM])
+        v_desc = tl.make_tensor_descriptor(v_base, [kv_tokens, HEAD_DIM], [stride_vn, 1], [BLOCK_N, HEAD_DIM])
+        q = q_desc.load([row0, 0])
+    else:
+        offs_m = row0 + tl.arange(0, BLOCK_M)
+        q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=offs_m[:, None] < q_tokens, other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for t in tl.range(0, total, num_stages=NUM_STAGES):
+        entry = tl.load(schedule_row + t)
+        kv_start = entry >> LENGTH_BITS
+        kv_stop = kv_start + (entry & ((1 << LENGTH_BITS) - 1))
+        if USE_TMA:
+            k = k_desc.load([kv_start, 0])
+            v = v_desc.load([kv_start, 0])
+        else:
+            rows = kv_start + offs_n
+            k = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :], mask=rows[:, None] < kv_tokens, other=0.0)
+            v = tl.load(v_base + rows[:, None] * stride_vn + offs_d[None, :], mask=rows[:, None] < kv_tokens, other=0.0)
+        acc, l_i, m_i = attend_tile(
+            acc, l_i, m_i, q, k, v, qk_scale, kv_start, kv_stop, BLOCK_N, KV_RAGGED, PRECISION, DOT_UPCAST
+        )
+    store_rows(
+        Out, Lse, acc, l_i, m_i, Out + b * stride_ob + h * stride_oh, Lse + bh.to(tl.int64) * q_tokens,
+        row0, row_stop, stride_on, BLOCK_M, HEAD_DIM,
+    )
+
+
+# (BLOCK_M, BLOCK_N, stages, warps) used when the caller pins none; from the H100 sweep
+# (benchmarks/notes_attention_kernels.md).
+DEFAULT_CONFIG: tuple[int, int, int, int] = (128, 64, 2, 4)
+
+
+def cluster_sparse_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_offsets: torch.Tensor,
+    kv_offsets: torch.Tensor,
+    kv_cluster_indices: torch.Tensor,
+    kv_cluster_counts: torch.Tensor,
+    scale: float | None = None,
+    config: tuple[int, int, int, int] | None = None,
+    use_tma: bool | None = None,
+    kv_ragged_mode: int = RAGGED_MASK_IN_BRANCH,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plan and launch the Triton kernels (no validation; see :func:`cluster_sparse_attention`).
+
+    ``config = (BLOCK_M, BLOCK_N, stages, warps)``, BLOCK_N <= 128. The plan's buffer holds
+    ``ceil(kv_tokens / BLOCK_N) + max_kept`` int32 entries per query cluster (enough when every key is kept).
+    """
+    batch, heads, q_tokens, head_dim = q.shape
+    kv_tokens = k.shape[2]
+    triton_head_dim_ok(_OP, head_dim)
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    if scale <= 0:
+        raise ValueError(f"{_OP}: scale must be positive, got {scale}")
+    block_m, block_n, stages, warps = config or DEFAULT_CONFIG
+    if block_n > 128:
+        raise ValueError(f"{_OP}: BLOCK_N must be <= 128 (schedule entries keep the tile length in 8 bits), got {block_n}")
+    q_clusters = q_offsets.shape[-1] - 1
+    max_kept = kv_cluster_indices.shape[-1]
+    out = output_like(q, heads, head_dim)
+    lse = torch.empty(batch, heads, q_tokens, dtype=torch.float32, device=q.device)
+    if q_tokens == 0 or batch * heads == 0 or q_clusters == 0:
+        return out, lse
+    if use_tma is None:
+        use_tma = _backends.tma_compatible(q, k, v)
+    if use_tma:
+        _backends.ensure_descriptor_allocator()
+    q_offsets, kv_offsets, kv_cluster_counts = (
+        t if t.stride(-1) == 1 else t.contiguous() for t in (q_offsets, kv_offsets, kv_cluster_counts)
+    )
+    if kv_cluster_indices.stride(-1) != 1:
+        kv_cluster_indices = kv_cluster_indices.contiguous()
+    schedule_stride = triton.cdiv(kv_tokens, block_n) + max_kept
+    schedule = torch.empty(batch * heads * q_clusters, schedule_stride, dtype=torch.int32, device=q.device)
+    tile_counts = torch.empty(batch * heads * q_clusters, dtype=torch.int32, device=q.device)
+    kept_p = max(16, triton.next_power_of_2(max_kept))
+    _cluster_tile_plan_kernel[(q_clusters, batch * heads)](
+        kv_offsets, kv_cluster_indices, kv_cluster_counts, schedule, tile_counts,
+        kv_offsets.stride(0), kv_offsets.stride(1),
+        kv_cluster_indices.stride(0), kv_cluster_indices.stride(1), kv_cluster_indices.stride(2),
+        kv_cluster_counts.stride(0), kv_cluster_counts.stride(1),
+        heads, q_clusters, schedule_stride,
+        KEPT_P=kept_p, BLOCK_N=block_n, CHUNK=max(16, 4096 // kept_p), LENGTH_BITS=_LENGTH_BITS,
+        num_warps=4,
+    )
+    grid = (triton.cdiv(q_tokens, block_m) + q_clusters, batch * heads)
+    _cluster_sparse_fwd_kernel[grid](
+        q, k, v, out, lse, q_offsets, schedule, tile_counts,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        q_offsets.stride(0), q_offsets.stride(1),
+        heads, q_clusters, q_tokens, kv_tokens, schedule_stride, scale * _LOG2E,
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=stages,
+        CLUSTERS_P=max(16, triton.next_power_of_2(q_clusters + 1)),
+        USE_TMA=bool(use_tma), KV_RAGGED=kv_ragged_mode,
+        PRECISION="ieee" if q.dtype == torch.float32 or _backends.interpreting() else "tf32",
+        DOT_UPCAST=q.dtype == torch.bfloat16 and _backends.interpreting(),
+        LENGTH_BITS=_LENGTH_BITS, num_warps=warps, num_stages=stages,
+    )
+    return out, lse
+
+
+def _check_cluster_lists(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_offsets: torch.Tensor,
+    kv_offsets: torch.Tensor,
+    kv_cluster_indices: torch.Tensor,
+    kv_cluster_counts: torch.Tensor,
+) -> None:
+    batch, heads = q.shape[:2]
+    q_clusters = q_offsets.shape[-1] - 1
+    for name, t in (("q_offsets", q_offsets), ("kv_offsets", kv_offsets)):
+        if t.dim() != 3 or tuple(t.shape[:2]) != (batch, heads) or t.shape[-1] < 1:
+            raise ValueError(
+                f"{_OP}: {name} must be [batch, heads, clusters + 1] = [{batch}, {heads}, ...], got {tuple(t.shape)}"
+            )
+    expected = (batch, heads, q_clusters)
+    if tuple(kv_cluster_counts.shape) != expected or tuple(kv_cluster_indices.shape[:3]) != expected:
+        raise ValueError(
+            f"{_OP}: kv_cluster_counts {tuple(kv_cluster_counts.shape)} and kv_cluster_indices "
+            f"{tuple(kv_cluster_indices.shape)} must be [batch, heads, q_clusters(, max_kept)] with "
+            f"[batch, heads, q_clusters] = {expected} (q_offsets has {q_clusters + 1} boundaries)"
+        )
+    for name, t in (
+        ("q_offsets", q_offsets), ("kv_offsets", kv_offsets),
+        ("kv_cluster_indices", kv_cluster_indices), ("kv_cluster_counts", kv_cluster_counts),
+    ):
+        if t.dtype not in (torch.int32, torch.int64) or t.device != q.device:
+            raise ValueError(f"{_OP}: {name} must be int32 (or int64) on {q.device}; got {t.dtype} on {t.device}")
+
+
+def _validate_offsets(q: torch.Tensor, k: torch.Tensor, q_offsets: torch.Tensor, kv_offsets: torch.Tensor) -> None:
+    for name, offsets, tokens in (("q_offsets", q_offsets, q.shape[2]), ("kv_offsets", kv_offsets, k.shape[2])):
+        if bool((offsets[..., 0] != 0).any()) or bool((offsets[..., -1] != tokens).any()):
+            raise ValueError(f"{_OP}: {name} must start at 0 and end at the token count {tokens}")
+        if bool((offsets[..., 1:] < offsets[..., :-1]).any()):
+            raise ValueError(f"{_OP}: {name} must be non-decreasing")
+
+
+@torch.library.custom_op("vdopt::cluster_sparse_attention", mutates_args=())
+def _cluster_sparse_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_offsets: torch.Tensor,
+    kv_offsets: torch.Tensor,
+    kv_cluster_indices: torch.Tensor,
+    kv_cluster_counts: torch.Tensor,
+    scale: float | None = None,
+    backend: str = "auto",
+    validate: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    check_attention_inputs(_OP, q, k, v)
+    _check_cluster_lists(q, k, q_offsets, kv_offsets, kv_cluster_indices, kv_cluster_counts)
+    chosen = _backends.resolve_backend(_OP, backend, q.device)
+    _backends.record_backend(_OP, chosen)
+    if chosen == "reference":
+        return cluster_sparse_attention_reference(
+            q, k, v, q_offsets, kv_offsets, kv_cluster_indices, kv_cluster_counts, scale
+        )
+    # Validation synchronises with the device, so on GPU it runs only when asked.
+    if validate or (validate is None and q.device.type == "cpu"):
+        validate_kv_block_list(kv_cluster_indices, kv_cluster_counts, kv_offsets.shape[-1] - 1)
+        _validate_offsets(q, k, q_offsets, kv_offsets)
+    return cluster_sparse_attention_triton(
+        q, k, v, q_offsets, kv_offsets, kv_cluster_indices, kv_cluster_counts, scale
+    )
+
+
+@_cluster_sparse_attention_op.register_fake
+def _cluster_sparse_attention_fake(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_offsets: torch.Tensor,
+    kv_offsets: torch.Tensor,
+    kv_cluster_indices: torch.Tensor,
+    kv_cluster_counts: torch.Tensor,
+    scale: float | None = None,
+    backend: str = "auto",
+    validate: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out = output_like(q, q.shape[1], v.shape[-1])
+    return out, q.new_empty(q.shape[0], q.shape[1], q.shape[2], dtype=torch.float32)
+
+
+def cluster_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_offsets: torch.Tensor,
+    kv_offsets: torch.Tensor,
+    kv_cluster_indices: torch.Tensor,
+    kv_cluster_counts: torch.Tensor,
+    scale: float | None = None,
+    backend: str = "auto",
+    validate: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cluster-sparse attention through the registered op ``torch.ops.vdopt.cluster_sparse_attention``.
+
+    q: [B, H, Nq, D]; k, v: [B, H, Nk, D] (any strides), already permuted so clusters are contiguous;
+    q_offsets: int32 [B, H, Cq + 1]; kv_offsets: int32 [B, H, Ck + 1]; kv_cluster_indices: int32
+    [B, H, Cq, max_kept]; kv_cluster_counts: int32 [B, H, Cq]. backend/validate as in block_sparse_attention.
+    Returns (out [B, H, Nq, D] in q's dtype and memory order, lse float32 [B, H, Nq], natural log).
+    """
+    return torch.ops.vdopt.cluster_sparse_attention(
+        q, k, v, q_offsets, kv_offsets, kv_cluster_indices, kv_cluster_counts, scale, backend, validate
+    )
+
+
+def last_backend() -> str | None:
+    """Backend that ran the latest cluster_sparse_attention call in this process."""
+    return _backends.last_backend(_OP)
