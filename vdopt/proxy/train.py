@@ -44,7 +44,7 @@ def _shifted(sigma: torch.Tensor, shift: float) -> torch.Tensor:
 def flow_matching_loss(transformer: nn.Module, text_encoder: TextEncoder, tokenizer: WordTokenizer,
                        video: torch.Tensor, prompts: list[str], shift: float, generator: torch.Generator,
                        ) -> torch.Tensor:
-    """Rectified-flow loss on clips ``video [B, F, H, W, 3]`` in ``[0, 1]``.
+    """Rectified-flow loss on clips ``video [B, F, H, W, 3]`` in ``[0, 1]`` with their (dropped) captions.
 
     ``x_t = (1 - t) x_0 + t noise`` with ``t`` logit-normal, warped by the sampler's ``shift`` so training
     spends its effort on the noise levels the sampler visits; the target is the velocity ``noise - x_0``.
@@ -52,8 +52,6 @@ def flow_matching_loss(transformer: nn.Module, text_encoder: TextEncoder, tokeni
     device = video.device
     clean = video.permute(0, 4, 1, 2, 3) * 2.0 - 1.0  # [B, 3, F, H, W] in [-1, 1]
     b = clean.shape[0]
-    drop = torch.rand(b, generator=generator, device=device) < CAPTION_DROPOUT
-    prompts = ["" if d else p for d, p in zip(drop.tolist(), prompts)]
     ids, mask = tokenizer(prompts)
     sigma = _shifted(torch.sigmoid(torch.randn(b, generator=generator, device=device)), shift)
     noise = torch.randn(clean.shape, generator=generator, device=device)
@@ -73,10 +71,16 @@ def _learning_rate(step: int, elapsed_s: float, base_lr: float, horizon_s: float
     return base_lr * warm * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
+def drop_captions(prompts: list[str], seed: int, step: int) -> list[str]:
+    """Replace ``CAPTION_DROPOUT`` of the captions by '' (the unconditional prompt), drawn on the CPU."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step + 17)
+    drop = (torch.rand(len(prompts), generator=generator) < CAPTION_DROPOUT).tolist()
+    return ["" if d else p for d, p in zip(drop, prompts)]
+
+
 @torch.no_grad()
 def _update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach().float(), 1.0 - decay)
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
 
 
 def save_sample_grid(videos: torch.Tensor, prompts: list[str], path: str | Path, scale: int = 2) -> None:
@@ -126,7 +130,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="training time over all runs, for the LR schedule (default: --minutes)")
     parser.add_argument("--preset", choices=("full", "tiny"), default="full", help="tiny: CPU smoke test")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=4e-4)
     parser.add_argument("--ema", type=float, default=0.999)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-steps", type=int, default=None)
@@ -142,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
     config = TINY_CONFIG if args.preset == "tiny" else ProxyConfig()
+    torch.manual_seed(args.seed)
     state: dict = {"step": 0, "elapsed_s": 0.0, "samples": 0, "log": []}
     ckpt_file = args.ckpt / "state.pt" if args.ckpt else None
     if ckpt_file is not None and ckpt_file.exists():
@@ -178,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device {device}; parameters {n_params:,} (transformer {count_parameters(transformer):,}); "
           f"video {config.video}; batch {args.batch_size}", flush=True)
 
-    step_fn = transformer
+    compiled_ok = False
     if args.compile:
         for block in transformer.blocks:
             block.compile()
@@ -195,7 +200,20 @@ def main(argv: list[str] | None = None) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr
         video, prompts = training_batch(args.batch_size, args.seed, state["step"], config.video, device)
-        loss = flow_matching_loss(step_fn, text_encoder, tokenizer, video, prompts, config.flow_shift, generator)
+        prompts = drop_captions(prompts, args.seed, state["step"])
+        try:
+            loss = flow_matching_loss(transformer, text_encoder, tokenizer, video, prompts, config.flow_shift,
+                                      generator)
+        except Exception as error:  # a compile failure must not cost the GPU run: fall back to eager
+            if not args.compile or compiled_ok:
+                raise
+            print(f"torch.compile failed ({type(error).__name__}: {error}); continuing in eager mode", flush=True)
+            for block in transformer.blocks:
+                block._compiled_call_impl = None
+            torch._dynamo.reset()
+            args.compile = False
+            continue
+        compiled_ok = True
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -211,8 +229,9 @@ def main(argv: list[str] | None = None) -> None:
             elapsed = state["elapsed_s"] + time.perf_counter() - start
             state["log"].append({"step": state["step"], "loss": mean, "lr": lr, "grad_norm": float(grad_norm),
                                  "elapsed_s": round(elapsed, 1)})
+            rate = state["samples"] / max(elapsed, 1e-9)
             print(f"step {state['step']:6d}  loss {mean:.4f}  lr {lr:.2e}  |g| {float(grad_norm):.2f}  "
-                  f"{elapsed:7.1f}s", flush=True)
+                  f"{elapsed:7.1f}s  {rate:.0f} clips/s", flush=True)
     state["elapsed_s"] += time.perf_counter() - start
     final_loss = state["log"][-1]["loss"] if state["log"] else float("nan")
     print(f"done: {state['step']} steps, {state['samples']} clips, {state['elapsed_s']:.0f}s, "
