@@ -60,7 +60,12 @@ def permutation_from_labels_reference(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PyTorch definition of :func:`permutation_from_labels`."""
     _check_labels(labels, num_clusters)
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_clusters):
+    # The range check reads the labels on the host: done on CPU only, so a CUDA step stays free of syncs.
+    if (
+        labels.device.type == "cpu"
+        and labels.numel()
+        and (int(labels.min()) < 0 or int(labels.max()) >= num_clusters)
+    ):
         raise ValueError(
             f"labels span [{int(labels.min())}, {int(labels.max())}], outside [0, {num_clusters}); "
             "pass the num_clusters the labels were made with"
@@ -71,14 +76,20 @@ def permutation_from_labels_reference(
 def _sort_by_label(
     labels: torch.Tensor, num_clusters: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # Unchecked core of permutation_from_labels: no host sync, so the k-means loop can call it every iteration.
-    perm = torch.sort(labels, dim=-1, stable=True).indices
+    # Unchecked core of permutation_from_labels: no host sync.
+    perm, offsets = _sorted_order(labels, num_clusters)
     positions = torch.arange(labels.shape[-1], device=labels.device).expand_as(perm)
     inverse = torch.empty_like(perm).scatter_(-1, perm, positions)
-    counts = torch.zeros(*labels.shape[:2], num_clusters, dtype=torch.int64, device=labels.device)
-    counts.scatter_add_(-1, labels.long(), torch.ones_like(perm))
-    offsets = torch.nn.functional.pad(counts.cumsum(dim=-1), (1, 0)).to(torch.int32)
     return perm, inverse, offsets
+
+
+def _sorted_order(labels: torch.Tensor, num_clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(stable sort permutation int64, cluster offsets int32) of ``labels [B, H, N]``; no checks, no host sync."""
+    ordered, perm = torch.sort(labels, dim=-1, stable=True)
+    # Cluster c starts where the sorted labels first reach c: a binary search, no atomics.
+    bounds = torch.arange(num_clusters + 1, dtype=ordered.dtype, device=labels.device)
+    offsets = torch.searchsorted(ordered, bounds.expand(*labels.shape[:2], -1).contiguous(), out_int32=True)
+    return perm, offsets
 
 
 @torch.library.custom_op("vdopt::permutation_from_labels", mutates_args=())
@@ -405,30 +416,44 @@ if triton is not None:
         tl.store(out_ptr + centroid_offset, mean, mask=col_ok)
 
 
+if triton is not None:
+    # Tile shapes for CUDA, chosen per (clusters, head_dim, tokens) by timing on the first call of each shape.
+    _kmeans_assign_autotuned = triton.autotune(
+        configs=[
+            triton.Config({"BLOCK_N": n, "BLOCK_C": c}, num_warps=w, num_stages=s)
+            for n, c, w, s in (
+                (128, 64, 8, 2),
+                (128, 128, 8, 2),
+                (128, 32, 4, 3),
+                (64, 64, 4, 2),
+                (64, 128, 4, 2),
+                (256, 64, 8, 2),
+            )
+        ],
+        key=["num_clusters", "head_dim", "tokens"],
+    )(_kmeans_assign_kernel)
+
+
 def _assign_triton(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     batch, heads, tokens, head_dim = x.shape
     num_clusters = centroids.shape[2]
     labels = torch.empty(batch, heads, tokens, dtype=torch.int32, device=x.device)
     norms = (centroids * centroids).sum(-1).contiguous()
+    args = (x, centroids, norms, labels, heads, tokens, num_clusters, head_dim, *x.stride())
     block_d = max(16, triton.next_power_of_2(head_dim))
+    if x.is_cuda:
+        grid = lambda meta: (batch * heads, triton.cdiv(tokens, meta["BLOCK_N"]))
+        _kmeans_assign_autotuned[grid](*args, BLOCK_D=block_d, UPCAST_DOT=False)
+        return labels
+    # The interpreter: one fixed tile shape, small enough to stay quick.
     block_n = 128 if tokens >= 128 else max(16, triton.next_power_of_2(tokens))
     block_c = min(64, max(16, triton.next_power_of_2(num_clusters)))
     _kmeans_assign_kernel[(batch * heads, triton.cdiv(tokens, block_n))](
-        x,
-        centroids,
-        norms,
-        labels,
-        heads,
-        tokens,
-        num_clusters,
-        head_dim,
-        *x.stride(),
+        *args,
         BLOCK_N=block_n,
         BLOCK_C=block_c,
         BLOCK_D=block_d,
-        UPCAST_DOT=not x.is_cuda and x.dtype == torch.bfloat16,
-        num_warps=8 if block_n * block_c >= 128 * 64 else 4,
-        num_stages=2,
+        UPCAST_DOT=x.dtype == torch.bfloat16,
     )
     return labels
 
@@ -436,7 +461,7 @@ def _assign_triton(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
 def _update_triton(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     batch, heads, tokens, head_dim = x.shape
     num_clusters = centroids.shape[2]
-    perm, _, offsets = _sort_by_label(labels, num_clusters)
+    perm, offsets = _sorted_order(labels, num_clusters)
     out = torch.empty_like(centroids)
     _segment_mean_kernel[(batch * heads, num_clusters)](
         x,

@@ -1,0 +1,265 @@
+"""Per-step overhead of the strategy helpers, as a share of cuDNN dense attention in the same run (GPU only).
+
+At the Wan2.1-1.3B self-attention shape (B1 H12 N32760 D128, bf16) it times, with triton.testing.do_bench
+(median after warm-up):
+- dynamic block selection (DraftAttention / AdaSpa): pooled block scores + top-p selection, blocks of 128 and 64;
+- semantic permutation (Sparse VideoGen2): warm-started k-means of Q and K (1 and 3 iterations, C = 64/128/256),
+  the permutations from the labels, cluster-level top-p selection, gathering Q, K, V and scattering the output back;
+and writes ``strategy_overheads.json`` (device, date, versions, every component and each strategy's total) into
+``--out`` (default ``$OUT``, else benchmarks/results). Each Triton kernel is first checked against its reference
+at the full shape. Acceptance (issue 9): each strategy's total <= 5% of dense attention.
+
+    python benchmarks/strategy_overheads.py --out /tmp/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import torch
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from vdopt.kernels import kmeans as km
+from vdopt.kernels import selection
+
+TOP_P = 0.9
+ACCEPTANCE_PCT = 5.0
+
+
+def _bench(fn) -> float:
+    """Median milliseconds of ``fn`` after warm-up (do_bench times with CUDA events, flushing L2 between runs)."""
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _cluster_scores(
+    q_centroids: torch.Tensor, k_centroids: torch.Tensor, kv_offsets: torch.Tensor
+) -> torch.Tensor:
+    """SVG2-style cluster scores: softmax of centroid products plus log key-cluster size (empty clusters -inf)."""
+    sizes = (kv_offsets[..., 1:] - kv_offsets[..., :-1]).float()[..., None, :]
+    logits = torch.matmul(q_centroids, k_centroids.transpose(-1, -2)) * q_centroids.shape[-1] ** -0.5
+    return torch.softmax(logits + sizes.log(), dim=-1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", str(Path(__file__).parent / "results")))
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--tokens", type=int, default=32760)
+    parser.add_argument("--head-dim", type=int, default=128)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("strategy_overheads.py times GPU kernels; run it on a CUDA machine")
+
+    torch.manual_seed(0)
+    shape = (1, args.heads, args.tokens, args.head_dim)
+    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        dense_ms = _bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    def pct(ms: float) -> float:
+        return round(100.0 * ms / dense_ms, 3)
+
+    checks: dict[str, float] = {}
+    result: dict = {
+        "benchmark": "strategy_overheads",
+        "device": torch.cuda.get_device_name(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(),
+            "vdopt_commit": _git_commit(),
+        },
+        "shape": {"batch": 1, "heads": args.heads, "tokens": args.tokens, "head_dim": args.head_dim},
+        "dtype": "bfloat16",
+        "timing": "triton.testing.do_bench median, warmup 25 ms, rep 100 ms",
+        "top_p": TOP_P,
+        "dense_sdpa_ms": dense_ms,
+        "dense_sdpa_backend": "cudnn",
+        "checks": checks,
+        "draft_selection": [],
+        "kmeans": [],
+        "strategies": [],
+    }
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    errors: dict[str, str] = {}
+    result["errors"] = errors
+
+    def save() -> None:
+        (out_dir / "strategy_overheads.json").write_text(json.dumps(result, indent=2) + "\n")
+
+    def draft_selection(block: int) -> None:
+        means = selection.pooled_block_means(q, block)
+        checks[f"pooled_means_rel_err_block{block}"] = _rel_err(
+            means, selection.pooled_block_means_reference(q, block)
+        )
+        scores = selection.pooled_block_scores(q, k, block, block)
+        checks[f"scores_max_abs_err_block{block}"] = float(
+            (scores - selection.pooled_block_scores_reference(q, k, block, block)).abs().max()
+        )
+        _, counts = selection.select_blocks_top_p(scores, TOP_P)
+        row = {
+            "block": block,
+            "pooled_means_q_ms": _bench(lambda b=block: selection.pooled_block_means(q, b)),
+            "pooled_means_q_reference_ms": _bench(
+                lambda b=block: selection.pooled_block_means_reference(q, b)
+            ),
+            "scores_ms": _bench(lambda b=block: selection.pooled_block_scores(q, k, b, b)),
+            "select_top_p_ms": _bench(lambda s=scores: selection.select_blocks_top_p(s, TOP_P)),
+            "total_ms": _bench(
+                lambda b=block: selection.select_blocks_top_p(
+                    selection.pooled_block_scores(q, k, b, b), TOP_P
+                )
+            ),
+            "kept_density": float(counts.float().mean() / scores.shape[-1]),
+        }
+        row["total_pct_of_dense"] = pct(row["total_ms"])
+        result["draft_selection"].append(row)
+        result["strategies"].append(
+            {
+                "strategy": f"draft_selection_block{block}",
+                "components": "pooled Q/K means + block scores + top-p selection",
+                "ms": row["total_ms"],
+                "pct_of_dense": row["total_pct_of_dense"],
+                "meets_5pct": row["total_pct_of_dense"] <= ACCEPTANCE_PCT,
+            }
+        )
+
+    def semantic_permutation(clusters: int) -> None:
+        # Centroids of a converged run stand in for the previous denoising step's (the warm start).
+        labels_q, centroids_q = km.kmeans(q, clusters, iterations=5)
+        labels_k, centroids_k = km.kmeans(k, clusters, iterations=5)
+        ref_labels = km._assign_reference(q.float(), centroids_q)
+        fast_labels = km._assign_triton(q, centroids_q)
+        checks[f"assign_label_agreement_C{clusters}"] = float((ref_labels == fast_labels).float().mean())
+        checks[f"update_rel_err_C{clusters}"] = _rel_err(
+            km._update_triton(q, fast_labels, centroids_q),
+            km._update_reference(q.float(), fast_labels, centroids_q),
+        )
+        perm_q, _, _ = km.permutation_from_labels(labels_q, clusters)
+        _, _, offsets_k = km.permutation_from_labels(labels_k, clusters)
+        permuted = km.gather_tokens(q, perm_q)
+        checks[f"gather_exact_C{clusters}"] = float(
+            torch.equal(permuted, km.gather_tokens_reference(q, perm_q))
+        )
+        checks[f"scatter_round_trip_exact_C{clusters}"] = float(
+            torch.equal(km.scatter_tokens(permuted, perm_q), q)
+        )
+        cluster_scores = _cluster_scores(centroids_q, centroids_k, offsets_k)
+        _, cluster_counts = selection.select_blocks_top_p(cluster_scores, TOP_P)
+
+        row = {
+            "clusters": clusters,
+            "assign_ms": _bench(lambda c=centroids_q: km._assign_triton(q, c)),
+            "sort_offsets_ms": _bench(lambda lab=labels_q, c=clusters: km._sorted_order(lab, c)),
+            "update_ms": _bench(lambda lab=labels_q, c=centroids_q: km._update_triton(q, lab, c)),
+            "kmeans_reference_1iter_ms": _bench(
+                lambda c=centroids_q, n=clusters: km.kmeans(q, n, 1, init_centroids=c, backend="reference")
+            ),
+            "permutation_from_labels_ms": _bench(
+                lambda lab=labels_q, c=clusters: km.permutation_from_labels(lab, c)
+            ),
+            "gather_one_tensor_ms": _bench(lambda p=perm_q: km.gather_tokens(q, p)),
+            "gather_one_tensor_reference_ms": _bench(lambda p=perm_q: km.gather_tokens_reference(q, p)),
+            "scatter_out_ms": _bench(lambda p=perm_q: km.scatter_tokens(out, p)),
+            "cluster_select_ms": _bench(
+                lambda a=centroids_q, b=centroids_k, o=offsets_k: selection.select_blocks_top_p(
+                    _cluster_scores(a, b, o), TOP_P
+                )
+            ),
+            "cluster_kept_density": float(cluster_counts.float().mean() / clusters),
+        }
+        for iterations in (1, 3):
+            row[f"kmeans_qk_{iterations}iter_ms"] = _bench(
+                lambda c=clusters, a=centroids_q, b=centroids_k, it=iterations: (
+                    km.kmeans(q, c, it, init_centroids=a),
+                    km.kmeans(k, c, it, init_centroids=b),
+                )
+            )
+
+            def step(c=clusters, a=centroids_q, b=centroids_k, it=iterations):
+                # Everything SVG2 adds around the attention kernel in one denoising step.
+                lq, cq = km.kmeans(q, c, it, init_centroids=a)
+                lk, ck = km.kmeans(k, c, it, init_centroids=b)
+                pq, _, _ = km.permutation_from_labels(lq, c)
+                pk, _, ok = km.permutation_from_labels(lk, c)
+                selection.select_blocks_top_p(_cluster_scores(cq, ck, ok), TOP_P)
+                km.gather_tokens(q, pq), km.gather_tokens(k, pk), km.gather_tokens(v, pk)
+                return km.scatter_tokens(out, pq)
+
+            total = _bench(step)
+            row[f"strategy_total_{iterations}iter_ms"] = total
+            result["strategies"].append(
+                {
+                    "strategy": f"semantic_permutation_C{clusters}_{iterations}iter",
+                    "components": "warm k-means of Q and K, 2 permutations, cluster top-p, gather Q/K/V, scatter out",
+                    "ms": total,
+                    "pct_of_dense": pct(total),
+                    "meets_5pct": pct(total) <= ACCEPTANCE_PCT,
+                }
+            )
+        result["kmeans"].append(row)
+
+    # --- run each section; an error is recorded and the others still run (one device call) ---------------
+    sections = [(f"draft_selection_block{b}", draft_selection, b) for b in (128, 64)]
+    sections += [(f"semantic_permutation_C{c}", semantic_permutation, c) for c in (64, 128, 256)]
+    for name, section, value in sections:
+        try:
+            section(value)
+        except Exception as error:  # noqa: BLE001 -- keep the other measurements of this one device run
+            errors[name] = repr(error)
+            print(f"{name} failed: {error!r}")
+        save()
+
+    print(
+        f"{result['device']}  dense cuDNN SDPA {dense_ms:.3f} ms  torch {torch.__version__} triton {triton.__version__}"
+    )
+    print("checks:", json.dumps({key: round(val, 6) for key, val in checks.items()}))
+    for row in result["draft_selection"]:
+        print(
+            f"draft block {row['block']:>3}: means(q) {row['pooled_means_q_ms']:.3f} (torch "
+            f"{row['pooled_means_q_reference_ms']:.3f})  scores {row['scores_ms']:.3f}  select {row['select_top_p_ms']:.3f}"
+            f"  total {row['total_ms']:.3f} ms  density {row['kept_density']:.3f}"
+        )
+    for row in result["kmeans"]:
+        print(
+            f"C={row['clusters']:>3}: assign {row['assign_ms']:.3f} sort {row['sort_offsets_ms']:.3f} update "
+            f"{row['update_ms']:.3f} (torch 1 iter {row['kmeans_reference_1iter_ms']:.3f}) | perm "
+            f"{row['permutation_from_labels_ms']:.3f} gather {row['gather_one_tensor_ms']:.3f} (torch "
+            f"{row['gather_one_tensor_reference_ms']:.3f}) scatter {row['scatter_out_ms']:.3f} select "
+            f"{row['cluster_select_ms']:.3f} | kmeans q+k 1/3 iter {row['kmeans_qk_1iter_ms']:.3f}/"
+            f"{row['kmeans_qk_3iter_ms']:.3f}"
+        )
+    print(f"{'strategy':<36} {'ms':>8} {'% dense':>8}  <= {ACCEPTANCE_PCT}%")
+    for row in result["strategies"]:
+        print(f"{row['strategy']:<36} {row['ms']:>8.3f} {row['pct_of_dense']:>8.2f}  {row['meets_5pct']}")
+
+
+if __name__ == "__main__":
+    main()
