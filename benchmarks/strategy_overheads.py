@@ -50,7 +50,8 @@ def _git_commit() -> str:
             cwd=Path(__file__).parent,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        # The device copy of the tree may carry no .git: the caller then names the commit.
+        return os.environ.get("VDOPT_COMMIT", "unknown")
 
 
 def _cluster_scores(
