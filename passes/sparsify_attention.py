@@ -1,0 +1,91 @@
+"""Pass: replace each planned attention node with a module that runs the plan's strategies for that site."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from vdopt.attention import sparse_site_attention
+from vdopt.capture import SDPA
+from vdopt.plan import Plan, SitePlan
+from vdopt.sites import AttentionSite
+from vdopt.strategies import PatternContext
+
+
+class DenoisingClock(nn.Module):
+    """Holds the normalised denoising time ``t`` (1 = pure noise) of the current forward call, shared by all sites."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.t = 0.0
+
+
+class PlannedAttention(nn.Module):
+    """Drop-in for one ``scaled_dot_product_attention`` call: dense or sparse per head, per the site's schedule."""
+
+    def __init__(self, site: AttentionSite, site_plan: SitePlan, clock: DenoisingClock, seed: int = 0) -> None:
+        super().__init__()
+        if site.layout is None:
+            raise ValueError(f"site {site.name} has no token layout; it cannot run a sparse plan")
+        self.site = site
+        self.site_plan = site_plan
+        self.clock = clock
+        # Warm-start state (e.g. k-means centroids) carried from one denoising step to the next.
+        self.state: dict = {}
+        self.seed = seed
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        *,
+        scale: float | None = None,
+        enable_gqa: bool = False,
+    ) -> torch.Tensor:
+        strategies = self.site_plan.strategies_at(self.clock.t)
+        if all(s.name == "dense" for s in strategies) or is_causal or dropout_p > 0 or enable_gqa:
+            return F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                enable_gqa=enable_gqa,
+            )
+        ctx = PatternContext(self.site.layout, self.site_plan.block_size, self.state, self.seed)
+        return sparse_site_attention(query, key, value, attn_mask, scale, self.site.layout, strategies, ctx)
+
+
+def sparsify_attention(gm: fx.GraphModule, plan: Plan, sites: list[AttentionSite]) -> fx.GraphModule:
+    """New graph module in which every attention node with a non-dense plan entry calls a PlannedAttention module.
+
+    ``sites`` are ``gm``'s attention sites from capture. Idempotent: nodes already replaced are no longer SDPA
+    nodes, so a second application changes nothing. Parameters are shared with ``gm``, which is left unchanged.
+    """
+    graph = copy.deepcopy(gm.graph)
+    new_gm = fx.GraphModule(gm, graph)
+    clock = new_gm.get_submodule("vdopt_clock") if hasattr(new_gm, "vdopt_clock") else DenoisingClock()
+    if not hasattr(new_gm, "vdopt_clock"):
+        new_gm.add_submodule("vdopt_clock", clock)
+    nodes = {node.name: node for node in graph.nodes}
+    seed = int(plan.calibration.get("seed", 0))
+    for site in sites:
+        site_plan = plan.site(site.name)
+        node = nodes.get(site.node_name)
+        if site_plan is None or site_plan.is_dense or node is None or node.target is not SDPA:
+            continue
+        if not site.sparsifiable:
+            continue
+        module_name = "vdopt_site_" + site.name.replace(".", "_").replace("#", "_")
+        new_gm.add_submodule(module_name, PlannedAttention(site, site_plan, clock, seed))
+        with graph.inserting_before(node):
+            replacement = graph.call_module(module_name, args=node.args, kwargs=dict(node.kwargs))
+        replacement.meta = dict(node.meta)
+        node.replace_all_uses_with(replacement)
+        graph.erase_node(node)
+    graph.lint()
+    new_gm.recompile()
+    return new_gm

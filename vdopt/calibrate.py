@@ -1,0 +1,238 @@
+"""Calibration: run the model on calibration inputs and measure, per site and head, what each candidate keeps.
+
+For each recorded forward call (a denoising step of a calibration prompt) and each sparsifiable site, a sample of
+query rows is attended densely (``rows x tokens``, never the full ``tokens x tokens`` map); each candidate's
+pattern then gives, per head, the attention mass it keeps (recall), the relative error of its output on those rows,
+and its exact density.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from tqdm.auto import tqdm
+
+from vdopt.attention import additive_key_bias
+from vdopt.capture import SDPA, CapturedGraph, capture, export_kwargs, forward_kwargs
+from vdopt.runtime import denoising_time, input_signature
+from vdopt.sites import AttentionSite, TokenLayout
+from vdopt.strategies import PatternContext, Strategy, default_candidates
+
+CalibrationInputs = Sequence[str] | Sequence[dict[str, Any]] | Callable[[nn.Module], Any]
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How calibration samples the model.
+
+    ``steps_per_input``: denoising steps recorded per calibration input (evenly spread over the run);
+    ``num_inference_steps``: steps of the pipeline run for prompt strings; ``query_rows``: query rows sampled per
+    site and step; ``block_size``: kernel block size (None: chosen from the token count).
+    """
+
+    steps_per_input: int = 4
+    num_inference_steps: int = 20
+    query_rows: int = 256
+    block_size: int | None = None
+    candidates: tuple[Strategy, ...] = field(default_factory=lambda: tuple(default_candidates()))
+    seed: int = 0
+    timestep_arg: str = "timestep"
+    timestep_scale: float = 1000.0
+
+
+def default_block_size(video_tokens: int) -> int:
+    """128 (the fast kernel tile) for production sizes, smaller for small latents so patterns stay meaningful."""
+    for size in (128, 64, 32):
+        if video_tokens >= 32 * size:
+            return size
+    return 16
+
+
+@dataclass
+class SiteStats:
+    """Per-candidate measurements of one site: lists over samples, each entry a per-head list."""
+
+    site: AttentionSite
+    block_size: int
+    times: list[float] = field(default_factory=list)
+    dense_output_norm: list[list[float]] = field(default_factory=list)
+    recall: dict[str, list[list[float]]] = field(default_factory=dict)
+    rel_error: dict[str, list[list[float]]] = field(default_factory=dict)
+    density: dict[str, list[list[float]]] = field(default_factory=dict)
+
+
+@dataclass
+class CalibrationResult:
+    """Measurements of every sparsifiable site, plus what was run to get them."""
+
+    sites: dict[str, SiteStats]
+    candidates: dict[str, Strategy]
+    provenance: dict[str, Any]
+
+
+def record_forward_inputs(
+    model: nn.Module, inputs: CalibrationInputs, pipeline: Any = None, config: CalibrationConfig = CalibrationConfig()
+) -> list[dict[str, Any]]:
+    """The forward kwargs of ``model`` on the calibration inputs, ``steps_per_input`` denoising steps per input.
+
+    ``inputs``: prompt strings (run through ``pipeline``, whose ``transformer`` is ``model``), dicts of forward
+    kwargs (used as they are), or a callable that runs the model itself (called with the model).
+    """
+    if callable(inputs) and not isinstance(inputs, (list, tuple)):
+        runs = [inputs]
+    else:
+        runs = list(inputs)
+    if not runs:
+        raise ValueError("calibration inputs are empty; give at least one prompt, kwargs dict or callable")
+    recorded: list[dict[str, Any]] = []
+    for item in tqdm(runs, desc="vdopt: recording calibration steps", leave=False):
+        if isinstance(item, dict):
+            recorded.append(dict(item))
+            continue
+        calls: list[dict[str, Any]] = []
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            bound = forward_kwargs(model, args, kwargs)
+            calls.append({k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.copy(v) for k, v in bound.items()})
+
+        handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                if isinstance(item, str):
+                    if pipeline is None:
+                        raise ValueError(
+                            f"calibration prompt {item!r} needs a pipeline with a text encoder; pass the pipeline to "
+                            "vdopt.optimize, or give dicts of forward kwargs instead of strings"
+                        )
+                    _run_pipeline(pipeline, item, config)
+                elif callable(item):
+                    item(model)
+                else:
+                    raise TypeError(f"calibration input {item!r} is not a string, a kwargs dict or a callable")
+        finally:
+            handle.remove()
+        if not calls:
+            raise RuntimeError(f"calibration input {item!r} never called the model's forward")
+        picks = torch.linspace(0, len(calls) - 1, min(config.steps_per_input, len(calls))).round().long().unique()
+        recorded.extend(calls[int(i)] for i in picks)
+    return recorded
+
+
+def _run_pipeline(pipeline: Any, prompt: str, config: CalibrationConfig) -> None:
+    """One pipeline run, seeded the way the pipeline accepts (``seed=`` or a diffusers ``generator=``)."""
+    parameters = inspect.signature(pipeline.__call__).parameters
+    if "seed" in parameters:
+        pipeline(prompt, num_inference_steps=config.num_inference_steps, seed=config.seed)
+    else:
+        generator = torch.Generator().manual_seed(config.seed)
+        pipeline(prompt, num_inference_steps=config.num_inference_steps, generator=generator)
+
+
+class _SiteProbe(nn.Module):
+    """Stands in for one attention call during calibration: returns the dense output, records candidate stats."""
+
+    def __init__(self, stats: SiteStats, candidates: dict[str, Strategy], config: CalibrationConfig, clock: dict) -> None:
+        super().__init__()
+        self.stats, self.candidates, self.config, self.clock = stats, candidates, config, clock
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                dropout_p: float = 0.0, is_causal: bool = False, *, scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                             is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        measure_site(self.stats, self.candidates, query, key, value, attn_mask, scale, self.config, self.clock["t"])
+        return out
+
+
+def measure_site(stats: SiteStats, candidates: dict[str, Strategy], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 attn_mask: torch.Tensor | None, scale: float | None, config: CalibrationConfig, t: float) -> None:
+    """Append one sample of per-head recall, output error and density of every candidate to ``stats``."""
+    layout: TokenLayout = stats.site.layout  # type: ignore[assignment]
+    v0, v1 = layout.video_span
+    n = layout.video_tokens
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    generator = torch.Generator().manual_seed(config.seed + len(stats.times))
+    rows = torch.randperm(n, generator=generator)[: min(config.query_rows, n)].sort().values.to(q.device)
+    q_rows = q[:, :, v0 + rows].float()
+    scores = torch.matmul(q_rows, k.float().transpose(-1, -2)) * scale  # [B, H, R, tokens]
+    bias = additive_key_bias(attn_mask)
+    if bias is not None:
+        scores = scores + bias
+    probs = torch.softmax(scores, dim=-1)
+    dense_rows = torch.matmul(probs, v.float())
+    dense_norm = dense_rows.pow(2).sum((0, 2, 3)).sqrt()
+    stats.times.append(t)
+    stats.dense_output_norm.append(dense_norm.tolist())
+    ctx = PatternContext(layout, stats.block_size, {}, config.seed)
+    qv, kv = q[:, :, v0:v1], k[:, :, v0:v1]
+    for label, strategy in candidates.items():
+        pattern = strategy.build(qv, kv, ctx)
+        keep = torch.ones_like(probs, dtype=torch.bool)
+        keep[..., v0:v1] = pattern.keep_rows(rows)
+        kept = probs * keep
+        recall = kept.sum(-1)  # [B, H, R]
+        sparse_rows = torch.matmul(kept / recall.clamp(min=1e-30)[..., None], v.float())
+        error = (sparse_rows - dense_rows).pow(2).sum((0, 2, 3)).sqrt() / dense_norm.clamp(min=1e-30)
+        stats.recall.setdefault(label, []).append(recall.mean((0, 2)).tolist())
+        stats.rel_error.setdefault(label, []).append(error.tolist())
+        stats.density.setdefault(label, []).append(pattern.density().tolist())
+
+
+def _probe_graph(captured: CapturedGraph, stats: dict[str, SiteStats], candidates: dict[str, Strategy],
+                 config: CalibrationConfig, clock: dict) -> fx.GraphModule:
+    graph = copy.deepcopy(captured.graph_module.graph)
+    gm = fx.GraphModule(captured.graph_module, graph)
+    nodes = {node.name: node for node in graph.nodes}
+    for site in captured.sites:
+        node = nodes[site.node_name]
+        if not site.sparsifiable or node.target is not SDPA:
+            continue
+        name = "vdopt_probe_" + site.name.replace(".", "_").replace("#", "_")
+        gm.add_submodule(name, _SiteProbe(stats[site.name], candidates, config, clock))
+        with graph.inserting_before(node):
+            probe = graph.call_module(name, args=node.args, kwargs=dict(node.kwargs))
+        probe.meta = dict(node.meta)
+        node.replace_all_uses_with(probe)
+        graph.erase_node(node)
+    gm.recompile()
+    return gm
+
+
+def calibrate(model: nn.Module, forward_inputs: list[dict[str, Any]], config: CalibrationConfig = CalibrationConfig(),
+              layout: TokenLayout | None = None) -> tuple[CalibrationResult, list[AttentionSite]]:
+    """Measure every candidate on every sparsifiable site for each recorded forward call (progress bar shown)."""
+    candidates = {s.label(): s for s in config.candidates}
+    stats: dict[str, SiteStats] = {}
+    graphs: dict[Any, fx.GraphModule] = {}
+    sites: list[AttentionSite] = []
+    clock = {"t": 0.0}
+    for inputs in tqdm(forward_inputs, desc="vdopt: calibrating"):
+        key = input_signature(inputs)
+        if key not in graphs:
+            captured = capture(model, inputs, layout)
+            sites = captured.sites
+            for site in captured.sites:
+                if site.sparsifiable and site.name not in stats:
+                    block = config.block_size or default_block_size(site.layout.video_tokens)
+                    stats[site.name] = SiteStats(site, block)
+            graphs[key] = _probe_graph(captured, stats, candidates, config, clock)
+        clock["t"] = denoising_time(inputs, config.timestep_arg, config.timestep_scale)
+        with torch.no_grad():
+            graphs[key](**export_kwargs(model, inputs))
+    if not stats:
+        raise ValueError(
+            f"{type(model).__name__} has no attention site vdopt can sparsify (self-attention over a known video "
+            "layout); pass layout=TokenLayout(...) if the model's token layout is not read from its config"
+        )
+    provenance = {
+        "calls": len(forward_inputs), "steps_per_input": config.steps_per_input,
+        "num_inference_steps": config.num_inference_steps, "query_rows": config.query_rows, "seed": config.seed,
+        "times": sorted({round(t, 4) for s in stats.values() for t in s.times}, reverse=True),
+    }
+    return CalibrationResult(stats, candidates, provenance), sites

@@ -1,0 +1,245 @@
+"""The plan: a versioned, human-readable JSON record of which strategy each head of each site uses, and when."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from vdopt.strategies import Dense, Strategy, strategy_from_json
+
+SCHEMA_VERSION = 1
+
+
+class PlanError(ValueError):
+    """A plan that cannot be loaded or applied; the message names the field and the fix."""
+
+
+def _version() -> str:
+    from vdopt import __version__
+
+    return __version__
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items() if not str(k).startswith("_")}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    return str(value)
+
+
+@dataclass(frozen=True)
+class ModelFingerprint:
+    """What a plan was made for: the model class, its config and its parameter count."""
+
+    class_name: str
+    config: dict[str, Any]
+    num_parameters: int
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ModelFingerprint:
+        config = getattr(model, "config", None)
+        config_dict = dict(config) if config is not None and hasattr(config, "items") else {}
+        return cls(type(model).__name__, _jsonable(config_dict), sum(p.numel() for p in model.parameters()))
+
+    def mismatch(self, other: ModelFingerprint) -> str | None:
+        """A sentence naming the first difference, or None when ``other`` is the same model."""
+        if self.class_name != other.class_name:
+            return f"the plan was made for {self.class_name} but the model is {other.class_name}"
+        for key in sorted(set(self.config) | set(other.config)):
+            if self.config.get(key) != other.config.get(key):
+                return (
+                    f"the plan was made for {self.class_name}({key}={self.config.get(key)!r}) but the model has "
+                    f"{key}={other.config.get(key)!r}"
+                )
+        if self.num_parameters != other.num_parameters:
+            return f"the plan was made for a model of {self.num_parameters} parameters, this one has {other.num_parameters}"
+        return None
+
+
+@dataclass
+class StepRange:
+    """Head strategies for denoising times ``t`` in ``(t_end, t_start]``; ``t`` = timestep / timestep scale, 1 = noise."""
+
+    t_start: float
+    t_end: float
+    heads: list[Strategy]
+    predicted: dict[str, Any] = field(default_factory=dict)
+
+    def contains(self, t: float) -> bool:
+        return self.t_end < t <= self.t_start or (self.t_end <= 0.0 and t <= 0.0)
+
+
+@dataclass
+class SitePlan:
+    """The schedule of one attention site (matched by name), with the block size its kernels use."""
+
+    site: str
+    heads: int
+    block_size: int
+    schedule: list[StepRange]
+
+    def strategies_at(self, t: float) -> list[Strategy]:
+        for step_range in self.schedule:
+            if step_range.contains(t):
+                return step_range.heads
+        return [Dense()] * self.heads
+
+    @property
+    def is_dense(self) -> bool:
+        return all(isinstance(s, Dense) for r in self.schedule for s in r.heads)
+
+
+@dataclass
+class Plan:
+    """Which strategy every head of every attention site uses over the denoising schedule.
+
+    Save with :meth:`save`, reload with :meth:`load`; :func:`vdopt.apply` replays it on a model without calibration.
+    """
+
+    model: ModelFingerprint
+    target: str
+    sites: list[SitePlan]
+    search: dict[str, Any] = field(default_factory=dict)
+    predictions: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    timestep_scale: float = 1000.0
+    vdopt_version: str = field(default_factory=_version)
+    schema_version: int = SCHEMA_VERSION
+
+    def site(self, name: str) -> SitePlan | None:
+        for site in self.sites:
+            if site.site == name:
+                return site
+        return None
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise PlanError unless ``model`` is the model this plan was made for."""
+        problem = self.model.mismatch(ModelFingerprint.of(model))
+        if problem:
+            raise PlanError(f"{problem}; run vdopt-search again for this model.")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "vdopt_version": self.vdopt_version,
+            "model": {"class": self.model.class_name, "config": self.model.config, "num_parameters": self.model.num_parameters},
+            "target": self.target,
+            "timestep_scale": self.timestep_scale,
+            "search": _jsonable(self.search),
+            "predictions": _jsonable(self.predictions),
+            "calibration": _jsonable(self.calibration),
+            "sites": [
+                {
+                    "site": s.site,
+                    "heads": s.heads,
+                    "block_size": s.block_size,
+                    "schedule": [
+                        {"t_start": r.t_start, "t_end": r.t_end, "heads": [h.to_json() for h in r.heads],
+                         "predicted": _jsonable(r.predicted)}
+                        for r in s.schedule
+                    ],
+                }
+                for s in self.sites
+            ],
+        }
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        path = Path(path)
+        if not path.is_file():
+            raise PlanError(f"no plan file at {path}; give the path of a JSON plan written by vdopt-search or Plan.save")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise PlanError(f"{path} is not valid JSON ({error}); the file is damaged: re-save it or run vdopt-search again") from None
+        return cls.from_json(data, source=str(path))
+
+    @classmethod
+    def from_json(cls, data: Any, source: str = "plan") -> Plan:
+        """Validate and build a plan; every error names the bad field."""
+
+        def need(obj: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
+            if not isinstance(obj, dict) or key not in obj:
+                raise PlanError(f"{source}: field {where}{key} is missing")
+            value = obj[key]
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise PlanError(f"{source}: field {where}{key} must be {getattr(kind, '__name__', kind)}, got {value!r}")
+            return value
+
+        version = need(data, "schema_version", int, "")
+        if version != SCHEMA_VERSION:
+            raise PlanError(
+                f"{source}: schema_version {version} is not supported by vdopt {_version()} (reads version "
+                f"{SCHEMA_VERSION}); upgrade vdopt or run vdopt-search again"
+            )
+        model = need(data, "model", dict, "")
+        fingerprint = ModelFingerprint(
+            need(model, "class", str, "model."), need(model, "config", dict, "model."),
+            need(model, "num_parameters", int, "model."),
+        )
+        sites = []
+        for i, site in enumerate(need(data, "sites", list, "")):
+            where = f"sites[{i}]."
+            heads = need(site, "heads", int, where)
+            schedule = []
+            for j, step in enumerate(need(site, "schedule", list, where)):
+                swhere = f"{where}schedule[{j}]."
+                strategies = []
+                for h, head in enumerate(need(step, "heads", list, swhere)):
+                    try:
+                        strategies.append(strategy_from_json(head))
+                    except (TypeError, ValueError) as error:
+                        raise PlanError(f"{source}: field {swhere}heads[{h}]: {error}") from None
+                if len(strategies) != heads:
+                    raise PlanError(f"{source}: field {swhere}heads lists {len(strategies)} heads but the site has {heads}")
+                schedule.append(StepRange(float(need(step, "t_start", (int, float), swhere)),
+                                          float(need(step, "t_end", (int, float), swhere)), strategies,
+                                          dict(step.get("predicted", {}))))
+            block = need(site, "block_size", int, where)
+            if block < 1 or block & (block - 1):
+                raise PlanError(f"{source}: field {where}block_size must be a power of two, got {block}")
+            sites.append(SitePlan(need(site, "site", str, where), heads, block, schedule))
+        return cls(
+            model=fingerprint, target=need(data, "target", str, ""), sites=sites,
+            search=dict(data.get("search", {})), predictions=dict(data.get("predictions", {})),
+            calibration=dict(data.get("calibration", {})), timestep_scale=float(data.get("timestep_scale", 1000.0)),
+            vdopt_version=str(data.get("vdopt_version", "")), schema_version=version,
+        )
+
+    def summary(self) -> str:
+        """A readable table: per site and step range, the strategy of each head, density and predicted speedup."""
+        lines = [f"vdopt plan for {self.model.class_name} (target {self.target}, schema {self.schema_version})"]
+        for key in ("attention_speedup", "attention_density", "attention_rel_error", "min_recall"):
+            if key in self.predictions:
+                value = self.predictions[key]
+                lines.append(f"  predicted {key.replace('_', ' ')}: {value:.3f}" if isinstance(value, float) else f"  {key}: {value}")
+        for site in self.sites:
+            for r in site.schedule:
+                labels = [h.label() for h in r.heads]
+                counts: dict[str, int] = {}
+                for label in labels:
+                    counts[label] = counts.get(label, 0) + 1
+                heads = ", ".join(f"{n}x {label}" for label, n in counts.items())
+                extra = ""
+                if r.predicted:
+                    density = r.predicted.get("density")
+                    speedup = r.predicted.get("speedup")
+                    extra = "".join([
+                        f" density {density:.2f}" if isinstance(density, float) else "",
+                        f" speedup {speedup:.2f}x" if isinstance(speedup, float) else "",
+                    ])
+                lines.append(f"  {site.site:<40} t in ({r.t_end:.2f}, {r.t_start:.2f}]{extra}: {heads}")
+        return "\n".join(lines)

@@ -1,0 +1,110 @@
+"""The optimized module: a drop-in for the original transformer that runs a plan, re-capturing per input signature."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from vdopt.capture import CapturedGraph, capture, export_kwargs, forward_kwargs
+from vdopt.plan import Plan, PlanError
+from vdopt.sites import AttentionSite, TokenLayout
+
+
+def input_signature(value: Any) -> Any:
+    """Hashable key of forward inputs: shapes/dtypes/devices of tensors, values of everything else."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), str(value.dtype), str(value.device))
+    if isinstance(value, dict):
+        return tuple(sorted((k, input_signature(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(input_signature(v) for v in value)
+    return repr(value)
+
+
+def denoising_time(inputs: dict[str, Any], timestep_arg: str, timestep_scale: float) -> float:
+    """Normalised time of a forward call (1 = pure noise) from its timestep argument; 0 when it has none."""
+    timestep = inputs.get(timestep_arg)
+    if timestep is None:
+        return 0.0
+    value = float(timestep.float().max()) if isinstance(timestep, torch.Tensor) else float(timestep)
+    return value / timestep_scale
+
+
+def check_plan_sites(plan: Plan, sites: list[AttentionSite]) -> None:
+    """Raise PlanError unless every planned site exists in the captured graph with the planned head count."""
+    by_name = {site.name: site for site in sites}
+    for site_plan in plan.sites:
+        site = by_name.get(site_plan.site)
+        if site is None:
+            raise PlanError(
+                f"plan site {site_plan.site!r} is not an attention call of this model (its sites: "
+                f"{', '.join(list(by_name)[:4])}...); run vdopt-search again for this model"
+            )
+        if site.heads != site_plan.heads:
+            raise PlanError(f"plan site {site_plan.site!r} has {site_plan.heads} heads but the model's has {site.heads}")
+        if not site.sparsifiable and not site_plan.is_dense:
+            raise PlanError(f"plan gives sparse heads to {site.name}, which must stay dense: {site.unsupported_reason}")
+
+
+class OptimizedModel(nn.Module):
+    """Runs ``model`` with its attention rewritten by ``plan``; same forward signature and outputs as ``model``.
+
+    Attribute reads it does not define (``config``, ``dtype``, ``device``, ...) go to the wrapped model, so it works
+    as ``pipe.transformer``. Each new input signature (shapes, dtypes, non-tensor arguments) is captured once and
+    cached; the denoising time is read from the ``timestep`` argument on every call.
+    """
+
+    def __init__(self, model: nn.Module, plan: Plan, layout: TokenLayout | None = None, timestep_arg: str = "timestep") -> None:
+        super().__init__()
+        plan.check_model(model)
+        self.model = model
+        self.plan = plan
+        self.layout = layout
+        self.timestep_arg = timestep_arg
+        self._graphs: dict[Any, fx.GraphModule] = {}
+        self._captures: dict[Any, CapturedGraph] = {}
+        self._takes_return_dict = "return_dict" in inspect.signature(model.forward).parameters
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("model"), name)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> OptimizedModel:
+        # Captured graphs hold constants of the old device/dtype: capture again after .to()/.half().
+        self._graphs.clear()
+        self._captures.clear()
+        return super()._apply(fn, recurse)
+
+    def captured(self, **inputs: Any) -> CapturedGraph:
+        """The capture (graph and sites) used for these forward kwargs."""
+        self._graph_for(inputs)
+        return self._captures[input_signature(inputs)]
+
+    def _graph_for(self, inputs: dict[str, Any]) -> fx.GraphModule:
+        from vdopt.passes.sparsify_attention import sparsify_attention
+
+        key = input_signature(inputs)
+        if key not in self._graphs:
+            captured = capture(self.model, inputs, self.layout)
+            check_plan_sites(self.plan, captured.sites)
+            self._graphs[key] = sparsify_attention(captured.graph_module, self.plan, captured.sites)
+            self._captures[key] = captured
+        return self._graphs[key]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        inputs = forward_kwargs(self.model, args, kwargs)
+        want_dict = bool(inputs.pop("return_dict", True)) and self._takes_return_dict
+        gm = self._graph_for(inputs)
+        gm.vdopt_clock.t = denoising_time(inputs, self.timestep_arg, self.plan.timestep_scale)
+        with torch.no_grad():
+            out = gm(**export_kwargs(self.model, inputs))
+        if want_dict:
+            from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+            return Transformer2DModelOutput(sample=out[0])
+        return out
