@@ -168,7 +168,9 @@ def _largest_pow2_divisor(n: int, cap: int) -> int:
 
 
 def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
-    layout_m, layout_n = named_args["LAYOUT_BLOCK_M"], named_args["LAYOUT_BLOCK_N"]
+    # Triton passes positional arguments in named_args and keyword arguments (our constexprs) in kwargs.
+    layout_m = kwargs.get("LAYOUT_BLOCK_M", named_args.get("LAYOUT_BLOCK_M"))
+    layout_n = kwargs.get("LAYOUT_BLOCK_N", named_args.get("LAYOUT_BLOCK_N"))
     kept = [c for c in configs if layout_m % c.kwargs["BLOCK_M"] == 0 and layout_n % c.kwargs["BLOCK_N"] == 0]
     return kept or configs[-1:]
 

@@ -1,0 +1,433 @@
+"""vdopt's sparse-attention kernels vs cuDNN dense and FlexAttention on one GPU (issue 9's benchmark).
+
+One process: first every kernel is checked against the PyTorch reference on small shapes with fresh random inputs
+(ragged token counts, head dims 64 and 128), then each is timed (triton.testing.do_bench, median) at video-model
+self-attention shapes on the same random per-head block masks:
+  cudnn_dense   torch SDPA, cuDNN backend, dense (the reference rate)
+  flex          torch.compile(flex_attention) with BlockMask.from_kv_blocks of the same 128-token block lists
+  triton        vdopt's Triton kernel called directly (block_sparse_attention_triton)
+  op            torch.ops.vdopt.block_sparse_attention as dispatched (backend="auto"; op overhead included)
+  cluster       vdopt's variable-size cluster kernel on random cluster sizes, at (close to) equal kept FLOPs
+Peers that need wheels this run does not carry (FlashAttention-4, FlashInfer, FastVideo) are not run; their
+H100 figures from shared/measurements/peer-kernels-h100.txt are recorded as such.
+TFLOP/s are counted on kept blocks only: 4 * D * sum over (batch, head, query block) of rows * kept key tokens.
+
+Usage: python benchmarks/attention_kernels.py [--mode full|sweep|smoke] [--shapes wan1.3b,...] [--deadline S]
+Writes $OUT/attention_kernels.json (+ .png), or $OUT/attention_sweep.json in sweep mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from functools import partial
+
+import torch
+import triton
+from vdopt.kernels import block_sparse_attention as bsa
+from vdopt.kernels import cluster_sparse_attention as csa
+from vdopt.kernels.reference import (
+    block_sparse_attention_reference,
+    cluster_sparse_attention_reference,
+)
+
+OUT = os.environ.get("OUT", ".")
+DENSITIES = (0.05, 0.1, 0.15, 0.25, 0.5)
+SHAPES = {  # name: (batch, heads, tokens, head_dim)
+    "wan1.3b_n32760": (1, 12, 32760, 128),
+    "wan1.3b_n32768": (1, 12, 32768, 128),
+    "wan14b_n32760": (1, 40, 32760, 128),
+    "hunyuan_n119056": (1, 24, 119056, 128),
+}
+# Peers measured on the same kind of H100 (shared/measurements/peer-kernels-h100.txt, 2026-11-25, N=32768,
+# TFLOP/s on kept blocks: FA4 = median of its four timings, FlashInfer variable-block fa3-128 per-head masks =
+# mean of two runs). Not run here; converted to ms at each shape's kept FLOPs, assuming the same rate.
+PEER_TFLOPS = {
+    "wan1.3b": {
+        "fa4_128": {0.5: 668, 0.25: 644, 0.15: 610, 0.1: 591, 0.05: 545},
+        "flashinfer_var_fa3_128": {0.5: 508.5, 0.25: 500, 0.15: 488, 0.1: 470, 0.05: 430},
+    },
+    "wan14b": {
+        "fa4_128": {0.5: 661, 0.25: 634, 0.15: 621, 0.1: 604, 0.05: 557},
+        "flashinfer_var_fa3_128": {0.5: 521.5, 0.25: 509.5, 0.15: 490.5, 0.1: 469, 0.05: 428},
+    },
+}
+T0 = time.time()
+
+
+def log(*args: object) -> None:
+    print(*args, flush=True)
+
+
+def bench(fn, rep_ms: float = 200) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
+
+
+def random_qkv(batch: int, heads: int, tokens: int, head_dim: int, dtype: torch.dtype, device: str):
+    """q, k, v as [B, H, N, D] views of token-major [B, N, H, D] storage (the layout models produce)."""
+    return [
+        torch.randn(batch, tokens, heads, head_dim, dtype=dtype, device=device).transpose(1, 2) for _ in range(3)
+    ]
+
+
+def random_block_lists(batch, heads, q_blocks, kv_blocks, kept, seed, device):
+    """For every (batch, head, query block) a uniformly random set of ``kept`` key blocks, ascending."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    order = torch.rand(batch, heads, q_blocks, kv_blocks, device=device, generator=gen).argsort(-1)
+    indices = order[..., :kept].sort(-1).values.to(torch.int32).contiguous()
+    counts = torch.full((batch, heads, q_blocks), kept, dtype=torch.int32, device=device)
+    return indices, counts
+
+
+def kept_flops_blocks(indices, counts, q_tokens, kv_tokens, block, head_dim) -> float:
+    rows = torch.full((-(-q_tokens // block),), block, dtype=torch.float64, device=indices.device)
+    rows[-1] = q_tokens - block * (rows.numel() - 1)
+    cols = torch.full((-(-kv_tokens // block),), block, dtype=torch.float64, device=indices.device)
+    cols[-1] = kv_tokens - block * (cols.numel() - 1)
+    used = torch.arange(indices.shape[-1], device=indices.device) < counts[..., None]
+    kept_cols = torch.where(used, cols[indices.long()], 0).sum(-1)
+    return float(4 * head_dim * (kept_cols * rows).sum())
+
+
+def random_clusters(batch, heads, tokens, clusters, seed, device, spread=0.5):
+    """Offsets [B, H, C+1] of clusters with sizes (1 +- spread) * tokens / C, in random order."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    weights = 1 + spread * (2 * torch.rand(batch, heads, clusters, device=device, generator=gen) - 1)
+    cuts = torch.round(torch.cumsum(weights, -1) / weights.sum(-1, keepdim=True) * tokens).to(torch.int32)
+    zero = torch.zeros(batch, heads, 1, dtype=torch.int32, device=device)
+    return torch.cat([zero, cuts], -1).contiguous()
+
+
+def kept_flops_clusters(q_offsets, kv_offsets, indices, counts, head_dim) -> float:
+    q_sizes = (q_offsets[..., 1:] - q_offsets[..., :-1]).double()
+    kv_sizes = (kv_offsets[..., 1:] - kv_offsets[..., :-1]).double()
+    used = torch.arange(indices.shape[-1], device=indices.device) < counts[..., None]
+    kept = torch.where(used, kv_sizes.gather(-1, indices.long().flatten(2)).view_as(indices.double()), 0).sum(-1)
+    return float(4 * head_dim * (kept * q_sizes).sum())
+
+
+def rel_l2(out, ref) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
+
+
+# ----------------------------------------------------------------------------------------------- correctness
+def check_block(fn, name, device, dtype=torch.bfloat16, shapes=((1, 2, 4000, 128), (2, 3, 1000, 64)), **kw):
+    """Run ``fn`` like block_sparse_attention_triton on fresh random inputs vs the reference; returns worst rel_l2."""
+    worst = 0.0
+    for seed, (batch, heads, tokens, head_dim) in enumerate(shapes):
+        torch.manual_seed(1000 + seed)
+        q, k, v = random_qkv(batch, heads, tokens, head_dim, dtype, device)
+        nb = -(-tokens // 128)
+        idx, cnt = random_block_lists(batch, heads, nb, nb, max(1, nb // 3), seed, device)
+        cnt[0, 0, 0] = 0  # one empty query block
+        out, lse = fn(q, k, v, idx, cnt, 128, 128, **kw)
+        ref, ref_lse = block_sparse_attention_reference(q.float(), k.float(), v.float(), idx, cnt, 128, 128)
+        err = rel_l2(out, ref)
+        finite = torch.isfinite(ref_lse)
+        lse_err = float((lse[finite] - ref_lse[finite]).abs().max())
+        ok = err < 2e-2 and lse_err < 1e-2 and bool(torch.isinf(lse[~finite]).all()) and not out.isnan().any()
+        worst = max(worst, err if ok else float("inf"))
+        log(f"  check {name} {tuple(q.shape)}: rel_l2 {err:.2e} lse_err {lse_err:.1e} {'ok' if ok else 'FAIL'}")
+    return worst
+
+
+def check_cluster(name, device, dtype=torch.bfloat16, **kw):
+    worst = 0.0
+    for seed, (batch, heads, tokens, head_dim, clusters) in enumerate(((1, 2, 3000, 128, 24), (2, 2, 777, 64, 9))):
+        torch.manual_seed(2000 + seed)
+        q, k, v = random_qkv(batch, heads, tokens, head_dim, dtype, device)
+        q_off = random_clusters(batch, heads, tokens, clusters, seed, device, spread=0.9)
+        kv_off = random_clusters(batch, heads, tokens, clusters + 3, seed + 7, device, spread=0.9)
+        idx, cnt = random_block_lists(batch, heads, clusters, clusters + 3, max(1, clusters // 3), seed, device)
+        cnt[0, 0, 0] = 0
+        out, lse = csa.cluster_sparse_attention_triton(q, k, v, q_off, kv_off, idx, cnt, **kw)
+        ref, ref_lse = cluster_sparse_attention_reference(q.float(), k.float(), v.float(), q_off, kv_off, idx, cnt)
+        err = rel_l2(out, ref)
+        finite = torch.isfinite(ref_lse)
+        lse_err = float((lse[finite] - ref_lse[finite]).abs().max())
+        ok = err < 2e-2 and lse_err < 1e-2 and bool(torch.isinf(lse[~finite]).all()) and not out.isnan().any()
+        worst = max(worst, err if ok else float("inf"))
+        log(f"  check {name} {tuple(q.shape)} C={clusters}: rel_l2 {err:.2e} lse_err {lse_err:.1e} {'ok' if ok else 'FAIL'}")
+    return worst
+
+
+# ----------------------------------------------------------------------------------------------- timers
+def cudnn_dense_ms(q, k, v) -> float:
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        return bench(partial(F.scaled_dot_product_attention, q, k, v))
+
+
+_FLEX = {}
+
+
+def flex_runner(q, k, v, idx, cnt, block):
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    if "fn" not in _FLEX:
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    tokens = q.shape[2]
+    nk = -(-k.shape[2] // block)
+    # Pad the lists to all key blocks so every density reuses one compiled graph.
+    full = torch.zeros(*idx.shape[:3], nk, dtype=torch.int32, device=q.device)
+    full[..., : idx.shape[-1]] = idx
+    mask = BlockMask.from_kv_blocks(cnt, full, BLOCK_SIZE=block, seq_lengths=(tokens, k.shape[2]))
+    return lambda: _FLEX["fn"](q, k, v, block_mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------- modes
+SWEEP_BLOCK = {  # name: (config (BLOCK_M, BLOCK_N, stages, warps), use_tma, ragged mode)
+    "tma_128x64_s2_w4_br": ((128, 64, 2, 4), True, 2),
+    "tma_128x64_s2_w4_all": ((128, 64, 2, 4), True, 1),
+    "tma_128x64_s3_w4_br": ((128, 64, 3, 4), True, 2),
+    "tma_128x64_s2_w8_br": ((128, 64, 2, 8), True, 2),
+    "tma_128x128_s2_w8_br": ((128, 128, 2, 8), True, 2),
+    "tma_128x128_s3_w8_br": ((128, 128, 3, 8), True, 2),
+    "tma_64x64_s3_w4_br": ((64, 64, 3, 4), True, 2),
+    "tma_128x32_s3_w4_br": ((128, 32, 3, 4), True, 2),
+    "ptr_128x64_s3_w8_br": ((128, 64, 3, 8), False, 2),
+    "ptr_128x64_s2_w4_br": ((128, 64, 2, 4), False, 2),
+}
+SWEEP_CLUSTER = {
+    "tma_128x64_s2_w4_br": ((128, 64, 2, 4), True, 2),
+    "tma_128x64_s2_w4_all": ((128, 64, 2, 4), True, 1),
+    "tma_64x64_s2_w4_br": ((64, 64, 2, 4), True, 2),
+    "tma_128x128_s2_w8_br": ((128, 128, 2, 8), True, 2),
+    "tma_128x64_s3_w4_br": ((128, 64, 3, 4), True, 2),
+}
+
+
+def sweep(args) -> None:
+    device = "cuda"
+    results = []
+    log("== correctness")
+    bad = set()
+    for name, (config, tma, mode) in SWEEP_BLOCK.items():
+        try:
+            worst = check_block(bsa.block_sparse_attention_triton, name, device, config=config, use_tma=tma,
+                                kv_ragged_mode=mode)
+        except Exception as e:  # noqa: BLE001 -- a variant that fails to compile is reported, the rest run
+            log(f"  {name}: ERROR {type(e).__name__}: {str(e)[:400]}")
+            worst = float("inf")
+        if not math.isfinite(worst):
+            bad.add(name)
+    for name, (config, tma, mode) in SWEEP_CLUSTER.items():
+        try:
+            worst = check_cluster("cluster_" + name, device, config=config, use_tma=tma, kv_ragged_mode=mode)
+        except Exception as e:  # noqa: BLE001
+            log(f"  cluster_{name}: ERROR {type(e).__name__}: {str(e)[:400]}")
+            worst = float("inf")
+        if not math.isfinite(worst):
+            bad.add("cluster_" + name)
+    log("== timing")
+    for shape_name in args.shapes.split(","):
+        batch, heads, tokens, head_dim = SHAPES[shape_name]
+        q, k, v = random_qkv(batch, heads, tokens, head_dim, torch.bfloat16, device)
+        nb = -(-tokens // 128)
+        dense = cudnn_dense_ms(q, k, v)
+        dense_flops = 4.0 * batch * heads * tokens * tokens * head_dim
+        log(f"{shape_name}: cudnn dense {dense:.3f} ms = {dense_flops / dense / 1e9:.0f} TFLOP/s")
+        results.append({"shape": shape_name, "kernel": "cudnn_dense", "ms": dense, "tflops": dense_flops / dense / 1e9})
+        for density in [float(d) for d in args.densities.split(",")]:
+            kept = max(1, round(density * nb))
+            idx, cnt = random_block_lists(batch, heads, nb, nb, kept, 7, device)
+            flops = kept_flops_blocks(idx, cnt, tokens, tokens, 128, head_dim)
+            for name, (config, tma, mode) in SWEEP_BLOCK.items():
+                if name in bad or time.time() - T0 > args.deadline:
+                    continue
+                try:
+                    ms = bench(partial(bsa.block_sparse_attention_triton,
+                                       q, k, v, idx, cnt, 128, 128, config=config, use_tma=tma, kv_ragged_mode=mode))
+                except Exception as e:  # noqa: BLE001
+                    log(f"  {name}: ERROR {type(e).__name__}: {str(e)[:300]}")
+                    bad.add(name)
+                    continue
+                tf = flops / ms / 1e9
+                results.append({"shape": shape_name, "density": density, "kernel": name, "ms": ms, "tflops": tf})
+                log(f"  d={density:<5} {name:24s} {ms:8.3f} ms {tf:6.0f} TF")
+            if density in (0.1, 0.5) and time.time() - T0 < args.deadline:
+                ms = bench(partial(bsa.block_sparse_attention_triton, q, k, v, idx, cnt, 128, 128))
+                tf = flops / ms / 1e9
+                results.append({"shape": shape_name, "density": density, "kernel": "autotuned", "ms": ms, "tflops": tf})
+                log(f"  d={density:<5} {'autotuned':24s} {ms:8.3f} ms {tf:6.0f} TF")
+                # Cluster kernel on as many clusters as blocks, sizes 64..192 tokens.
+                q_off = random_clusters(batch, heads, tokens, nb, 11, device)
+                kv_off = random_clusters(batch, heads, tokens, nb, 12, device)
+                cidx, ccnt = random_block_lists(batch, heads, nb, nb, kept, 13, device)
+                cflops = kept_flops_clusters(q_off, kv_off, cidx, ccnt, head_dim)
+                for name, (config, tma, mode) in SWEEP_CLUSTER.items():
+                    if "cluster_" + name in bad:
+                        continue
+                    ms = bench(partial(csa.cluster_sparse_attention_triton, q, k, v, q_off, kv_off, cidx, ccnt,
+                                       config=config, use_tma=tma, kv_ragged_mode=mode))
+                    tf = cflops / ms / 1e9
+                    results.append({"shape": shape_name, "density": density, "kernel": "cluster_" + name,
+                                    "ms": ms, "tflops": tf})
+                    log(f"  d={density:<5} {'cluster_' + name:24s} {ms:8.3f} ms {tf:6.0f} TF")
+    with open(os.path.join(OUT, "attention_sweep.json"), "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                   "triton": triton.__version__, "results": results, "failed": sorted(bad)}, f, indent=1)
+    log("== summary (TFLOP/s on kept blocks)")
+    kernels = sorted({r["kernel"] for r in results if "density" in r})
+    for shape_name in args.shapes.split(","):
+        cells = {(r["kernel"], r["density"]): r["tflops"] for r in results if r["shape"] == shape_name and "density" in r}
+        dens = sorted({d for _, d in cells})
+        log(f"{shape_name:16s} " + " ".join(f"{d:>6}" for d in dens))
+        for kname in kernels:
+            log(f"  {kname:28s} " + " ".join(f"{cells.get((kname, d), float('nan')):6.0f}" for d in dens))
+
+
+def full(args) -> None:
+    device = "cuda"
+    date = datetime.date.today().isoformat()
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "date": date,
+            "command": " ".join(sys.argv)}
+    log("== correctness vs reference (bf16, fresh random inputs)")
+    checks = {
+        "triton": check_block(bsa.block_sparse_attention_triton, "triton", device),
+        "op": check_block(lambda *a: bsa.block_sparse_attention(*a, backend="auto", validate=True), "op", device),
+        "triton_fp16": check_block(bsa.block_sparse_attention_triton, "triton_fp16", device, dtype=torch.float16),
+        "cluster": check_cluster("cluster", device),
+    }
+    records = []
+    for shape_name in args.shapes.split(","):
+        batch, heads, tokens, head_dim = SHAPES[shape_name]
+        model = shape_name.split("_")[0]
+        q, k, v = random_qkv(batch, heads, tokens, head_dim, torch.bfloat16, device)
+        nb = -(-tokens // 128)
+        dense_flops = 4.0 * batch * heads * tokens * tokens * head_dim
+        rep = 200 if tokens < 65536 else 1000
+        dense = cudnn_dense_ms(q, k, v)
+        log(f"{shape_name}: cudnn dense {dense:.3f} ms = {dense_flops / dense / 1e9:.0f} TFLOP/s")
+        for density in DENSITIES:
+            if time.time() - T0 > args.deadline:
+                log(f"  d={density}: skipped, past the {args.deadline} s deadline")
+                continue
+            kept = max(1, round(density * nb))
+            idx, cnt = random_block_lists(batch, heads, nb, nb, kept, 7, device)
+            flops = kept_flops_blocks(idx, cnt, tokens, tokens, 128, head_dim)
+            rec = {**meta, "shape": shape_name, "batch": batch, "heads": heads, "tokens": tokens,
+                   "head_dim": head_dim, "density": density, "kept_fraction": kept / nb, "block": 128,
+                   "kept_tflop": flops / 1e12, "cudnn_dense_ms": dense,
+                   "cudnn_dense_tflops": dense_flops / dense / 1e9}
+            # Spot check at full size: 3 query blocks of head 0 against the reference on those rows.
+            out, _ = bsa.block_sparse_attention_triton(q, k, v, idx, cnt, 128, 128)
+            rows = slice(128 * (nb // 2), 128 * (nb // 2 + 3))
+            ref, _ = block_sparse_attention_reference(
+                q[:1, :1, rows].float(), k[:1, :1].float(), v[:1, :1].float(),
+                idx[:1, :1, nb // 2: nb // 2 + 3], cnt[:1, :1, nb // 2: nb // 2 + 3], 128, 128)
+            rec["spot_rel_l2"] = rel_l2(out[:1, :1, rows], ref)
+            rec["triton_ms"] = bench(partial(bsa.block_sparse_attention_triton, q, k, v, idx, cnt, 128, 128), rep)
+            rec["triton_effective_tflops"] = flops / rec["triton_ms"] / 1e9
+            rec["vdopt_ms"] = bench(partial(bsa.block_sparse_attention, q, k, v, idx, cnt, 128, 128), rep)
+            rec["vdopt_backend"] = bsa.last_backend()
+            rec["effective_tflops"] = flops / rec["vdopt_ms"] / 1e9
+            try:
+                rec["flex_ms"] = bench(flex_runner(q, k, v, idx, cnt, 128), rep)
+                rec["flex_effective_tflops"] = flops / rec["flex_ms"] / 1e9
+            except Exception as e:  # noqa: BLE001 -- recorded, the other kernels still run
+                rec["flex_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            # Cluster kernel: as many clusters as blocks, sizes 64..192, same number of kept clusters.
+            q_off = random_clusters(batch, heads, tokens, nb, 11, device)
+            kv_off = random_clusters(batch, heads, tokens, nb, 12, device)
+            cidx, ccnt = random_block_lists(batch, heads, nb, nb, kept, 13, device)
+            cflops = kept_flops_clusters(q_off, kv_off, cidx, ccnt, head_dim)
+            rec["cluster_ms"] = bench(partial(csa.cluster_sparse_attention, q, k, v, q_off, kv_off, cidx, ccnt), rep)
+            rec["cluster_kept_tflop"] = cflops / 1e12
+            rec["cluster_effective_tflops"] = cflops / rec["cluster_ms"] / 1e9
+            rec["cluster_vs_block_rate"] = rec["cluster_effective_tflops"] / rec["triton_effective_tflops"]
+            peers = PEER_TFLOPS.get(model, {})
+            if peers:
+                best = max(peers, key=lambda p: peers[p][density])
+                rec["best_peer"] = best
+                rec["best_peer_ms"] = flops / peers[best][density] / 1e9
+                rec["best_peer_source"] = "not run here, from shared/measurements/peer-kernels-h100.txt (N=32768)"
+                rec["peer_tflops"] = {p: peers[p][density] for p in peers}
+            else:
+                rec["best_peer"], rec["best_peer_ms"] = None, None
+                rec["best_peer_source"] = "no peer measured at this shape"
+            records.append(rec)
+            log(f"  d={density:<5} triton {rec['triton_ms']:.3f} ms {rec['triton_effective_tflops']:.0f} TF | op "
+                f"{rec['vdopt_ms']:.3f} ms {rec['effective_tflops']:.0f} TF | flex {rec.get('flex_ms', float('nan')):.3f}"
+                f" | cluster {rec['cluster_effective_tflops']:.0f} TF | spot {rec['spot_rel_l2']:.1e}")
+        del q, k, v
+        torch.cuda.empty_cache()
+    with open(os.path.join(OUT, "attention_kernels.json"), "w") as f:
+        json.dump({"meta": meta, "checks_worst_rel_l2": checks, "records": records}, f, indent=1)
+    plot(records, os.path.join(OUT, "attention_kernels.png"))
+    log("== summary: TFLOP/s on kept blocks (x = speedup vs cuDNN dense)")
+    log(f"{'shape':16s} {'dens':>5} {'cudnn':>6} {'triton':>6} {'op':>6} {'flex':>6} {'cluster':>7} {'best peer (file)':>18}")
+    for r in records:
+        peer = f"{r['best_peer']}:{r['peer_tflops'][r['best_peer']]:.0f}" if r.get("best_peer") else "-"
+        log(f"{r['shape']:16s} {r['density']:5.2f} {r['cudnn_dense_tflops']:6.0f} {r['triton_effective_tflops']:6.0f} "
+            f"{r['effective_tflops']:6.0f} {r.get('flex_effective_tflops', float('nan')):6.0f} "
+            f"{r['cluster_effective_tflops']:7.0f} {peer:>18s}  x{r['cudnn_dense_ms'] / r['vdopt_ms']:.2f}")
+
+
+def plot(records, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys(r["shape"] for r in records))
+    if not shapes:
+        return
+    fig, axes = plt.subplots(1, len(shapes), figsize=(4.5 * len(shapes), 4), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        rs = [r for r in records if r["shape"] == shape]
+        d = [r["density"] for r in rs]
+        ax.plot(d, [1 / x for x in d], "k--", label="ideal 1/density")
+        ax.plot(d, [r["cudnn_dense_ms"] / r["vdopt_ms"] for r in rs], "o-", label="vdopt op (auto)")
+        ax.plot(d, [r["cudnn_dense_ms"] / r["triton_ms"] for r in rs], "s-", label="vdopt triton")
+        ax.plot(d, [r["cudnn_dense_ms"] * r["cluster_effective_tflops"] * 1e9 / (r["kept_tflop"] * 1e12)
+                    for r in rs], "^-", label="vdopt cluster (same kept FLOPs)")
+        if all("flex_ms" in r for r in rs):
+            ax.plot(d, [r["cudnn_dense_ms"] / r["flex_ms"] for r in rs], "x-", label="FlexAttention")
+        if all(r.get("best_peer_ms") for r in rs):
+            ax.plot(d, [r["cudnn_dense_ms"] / r["best_peer_ms"] for r in rs], ":", label="FA4 (peer file, not run here)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("density (kept blocks)")
+        ax.set_ylabel("speedup vs cuDNN dense")
+        ax.set_title(shape)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{records[0]['device']}, {records[0]['date']}, bf16 D128", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def smoke(args) -> None:
+    """CPU run of the code paths (TRITON_INTERPRET=1) at tiny sizes: catches errors before device time is spent."""
+    log("checks:", check_block(bsa.block_sparse_attention_triton, "triton", "cpu", shapes=((1, 1, 300, 64),)))
+    log("cluster:", check_cluster("cluster", "cpu"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mode", default="full", choices=("full", "sweep", "smoke"))
+    ap.add_argument("--shapes", default="wan1.3b_n32760,wan1.3b_n32768,wan14b_n32760,hunyuan_n119056")
+    ap.add_argument("--densities", default="0.05,0.1,0.5")
+    ap.add_argument("--deadline", type=float, default=420.0, help="seconds after start; later cells are skipped")
+    args = ap.parse_args()
+    try:
+        {"full": full, "sweep": sweep, "smoke": smoke}[args.mode](args)
+    except Exception:
+        traceback.print_exc()
+        raise
+
+
+if __name__ == "__main__":
+    main()
