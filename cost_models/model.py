@@ -66,8 +66,8 @@ class CostModel:
             measured = True
         else:
             warnings.warn(
-                f"no measured efficiency table for target {target!r}: predictions use its datasheet peaks times "
-                "default efficiencies (run `vdopt-search profile` on that GPU to measure them)",
+                f"no measured efficiency table for target {target!r} (cost_models/efficiency_{target}.json): "
+                "predictions use its datasheet peaks times default efficiencies",
                 stacklevel=2,
             )
             efficiency, measured = dict(DEFAULT_EFFICIENCY), False

@@ -57,6 +57,57 @@ class TinyVideoDiT(nn.Module):
         return x.permute(0, 4, 1, 2, 5, 3, 6).reshape(b, c, f, h, w)
 
 
+def _position_features(frames: int, rows: int, cols: int, dim: int) -> torch.Tensor:
+    """Sinusoidal features of (frame, row, col): their dot products fall off with distance in the grid."""
+    grid = torch.stack(torch.meshgrid(torch.arange(frames), torch.arange(rows), torch.arange(cols), indexing="ij"), -1)
+    grid = grid.reshape(-1, 3).float()
+    per_axis = dim // 6
+    freqs = torch.linspace(0.15, 0.9, per_axis)
+    angles = grid[:, :, None] * freqs  # [N, 3, per_axis]
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(1)
+
+
+class LocalAttentionDiT(nn.Module):
+    """A DiT whose self-attention is local in (frame, row, col) by construction, like trained video models' heads.
+
+    Queries and keys are sharp position features plus a small content term, so attention has real structure
+    (random weights alone give near-uniform attention, where no sparse pattern can keep the mass).
+    """
+
+    def __init__(self, channels: int = 4, heads: int = 2, head_dim: int = 24, layers: int = 2, text_dim: int = 16,
+                 sharpness: tuple[float, ...] = (3.0, 1.5)) -> None:
+        super().__init__()
+        dim = heads * head_dim
+        self.heads, self.head_dim, self.sharpness = heads, head_dim, sharpness
+        self.patch = nn.Conv3d(channels, dim, kernel_size=(1, 2, 2), stride=(1, 2, 2))
+        self.content = nn.ModuleList(nn.Linear(dim, 2 * dim) for _ in range(layers))
+        self.values = nn.ModuleList(nn.Linear(dim, dim) for _ in range(layers))
+        self.text = nn.Linear(text_dim, dim)
+        self.out = nn.Linear(dim, channels * 4)
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        b, c, f, h, w = hidden_states.shape
+        x = self.patch(hidden_states).flatten(2).transpose(1, 2)
+        x = x * (timestep.float().view(-1, 1, 1) / 1000.0 + 0.5)
+        pos = _position_features(f, h // 2, w // 2, self.head_dim).to(x.dtype)
+        scale = torch.tensor(self.sharpness, dtype=x.dtype).view(1, -1, 1, 1)
+        for content, values in zip(self.content, self.values):
+            qc, kc = content(x).unflatten(-1, (2, self.heads, self.head_dim)).permute(2, 0, 3, 1, 4)
+            q = pos * scale + 0.1 * qc
+            k = pos * scale + 0.1 * kc
+            v = values(x).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+            x = x + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        x = x + self.text(encoder_hidden_states).mean(1, keepdim=True)
+        x = self.out(x).view(b, f, h // 2, w // 2, c, 2, 2)
+        return x.permute(0, 4, 1, 2, 5, 3, 6).reshape(b, c, f, h, w)
+
+
+def local_dit_inputs(seed: int, frames: int = 4, height: int = 32, width: int = 32, timestep: int = 500) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(1, 4, frames, height, width, generator=g), timestep=torch.tensor([timestep]),
+                encoder_hidden_states=torch.randn(1, 3, 16, generator=g))
+
+
 def tiny_dit() -> tuple[nn.Module, dict]:
     torch.manual_seed(0)
     model = TinyVideoDiT().eval()
