@@ -138,17 +138,23 @@ def demo_main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="vdopt-demo", description=demo_main.__doc__)
     parser.add_argument("--out", default="vdopt_demo", help="output folder (plan, GIF, quality JSON)")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: 30 on GPU, 12 on CPU)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: 30 on GPU, 10 on CPU)")
+    parser.add_argument("--calib-prompts", type=int, default=None, help="calibration prompts (default: 4 on GPU, 2 on CPU)")
     parser.add_argument("--recall", type=float, default=0.9, help="attention-mass recall budget per head")
     parser.add_argument("--target", default="h100")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     try:
         device = _device(args.device)
-        steps = args.steps or (30 if device.startswith("cuda") else 12)
+        on_gpu = device.startswith("cuda")
+        steps = args.steps or (30 if on_gpu else 10)
+        prompts = args.calib_prompts or (4 if on_gpu else 2)
         if steps < 2:
             raise UsageError(f"--steps {steps}: need at least 2 denoising steps")
-        result = run_demo(Path(args.out), device=device, steps=steps, recall_budget=args.recall, target=args.target)
+        if prompts < 1:
+            raise UsageError(f"--calib-prompts {prompts}: need at least one calibration prompt")
+        result = run_demo(Path(args.out), device=device, steps=steps, recall_budget=args.recall, target=args.target,
+                          calibration_prompts=prompts)
     except UsageError as error:
         print(f"vdopt-demo: error: {error}", file=sys.stderr)
         return 2

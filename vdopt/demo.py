@@ -42,8 +42,8 @@ def _timed(fn: Any, device: str) -> tuple[Any, float]:
     return out, time.perf_counter() - start
 
 
-def run_demo(out: Path, device: str = "cpu", steps: int = 12, recall_budget: float = 0.9, target: str = "h100",
-             seed: int = 0) -> dict[str, Any]:
+def run_demo(out: Path, device: str = "cpu", steps: int = 10, recall_budget: float = 0.9, target: str = "h100",
+             seed: int = 0, calibration_prompts: int = 2) -> dict[str, Any]:
     """Run the proxy end to end; writes ``plan.json``, ``dense_vs_vdopt.gif`` and ``quality.json`` under ``out``."""
     from vdopt.proxy.data import held_out_prompts
     from vdopt.proxy.pipeline import load_proxy_pipeline
@@ -54,9 +54,9 @@ def run_demo(out: Path, device: str = "cpu", steps: int = 12, recall_budget: flo
     original = pipe.transformer
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        opt = optimize(pipe, proxy_calibration_prompts(), target,
+        opt = optimize(pipe, proxy_calibration_prompts(calibration_prompts), target,
                        search_config=SearchConfig(recall_budget=recall_budget, min_dense_warmup=0.2),
-                       calibration_config=CalibrationConfig(num_inference_steps=steps, steps_per_input=4))
+                       calibration_config=CalibrationConfig(num_inference_steps=steps, steps_per_input=3))
     opt.plan.save(out / "plan.json")
     print(opt.plan.summary())
     prompt = held_out_prompts()[0]
