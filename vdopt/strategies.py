@@ -178,6 +178,17 @@ def _static_pattern(mask: torch.Tensor, q: torch.Tensor, block_size: int, tokens
     return SparsePattern(indices, counts, block_size, tokens, q_perm=perm, kv_perm=perm)
 
 
+def _layout_pattern(strategy: Strategy, q: torch.Tensor, ctx: PatternContext, make: Any) -> SparsePattern:
+    """A layout-only pattern, built once per (strategy, layout, block size, shape, device) and kept in the site's
+    state: it does not depend on q/k values, so every later denoising step reuses it for free."""
+    key = ("layout_pattern", strategy, ctx.layout, ctx.block_size, tuple(q.shape[:2]), str(q.device))
+    pattern = ctx.state.get(key)
+    if pattern is None:
+        pattern = make()
+        ctx.state[key] = pattern
+    return pattern
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Strategy configs
 
@@ -244,6 +255,9 @@ class SpatialWindow(Strategy):
     frame_window: int = 0
 
     def build(self, q: torch.Tensor, k: torch.Tensor, ctx: PatternContext) -> SparsePattern:
+        return _layout_pattern(self, q, ctx, lambda: self._build(q, ctx))
+
+    def _build(self, q: torch.Tensor, ctx: PatternContext) -> SparsePattern:
         lo, hi = block_boxes(ctx.layout, None, ctx.block_size, q.device)
         mask = window_block_mask(lo, hi, (self.frame_window, _UNBOUNDED, _UNBOUNDED))
         return _static_pattern(mask, q, ctx.block_size, ctx.layout.video_tokens, None)
@@ -261,6 +275,9 @@ class TemporalWindow(Strategy):
     frame_window: int = -1
 
     def build(self, q: torch.Tensor, k: torch.Tensor, ctx: PatternContext) -> SparsePattern:
+        return _layout_pattern(self, q, ctx, lambda: self._build(q, ctx))
+
+    def _build(self, q: torch.Tensor, ctx: PatternContext) -> SparsePattern:
         perm = token_order(ctx.layout, "position_major", ctx.block_size, q.device)
         lo, hi = block_boxes(ctx.layout, perm, ctx.block_size, q.device)
         frames = _UNBOUNDED if self.frame_window < 0 else self.frame_window
@@ -278,6 +295,9 @@ class TileWindow(Strategy):
     cols: int = 4
 
     def build(self, q: torch.Tensor, k: torch.Tensor, ctx: PatternContext) -> SparsePattern:
+        return _layout_pattern(self, q, ctx, lambda: self._build(q, ctx))
+
+    def _build(self, q: torch.Tensor, ctx: PatternContext) -> SparsePattern:
         perm = token_order(ctx.layout, "tile", ctx.block_size, q.device)
         lo, hi = block_boxes(ctx.layout, perm, ctx.block_size, q.device)
         mask = window_block_mask(lo, hi, (self.frames, self.rows, self.cols))
@@ -297,6 +317,9 @@ class Diagonal(Strategy):
     width: float = 0.25
 
     def build(self, q: torch.Tensor, k: torch.Tensor, ctx: PatternContext) -> SparsePattern:
+        return _layout_pattern(self, q, ctx, lambda: self._build(q, ctx))
+
+    def _build(self, q: torch.Tensor, ctx: PatternContext) -> SparsePattern:
         lay = ctx.layout
         lo, hi = _linear_block_ranges(lay.video_tokens, ctx.block_size, q.device)
         limit = int(math.ceil(self.width * lay.rows * lay.cols))
@@ -313,6 +336,9 @@ class MultiDiagonal(Strategy):
     frame_window: int = -1
 
     def build(self, q: torch.Tensor, k: torch.Tensor, ctx: PatternContext) -> SparsePattern:
+        return _layout_pattern(self, q, ctx, lambda: self._build(q, ctx))
+
+    def _build(self, q: torch.Tensor, ctx: PatternContext) -> SparsePattern:
         lay = ctx.layout
         frame_tokens = lay.rows * lay.cols
         lo, hi = _linear_block_ranges(lay.video_tokens, ctx.block_size, q.device)
