@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import warnings
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import sympy as sp
-
 from vdopt.cost_models import formulas as f
+
 from vdopt.strategies import Dense, SemanticKMeans, Strategy
 
 _HERE = Path(__file__).parent
@@ -23,7 +23,7 @@ def available_targets() -> list[str]:
     return sorted(k for k in json.loads((_HERE / "specs.json").read_text()) if not k.startswith("_"))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _lambdas() -> dict[str, object]:
     args = (f.B, f.H, f.N, f.D, f.rho, f.S, f.Cq, f.Ck, f.I, f.E)
     out = {

@@ -104,15 +104,15 @@ class LocalAttentionDiT(nn.Module):
 
 def local_dit_inputs(seed: int, frames: int = 4, height: int = 32, width: int = 32, timestep: int = 500) -> dict:
     g = torch.Generator().manual_seed(seed)
-    return dict(hidden_states=torch.randn(1, 4, frames, height, width, generator=g), timestep=torch.tensor([timestep]),
-                encoder_hidden_states=torch.randn(1, 3, 16, generator=g))
+    return {"hidden_states": torch.randn(1, 4, frames, height, width, generator=g), "timestep": torch.tensor([timestep]),
+                "encoder_hidden_states": torch.randn(1, 3, 16, generator=g)}
 
 
 def tiny_dit() -> tuple[nn.Module, dict]:
     torch.manual_seed(0)
     model = TinyVideoDiT().eval()
-    kwargs = dict(hidden_states=torch.randn(2, 4, 4, 8, 12), timestep=torch.tensor([700, 700]),
-                  encoder_hidden_states=torch.randn(2, 5, 16))
+    kwargs = {"hidden_states": torch.randn(2, 4, 4, 8, 12), "timestep": torch.tensor([700, 700]),
+                  "encoder_hidden_states": torch.randn(2, 5, 16)}
     return model, kwargs
 
 
@@ -124,8 +124,8 @@ def tiny_wan() -> tuple[nn.Module, dict]:
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
         text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True, rope_max_seq_len=32,
     ).eval()
-    kwargs = dict(hidden_states=torch.randn(1, 4, 4, 8, 12), timestep=torch.tensor([700]),
-                  encoder_hidden_states=torch.randn(1, 6, 32))
+    kwargs = {"hidden_states": torch.randn(1, 4, 4, 8, 12), "timestep": torch.tensor([700]),
+                  "encoder_hidden_states": torch.randn(1, 6, 32)}
     return model, kwargs
 
 
@@ -138,8 +138,8 @@ def tiny_cogvideox() -> tuple[nn.Module, dict]:
         text_embed_dim=32, num_layers=2, sample_width=12, sample_height=8, sample_frames=9, patch_size=2,
         temporal_compression_ratio=4, max_text_seq_length=7,
     ).eval()
-    kwargs = dict(hidden_states=torch.randn(1, 3, 4, 8, 12), encoder_hidden_states=torch.randn(1, 7, 32),
-                  timestep=torch.tensor([700]))
+    kwargs = {"hidden_states": torch.randn(1, 3, 4, 8, 12), "encoder_hidden_states": torch.randn(1, 7, 32),
+                  "timestep": torch.tensor([700])}
     return model, kwargs
 
 
@@ -152,9 +152,9 @@ def tiny_hunyuan() -> tuple[nn.Module, dict]:
         num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=32,
         pooled_projection_dim=16, rope_axes_dim=(4, 6, 6),
     ).eval()
-    kwargs = dict(hidden_states=torch.randn(1, 4, 3, 8, 12), timestep=torch.tensor([700]),
-                  encoder_hidden_states=torch.randn(1, 6, 32), encoder_attention_mask=torch.ones(1, 6),
-                  pooled_projections=torch.randn(1, 16), guidance=torch.tensor([3500.0]))
+    kwargs = {"hidden_states": torch.randn(1, 4, 3, 8, 12), "timestep": torch.tensor([700]),
+                  "encoder_hidden_states": torch.randn(1, 6, 32), "encoder_attention_mask": torch.ones(1, 6),
+                  "pooled_projections": torch.randn(1, 16), "guidance": torch.tensor([3500.0])}
     return model, kwargs
 
 
@@ -167,9 +167,9 @@ def tiny_ltx() -> tuple[nn.Module, dict]:
         num_layers=2, caption_channels=16,
     ).eval()
     frames, height, width = 3, 4, 6
-    kwargs = dict(hidden_states=torch.randn(1, frames * height * width, 8), encoder_hidden_states=torch.randn(1, 5, 16),
-                  timestep=torch.tensor([700]), encoder_attention_mask=torch.ones(1, 5),
-                  num_frames=frames, height=height, width=width)
+    kwargs = {"hidden_states": torch.randn(1, frames * height * width, 8), "encoder_hidden_states": torch.randn(1, 5, 16),
+                  "timestep": torch.tensor([700]), "encoder_attention_mask": torch.ones(1, 5),
+                  "num_frames": frames, "height": height, "width": width}
     return model, kwargs
 
 

@@ -55,7 +55,7 @@ def test_bad_input_exits_2_with_one_line(args, message, calib_file, tmp_path, mo
     monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
     base = ["--model", "test_cli:local_model", "--calib", str(calib_file), "--out", str(tmp_path / "p.json")]
     proc = subprocess.run([sys.executable, "-c", "import sys; from vdopt.cli import search_main; sys.exit(search_main(sys.argv[1:]))",
-                           *base, *args], capture_output=True, text=True, cwd=str(__import__("pathlib").Path(__file__).parent))
+                           *base, *args], capture_output=True, text=True, check=False, cwd=str(__import__("pathlib").Path(__file__).parent))
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr

@@ -121,7 +121,7 @@ def test_plan_for_another_model_is_refused_before_anything_changes() -> None:
 
     wan, wan_kwargs = tiny_wan()
     plan = _plan(wan, wan_kwargs, lambda h: SpatialWindow(0))
-    dit, dit_kwargs = tiny_dit()
+    dit, _dit_kwargs = tiny_dit()
     before = {k: v.clone() for k, v in dit.state_dict().items()}
     with pytest.raises(PlanError, match="made for WanTransformer3DModel but the model is TinyVideoDiT"):
         vdopt.apply(dit, plan)

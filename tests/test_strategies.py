@@ -8,8 +8,19 @@ import torch
 from vdopt.attention import sparse_site_attention
 from vdopt.sites import TokenLayout
 from vdopt.strategies import (
-    Dense, Diagonal, MultiDiagonal, PatternContext, PooledTopP, SemanticKMeans, SpatialWindow, TemporalWindow,
-    TileWindow, VerticalStripe, strategy_from_json, token_order, video_coordinates,
+    Dense,
+    Diagonal,
+    MultiDiagonal,
+    PatternContext,
+    PooledTopP,
+    SemanticKMeans,
+    SpatialWindow,
+    TemporalWindow,
+    TileWindow,
+    VerticalStripe,
+    strategy_from_json,
+    token_order,
+    video_coordinates,
 )
 
 LAYOUT = TokenLayout(frames=3, rows=5, cols=7)  # 105 tokens: ragged for every block size
@@ -132,7 +143,7 @@ def test_strategy_json_round_trip_and_errors() -> None:
 
 def test_one_plan_serves_several_resolutions() -> None:
     for layout in (TokenLayout(2, 4, 4), TokenLayout(5, 9, 11)):
-        q, k, v = _qk(1, 1, layout.video_tokens)
+        q, k, _v = _qk(1, 1, layout.video_tokens)
         for strategy in SPARSE:
             pattern = strategy.build(q, k, PatternContext(layout, 16, {}))
             assert pattern.tokens == layout.video_tokens

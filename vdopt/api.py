@@ -31,8 +31,8 @@ def optimize(
     calib_prompts: CalibrationInputs,
     target: str = "h100",
     *,
-    search_config: SearchConfig = SearchConfig(),
-    calibration_config: CalibrationConfig = CalibrationConfig(),
+    search_config: SearchConfig | None = None,
+    calibration_config: CalibrationConfig | None = None,
     layout: TokenLayout | None = None,
 ) -> OptimizedModel:
     """Calibrate ``model`` on ``calib_prompts``, search a plan for ``target`` and return the optimized module.
@@ -42,6 +42,8 @@ def optimize(
     strings (pipeline given), dicts of forward kwargs, or a callable that runs the model. The returned module is a
     drop-in for the transformer (``pipe.transformer = opt``); its plan is ``opt.plan``.
     """
+    search_config = search_config or SearchConfig()
+    calibration_config = calibration_config or CalibrationConfig()
     transformer, pipeline = _split_pipeline(model)
     inputs = record_forward_inputs(transformer, calib_prompts, pipeline, calibration_config)
     calibration, sites = calibrate(transformer, inputs, calibration_config, layout)

@@ -6,6 +6,8 @@ video part through their log-sum-exps, which is exact), and text queries attend 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -91,17 +93,21 @@ def sparse_site_attention(
     layout: TokenLayout,
     head_strategies: list[Strategy],
     ctx: PatternContext,
+    observe: Callable[[list[int], Strategy, SparsePattern | None], None] | None = None,
 ) -> torch.Tensor:
     """Self-attention ``q, k, v: [B, H, N, D]`` with one strategy per head; same result layout as SDPA.
 
     ``attn_mask`` may only be a key-padding mask ``[B, 1|H, 1, N]``; where it masks a video key the call runs
-    dense (patterns assume every video key exists).
+    dense (patterns assume every video key exists). ``observe(heads, strategy, pattern)``, if given, is called
+    for every head group with the pattern it ran (None: dense), e.g. to measure the density actually kept.
     """
     heads = q.shape[1]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     bias = additive_key_bias(attn_mask)
     v0, v1 = layout.video_span
     if bias is not None and bool((bias[..., v0:v1] != 0).any()):
+        if observe is not None:
+            observe(list(range(heads)), Dense(), None)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
     groups: dict[Strategy, list[int]] = {}
     for head, strategy in enumerate(head_strategies):
@@ -115,9 +121,13 @@ def sparse_site_attention(
         mask_g = _select_heads(attn_mask, idx) if len(members) < heads else attn_mask
         if isinstance(strategy, Dense):
             result = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask_g, scale=scale)
+            if observe is not None:
+                observe(members, strategy, None)
         else:
             qv, kv, vv = qg[:, :, v0:v1], kg[:, :, v0:v1], vg[:, :, v0:v1]
             pattern = strategy.build(qv, kv, ctx)
+            if observe is not None:
+                observe(members, strategy, pattern)
             video_out, video_lse = pattern_attention(qv, kv, vv, pattern, scale)
             if text:
                 kt = torch.cat([kg[:, :, a:b] for a, b in text], dim=2)

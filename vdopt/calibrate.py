@@ -98,7 +98,7 @@ def record_forward_inputs(
             continue
         calls: list[dict[str, Any]] = []
 
-        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], calls: list = calls) -> None:
             bound = forward_kwargs(model, args, kwargs)
             calls.append({k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.copy(v) for k, v in bound.items()})
 

@@ -90,7 +90,7 @@ def find_attention_sites(gm: fx.GraphModule, layout: TokenLayout | None) -> list
         index = calls_per_module.get(path, 0)
         calls_per_module[path] = index + 1
         layer = blocks.setdefault(_block_key(path), len(blocks))
-        batch, heads, q_tokens, head_dim = q.shape
+        _batch, heads, q_tokens, head_dim = q.shape
         kv_tokens = k.shape[2]
         kind = "self" if q_tokens == kv_tokens else "cross"
         mask_kind = _classify_mask(mask, kv_tokens)

@@ -7,6 +7,7 @@ candidate meeting the budget at a time stays dense there, which is how dense war
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -52,7 +53,7 @@ class HeadChoice:
 def _ranges(times: list[float]) -> list[tuple[float, float, float]]:
     """(t_start, t_end, representative t) per distinct calibration time, noisiest first, covering [0, 1]."""
     ordered = sorted(set(times), reverse=True)
-    bounds = [1.0] + [(a + b) / 2 for a, b in zip(ordered, ordered[1:])] + [0.0]
+    bounds = [1.0] + [(a + b) / 2 for a, b in itertools.pairwise(ordered)] + [0.0]
     return [(max(bounds[i], ordered[i]), bounds[i + 1], ordered[i]) for i in range(len(ordered))]
 
 

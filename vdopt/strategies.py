@@ -322,7 +322,7 @@ class Diagonal(Strategy):
     def _build(self, q: torch.Tensor, ctx: PatternContext) -> SparsePattern:
         lay = ctx.layout
         lo, hi = _linear_block_ranges(lay.video_tokens, ctx.block_size, q.device)
-        limit = int(math.ceil(self.width * lay.rows * lay.cols))
+        limit = math.ceil(self.width * lay.rows * lay.cols)
         gap = (torch.maximum(lo[:, None], lo[None]) - torch.minimum(hi[:, None], hi[None])).clamp(min=0)
         return _static_pattern(gap <= limit, q, ctx.block_size, lay.video_tokens, None)
 
@@ -342,7 +342,7 @@ class MultiDiagonal(Strategy):
         lay = ctx.layout
         frame_tokens = lay.rows * lay.cols
         lo, hi = _linear_block_ranges(lay.video_tokens, ctx.block_size, q.device)
-        limit = int(math.ceil(self.width * frame_tokens))
+        limit = math.ceil(self.width * frame_tokens)
         reach = lay.frames - 1 if self.frame_window < 0 else min(self.frame_window, lay.frames - 1)
         mask = torch.zeros(lo.numel(), lo.numel(), dtype=torch.bool, device=q.device)
         for offset in range(-reach, reach + 1):

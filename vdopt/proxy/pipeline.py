@@ -129,4 +129,6 @@ def load_proxy_pipeline(device: torch.device | str = "cpu", dtype: torch.dtype =
                         weights_dir: str | Path = WEIGHTS_DIR) -> ProxyPipeline:
     """The shipped trained proxy (or the one in ``weights_dir``), ready to sample on ``device`` in ``dtype``."""
     transformer, text_encoder, tokenizer, config = load_weights(weights_dir)
-    return ProxyPipeline(transformer, text_encoder, tokenizer, config).to(device, dtype)
+    pipe = ProxyPipeline(transformer, text_encoder, tokenizer, config)
+    # Weights load in float32; casting only when asked keeps diffusers' float32-modules warning away.
+    return pipe.to(device, None if dtype == torch.float32 else dtype)

@@ -1,0 +1,906 @@
+"""What vdopt costs in video quality: metrics, matched-density baselines, the harness and ``vdopt-bench quality``.
+
+Every method generates the held-out prompts x seeds from the same noise as the dense model, and PSNR, SSIM and
+relative L2 compare its videos with the dense ones. Methods are plans run through vdopt's own runtime: the searched
+plan (``method="searched"``) and fixed-plan baselines in the style of Sparse VideoGen, Sparse VideoGen2, sliding
+tile attention, Sparse-vDiT and DraftAttention, each with its one parameter chosen to land near a target attention
+density. All methods keep the same first denoising steps dense. Density is measured from the patterns that ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import hashlib
+import json
+import math
+import platform
+import sys
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from vdopt.calibrate import (
+    CalibrationConfig,
+    CalibrationResult,
+    calibrate,
+    default_block_size,
+    record_forward_inputs,
+)
+from vdopt.capture import SDPA, capture, export_kwargs
+from vdopt.plan import ModelFingerprint, Plan, SitePlan, StepRange
+from vdopt.runtime import OptimizedModel, denoising_time, input_signature
+from vdopt.search import SearchConfig, search
+from vdopt.sites import AttentionSite, TokenLayout
+from vdopt.strategies import (
+    Dense,
+    Diagonal,
+    MultiDiagonal,
+    PatternContext,
+    PooledTopP,
+    SemanticKMeans,
+    SparsePattern,
+    SpatialWindow,
+    Strategy,
+    TemporalWindow,
+    TileWindow,
+    VerticalStripe,
+    default_candidates,
+)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics. Videos are ``[F, H, W, C]`` or ``[B, F, H, W, C]`` in [0, data_range]; each metric returns one value per
+# video (a 0-d tensor for one video). The second argument is the reference (the dense model's video).
+
+
+def _batched(video: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    if video.shape != reference.shape:
+        raise ValueError(f"video {tuple(video.shape)} and reference {tuple(reference.shape)} must have one shape")
+    if video.dim() not in (4, 5):
+        raise ValueError(f"videos must be [F, H, W, C] or [B, F, H, W, C], got shape {tuple(video.shape)}")
+    single = video.dim() == 4
+    if single:
+        video, reference = video[None], reference[None]
+    return video.double(), reference.double(), single
+
+
+def psnr(video: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Peak signal-to-noise ratio in dB over all pixels of each video; ``inf`` for identical videos."""
+    a, b, single = _batched(video, reference)
+    mse = (a - b).pow(2).flatten(1).mean(1)
+    out = 10.0 * torch.log10(data_range**2 / mse)  # mse == 0 gives +inf, as it should
+    return out[0] if single else out
+
+
+def relative_l2(video: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``||video - reference|| / ||reference||`` per video."""
+    a, b, single = _batched(video, reference)
+    out = (a - b).flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1).clamp(min=1e-30)
+    return out[0] if single else out
+
+
+def _gaussian_window(size: int, sigma: float, dtype: torch.dtype) -> torch.Tensor:
+    x = torch.arange(size, dtype=dtype) - (size - 1) / 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return g[:, None] * g[None, :]
+
+
+def ssim(video: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0, window_size: int = 11,
+         sigma: float = 1.5) -> torch.Tensor:
+    """Structural similarity (Wang et al. 2004) per frame and channel, averaged over both, per video.
+
+    Gaussian window ``window_size`` x ``window_size`` with std ``sigma``, statistics over valid positions only (no
+    padding), K1 = 0.01, K2 = 0.03. Frames smaller than the window use the largest odd window that fits, with
+    ``sigma`` scaled alike.
+    """
+    a, b, single = _batched(video, reference)
+    batch, frames, height, width, channels = a.shape
+    size = min(window_size, height, width)
+    size -= 1 - size % 2
+    sigma = sigma * size / window_size
+    window = _gaussian_window(size, sigma, a.dtype).to(a.device).expand(channels, 1, size, size)
+    x = a.reshape(batch * frames, height, width, channels).permute(0, 3, 1, 2)
+    y = b.reshape(batch * frames, height, width, channels).permute(0, 3, 1, 2)
+
+    def local_mean(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(t, window, groups=channels)
+
+    mu_x, mu_y = local_mean(x), local_mean(y)
+    var_x = local_mean(x * x) - mu_x**2
+    var_y = local_mean(y * y) - mu_y**2
+    cov = local_mean(x * y) - mu_x * mu_y
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    out = ssim_map.mean((1, 2, 3)).view(batch, frames).mean(1)
+    return out[0] if single else out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Density as run
+
+
+class DensityRecorder:
+    """Kept fraction of video query-key pairs of every planned site, head and denoising call, as the runtime ran it.
+
+    Use as ``with recorder.watching(optimized_model): pipe(...)``. Each call of the model is one entry (with its
+    denoising time ``t``); sites or heads that ran dense, including sites the plan leaves wholly dense (they are
+    never rewritten, so never observed), count as density 1. Densities stay on the device until read, so recording
+    adds no host synchronisation.
+    """
+
+    def __init__(self, plan: Plan, timestep_arg: str = "timestep") -> None:
+        self.heads = {site.site: site.heads for site in plan.sites}
+        self.timestep_arg = timestep_arg
+        self.timestep_scale = plan.timestep_scale
+        self.times: list[float] = []
+        self._groups: list[list[tuple[str, list[int], torch.Tensor | None]]] = []
+
+    def _on_call(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        self.times.append(denoising_time(kwargs, self.timestep_arg, self.timestep_scale))
+        self._groups.append([])
+
+    def __call__(self, site: AttentionSite, t: float, heads: list[int], strategy: Strategy,
+                 pattern: SparsePattern | None) -> None:
+        if self._groups and site.name in self.heads:
+            self._groups[-1].append((site.name, heads, None if pattern is None else pattern.density().detach()))
+
+    def watching(self, model: nn.Module) -> _Watch:
+        """Context manager: record every forward call of ``model`` and every pattern its planned sites build."""
+        return _Watch(self, model)
+
+    def per_call(self) -> list[dict[str, list[float]]]:
+        """Per model call, per site, the density of each head."""
+        out = []
+        for groups in self._groups:
+            call = {name: [1.0] * heads for name, heads in self.heads.items()}
+            for name, members, density in groups:
+                values = [1.0] * len(members) if density is None else density.float().cpu().tolist()
+                for head, value in zip(members, values):
+                    call[name][head] = value
+            out.append(call)
+        return out
+
+    def density(self, t_max: float = 1.0) -> float:
+        """Mean density over calls with ``t <= t_max`` (all calls by default), sites and heads."""
+        values = [v for t, call in zip(self.times, self.per_call()) if t <= t_max + 1e-9
+                  for heads in call.values() for v in heads]
+        return sum(values) / len(values) if values else float("nan")
+
+
+class _Watch:
+    def __init__(self, recorder: DensityRecorder, model: nn.Module) -> None:
+        self.recorder, self.model = recorder, model
+        self._handle: Any = None
+        self._observing: Any = None
+
+    def __enter__(self) -> DensityRecorder:
+        from vdopt.passes.sparsify_attention import observe_patterns
+
+        self._handle = self.model.register_forward_pre_hook(self.recorder._on_call, with_kwargs=True)
+        self._observing = observe_patterns(self.recorder)
+        self._observing.__enter__()
+        return self.recorder
+
+    def __exit__(self, *exc: object) -> None:
+        self._observing.__exit__(*exc)
+        self._handle.remove()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# How structured the model's attention is: density needed for a recall target
+
+
+class _RecallProbe(nn.Module):
+    """Stands in for one self-attention call: returns the dense output and records the density needed for recall."""
+
+    def __init__(self, site: AttentionSite, sink: list[dict[str, Any]], recall: float, block_size: int,
+                 query_blocks: int, clock: dict[str, float]) -> None:
+        super().__init__()
+        self.site, self.sink, self.recall, self.block_size = site, sink, recall, block_size
+        self.query_blocks, self.clock = query_blocks, clock
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                dropout_p: float = 0.0, is_causal: bool = False, *, scale: float | None = None,
+                enable_gqa: bool = False) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                             is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        block, token = density_for_recall(query, key, self.site.layout, scale, attn_mask, self.recall,  # type: ignore[arg-type]
+                                          self.block_size, self.query_blocks)
+        self.sink.append({"site": self.site.name, "layer": self.site.layer, "t": self.clock["t"],
+                          "block_density": block.tolist(), "token_density": token.tolist()})
+        return out
+
+
+def density_for_recall(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, scale: float | None,
+                       attn_mask: torch.Tensor | None, recall: float = 0.95, block_size: int = 64,
+                       query_blocks: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Oracle densities that keep ``recall`` of the attention mass, per head (``float [H]`` each).
+
+    ``q, k: [B, H, tokens, D]``. ``query_blocks`` evenly spaced query blocks of ``block_size`` video tokens are
+    attended densely. Block density: per query block, the fewest key blocks whose mass, averaged over the block's
+    rows, reaches ``recall`` (what a block-sparse kernel must keep at best), over the number of key blocks. Token
+    density: per query row, the fewest keys reaching ``recall``, over the number of video keys (a lower bound for
+    any pattern). Mass on text keys counts as kept, since text is never sparsified.
+    """
+    from vdopt.attention import additive_key_bias
+
+    v0, v1 = layout.video_span
+    n = layout.video_tokens
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    full_blocks = max(n // block_size, 1)
+    bs = min(block_size, n)
+    picks = torch.linspace(0, full_blocks - 1, min(query_blocks, full_blocks)).round().long().unique()
+    rows = (picks[:, None] * bs + torch.arange(bs)).flatten().to(q.device)
+    scores = torch.matmul(q[:, :, v0 + rows].float(), k.float().transpose(-1, -2)) * scale
+    bias = additive_key_bias(attn_mask)
+    if bias is not None:
+        scores = scores + bias
+    probs = torch.softmax(scores, dim=-1)
+    video = probs[..., v0:v1]  # [B, H, R, n]
+    need = (recall - (1.0 - video.sum(-1))).clamp(min=0.0)  # text mass is always kept
+    ranked = video.sort(-1, descending=True).values.cumsum(-1)
+    tokens_needed = ((ranked < need[..., None]).sum(-1) + 1).clamp(max=n)
+    token_density = (tokens_needed.float() / n).mean((0, 2))
+    kv_blocks = -(-n // bs)
+    padded = F.pad(video, (0, kv_blocks * bs - n)).unflatten(-1, (kv_blocks, bs)).sum(-1)  # [B, H, R, kv_blocks]
+    per_block = padded.unflatten(2, (picks.numel(), bs)).mean(3)  # [B, H, Q, kv_blocks]
+    need_block = need.unflatten(2, (picks.numel(), bs)).mean(3)
+    ranked_blocks = per_block.sort(-1, descending=True).values.cumsum(-1)
+    blocks_needed = ((ranked_blocks < need_block[..., None] - 1e-6).sum(-1) + 1).clamp(max=kv_blocks)
+    block_density = (blocks_needed.float() / kv_blocks).mean((0, 2))
+    return block_density.cpu(), token_density.cpu()
+
+
+def attention_recall_report(model: nn.Module, forward_inputs: Sequence[dict[str, Any]], recall: float = 0.95,
+                            block_size: int = 64, query_blocks: int = 8, layout: TokenLayout | None = None,
+                            timestep_arg: str = "timestep", timestep_scale: float = 1000.0) -> dict[str, Any]:
+    """Per layer and head, the attention density needed to keep ``recall`` of the mass (see density_for_recall).
+
+    Runs ``model`` densely on each recorded forward call (e.g. calibration steps) with every sparsifiable
+    self-attention site probed; values are averaged over calls. Returns a JSON-ready dict with a ``layers`` list.
+    """
+    samples: list[dict[str, Any]] = []
+    clock = {"t": 0.0}
+    graphs: dict[Any, fx.GraphModule] = {}
+    for inputs in forward_inputs:
+        key = input_signature(inputs)
+        if key not in graphs:
+            captured = capture(model, inputs, layout)
+            graph = copy.deepcopy(captured.graph_module.graph)
+            gm = fx.GraphModule(captured.graph_module, graph)
+            nodes = {node.name: node for node in graph.nodes}
+            for site in captured.sites:
+                node = nodes[site.node_name]
+                if not site.sparsifiable or node.target is not SDPA:
+                    continue
+                name = "vdopt_recall_" + site.name.replace(".", "_").replace("#", "_")
+                gm.add_submodule(name, _RecallProbe(site, samples, recall, block_size, query_blocks, clock))
+                with graph.inserting_before(node):
+                    probe = graph.call_module(name, args=node.args, kwargs=dict(node.kwargs))
+                probe.meta = dict(node.meta)
+                node.replace_all_uses_with(probe)
+                graph.erase_node(node)
+            gm.recompile()
+            graphs[key] = gm
+        clock["t"] = denoising_time(inputs, timestep_arg, timestep_scale)
+        with torch.no_grad():
+            graphs[key](**export_kwargs(model, inputs))
+    by_site: dict[str, list[dict[str, Any]]] = {}
+    for sample in samples:
+        by_site.setdefault(sample["site"], []).append(sample)
+    layers = []
+    for name, entries in by_site.items():
+        heads = len(entries[0]["block_density"])
+        block = [sum(e["block_density"][h] for e in entries) / len(entries) for h in range(heads)]
+        token = [sum(e["token_density"][h] for e in entries) / len(entries) for h in range(heads)]
+        layers.append({"site": name, "layer": entries[0]["layer"], "samples": len(entries),
+                       "block_density_per_head": block, "token_density_per_head": token,
+                       "block_density": sum(block) / heads, "token_density": sum(token) / heads})
+    all_block = [v for layer in layers for v in layer["block_density_per_head"]]
+    return {
+        "recall": recall, "block_size": block_size, "query_blocks_per_call": query_blocks,
+        "calls": len(forward_inputs), "times": sorted({round(s["t"], 4) for s in samples}, reverse=True),
+        "method": (
+            f"per sampled call and site, {query_blocks} evenly spaced query blocks of {block_size} video tokens are "
+            "attended densely; block density = fewest key blocks whose mass (averaged over the query block's rows) "
+            f"reaches {recall:.0%} over the number of key blocks; token density = fewest keys per query row reaching "
+            f"{recall:.0%} over the number of video keys; both averaged over query blocks/rows, batch and calls"
+        ),
+        "heads_below_half": sum(v < 0.5 for v in all_block), "heads": len(all_block),
+        "layers": sorted(layers, key=lambda layer: layer["layer"]),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plans: dense warm-up, fixed baselines at matched density, the searched plan
+
+
+METHODS = ("searched", "sparse_videogen", "sparse_videogen2", "sliding_tile", "sparse_vdit", "pooled_draft")
+METHOD_DESCRIPTIONS = {
+    "searched": "vdopt's search (default candidates, cheapest per head meeting a recall budget); budget swept",
+    "sparse_videogen": "Sparse VideoGen: per head the spatial (frame window) or temporal (position radius) pattern "
+                       "with the higher calibration recall",
+    "sparse_videogen2": "Sparse VideoGen2: semantic k-means permutation with top-p cluster selection, all heads",
+    "sliding_tile": "STA: 3D sliding tile window (frames x rows x cols), all heads",
+    "sparse_vdit": "Sparse-vDiT: per head the diagonal, multi-diagonal or vertical-stripe pattern with the higher "
+                   "calibration recall",
+    "pooled_draft": "DraftAttention-like: key blocks of top-p mass of the pooled (block-mean) Q/K attention map",
+}
+TOP_P_GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995)
+KIND_TOLERANCE = 0.3
+RECALL_BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.83, 0.86, 0.88, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97,
+                  0.98, 0.99, 0.995)
+
+
+def baseline_grids(layout: TokenLayout, top_p_grid: Sequence[float] = TOP_P_GRID) -> dict[str, list[list[Strategy]]]:
+    """Per baseline, its pattern kinds, each as a parameter grid (the kinds a head chooses between by recall)."""
+    reach = max(layout.rows, layout.cols)
+    return {
+        "sparse_videogen": [[SpatialWindow(w) for w in range(layout.frames)],
+                            [TemporalWindow(r) for r in range(reach)]],
+        "sparse_videogen2": [[SemanticKMeans(top_p=p) for p in top_p_grid]],
+        "sliding_tile": [[TileWindow(f, r, c) for f in range(layout.frames) for r in range(layout.rows)
+                          for c in range(layout.cols)]],
+        "sparse_vdit": [[Diagonal(round(w / 8, 3)) for w in range(1, 8 * layout.frames)],
+                        [MultiDiagonal(round(w / 40, 3)) for w in range(1, 40)],
+                        [VerticalStripe(p) for p in top_p_grid]],
+        "pooled_draft": [[PooledTopP(p) for p in top_p_grid]],
+    }
+
+
+def static_density(strategy: Strategy, layout: TokenLayout, block_size: int) -> float:
+    """Exact density of a content-independent strategy on ``layout``."""
+    q = torch.zeros(1, 1, layout.video_tokens, 1)
+    return float(strategy.build(q, q, PatternContext(layout, block_size, {})).density()[0])
+
+
+def dense_warmup_time(step_times: Sequence[float], warmup_steps: int) -> float:
+    """Normalised time ``t_w`` that splits the first ``warmup_steps`` steps (t > t_w, dense) from the rest."""
+    if warmup_steps <= 0:
+        return 1.0
+    if warmup_steps >= len(step_times):
+        return 0.0
+    return (step_times[warmup_steps - 1] + step_times[warmup_steps]) / 2
+
+
+def with_dense_warmup(plan: Plan, t_warmup: float) -> Plan:
+    """Copy of ``plan`` in which every site is dense for ``t > t_warmup`` and unchanged below."""
+    plan = copy.deepcopy(plan)
+    for site in plan.sites:
+        later = [StepRange(min(r.t_start, t_warmup), r.t_end, r.heads, r.predicted) for r in site.schedule
+                 if r.t_end < t_warmup]
+        warm = [StepRange(1.0, t_warmup, [Dense()] * site.heads)] if t_warmup < 1.0 else []
+        site.schedule = warm + later
+    return plan
+
+
+def fixed_plan(model: nn.Module, sites: Sequence[AttentionSite], heads: dict[str, list[Strategy]], block_size: int,
+               t_warmup: float, target: str, label: str, seed: int = 0) -> Plan:
+    """A plan that runs ``heads[site]`` at every step after the dense warm-up (``t <= t_warmup``)."""
+    site_plans = [SitePlan(site.name, site.heads, block_size, [StepRange(t_warmup, 0.0, heads[site.name])])
+                  for site in sites]
+    plan = Plan(model=ModelFingerprint.of(model), target=target, sites=site_plans,
+                search={"method": label}, calibration={"seed": seed})
+    return with_dense_warmup(plan, t_warmup)
+
+
+def _sparse_samples(times: Sequence[float], t_warmup: float) -> list[int]:
+    picks = [i for i, t in enumerate(times) if t <= t_warmup + 1e-9]
+    return picks or list(range(len(times)))
+
+
+def predicted_density(plan: Plan, calibration: CalibrationResult, t_warmup: float) -> float:
+    """Mean density of ``plan`` over calibration samples after the warm-up, sites and heads (dense = 1)."""
+    values = []
+    for stats in calibration.sites.values():
+        site_plan = plan.site(stats.site.name)
+        for i in _sparse_samples(stats.times, t_warmup):
+            strategies = site_plan.strategies_at(stats.times[i]) if site_plan else [Dense()] * stats.site.heads
+            values += [1.0 if isinstance(s, Dense) else stats.density[s.label()][i][h] for h, s in enumerate(strategies)]
+    return sum(values) / len(values)
+
+
+def _calibrated_density(strategy: Strategy, calibration: CalibrationResult, t_warmup: float) -> float:
+    label = strategy.label()
+    values = [v for stats in calibration.sites.values() for i in _sparse_samples(stats.times, t_warmup)
+              for v in stats.density[label][i]]
+    return sum(values) / len(values)
+
+
+def _mean_recall(strategy: Strategy, stats: Any, head: int, t_warmup: float) -> float:
+    samples = _sparse_samples(stats.times, t_warmup)
+    return sum(stats.recall[strategy.label()][i][head] for i in samples) / len(samples)
+
+
+def _closest(grid: Sequence[Strategy], densities: dict[Strategy, float], target: float) -> Strategy:
+    # Ties go to the denser pattern: never claim a sparser operating point than the grid gives.
+    return min(grid, key=lambda s: (abs(densities[s] - target), -densities[s]))
+
+
+@dataclass
+class MethodPlan:
+    """One method's plan at one target density, with what was chosen and why."""
+
+    method: str
+    target_density: float
+    plan: Plan
+    predicted_density: float
+    parameters: list[str]
+    recall_budget: float | None = None
+
+
+def _static_choices(grids: dict[str, list[list[Strategy]]], layout: TokenLayout, block_size: int,
+                    targets: Sequence[float]) -> dict[Strategy, float]:
+    """Exact densities of the static grid points nearest each target (the only ones worth calibrating)."""
+    chosen: dict[Strategy, float] = {}
+    for kinds in grids.values():
+        for grid in kinds:
+            if grid[0].dynamic:
+                continue
+            densities: dict[Strategy, float] = {}
+            for strategy in grid:
+                densities.setdefault(strategy, static_density(strategy, layout, block_size))
+            for target in targets:
+                best = _closest(list(densities), densities, target)
+                chosen[best] = densities[best]
+    return chosen
+
+
+def calibration_candidates(grids: dict[str, list[list[Strategy]]], layout: TokenLayout, block_size: int,
+                           targets: Sequence[float]) -> tuple[Strategy, ...]:
+    """vdopt's default candidates, the static baseline points nearest each target and every dynamic grid point."""
+    out: dict[str, Strategy] = {s.label(): s for s in default_candidates()}
+    out |= {s.label(): s for s in _static_choices(grids, layout, block_size, targets)}
+    for kinds in grids.values():
+        for grid in kinds:
+            if grid[0].dynamic:
+                out |= {s.label(): s for s in grid}
+    return tuple(out.values())
+
+
+def baseline_plan(method: str, grids: dict[str, list[list[Strategy]]], calibration: CalibrationResult,
+                  model: nn.Module, target_density: float, t_warmup: float, target: str, seed: int = 0) -> MethodPlan:
+    """The baseline's plan nearest ``target_density``: per pattern kind, the grid point whose density (exact for
+    static patterns, calibration mean for dynamic ones) is nearest; per head, the kind with the best recall among
+    the kinds within ``KIND_TOLERANCE`` (relative) of the target, or the nearest kind if none is."""
+    any_stats = next(iter(calibration.sites.values()))
+    layout, block_size = any_stats.site.layout, any_stats.block_size
+    picks: list[tuple[Strategy, float]] = []
+    for grid in grids[method]:
+        labels = set(calibration.candidates)
+        if grid[0].dynamic:
+            densities = {s: _calibrated_density(s, calibration, t_warmup) for s in grid if s.label() in labels}
+        else:
+            densities = {s: static_density(s, layout, block_size) for s in grid if s.label() in labels}  # type: ignore[arg-type]
+        if not densities:
+            raise ValueError(f"no {method} grid point was calibrated; calibrate with calibration_candidates(...)")
+        best = _closest(list(densities), densities, target_density)
+        picks.append((best, densities[best]))
+    # A kind whose grid cannot come near the target would win every head on recall by being denser.
+    near = [s for s, d in picks if abs(d - target_density) <= KIND_TOLERANCE * target_density]
+    kinds = near or [min(picks, key=lambda item: abs(item[1] - target_density))[0]]
+    heads = {}
+    for name, stats in calibration.sites.items():
+        heads[name] = [max(kinds, key=lambda s: _mean_recall(s, stats, h, t_warmup)) for h in range(stats.site.heads)]
+    sites = [stats.site for stats in calibration.sites.values()]
+    plan = fixed_plan(model, sites, heads, block_size, t_warmup, target, method, seed)
+    used = sorted({s.label() for strategies in heads.values() for s in strategies})
+    return MethodPlan(method, target_density, plan, predicted_density(plan, calibration, t_warmup), used)
+
+
+def searched_plans(calibration: CalibrationResult, sites: list[AttentionSite], model: nn.Module,
+                   targets: Sequence[float], t_warmup: float, target: str,
+                   budgets: Sequence[float] = RECALL_BUDGETS) -> list[MethodPlan]:
+    """vdopt's search over its default candidates, recall budget swept; per target the plan nearest in density."""
+    defaults = {s.label() for s in default_candidates()}
+    restricted = CalibrationResult(calibration.sites, {k: v for k, v in calibration.candidates.items() if k in defaults},
+                                   calibration.provenance)
+    swept = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "no measured efficiency table" once per budget
+        for budget in budgets:
+            plan = with_dense_warmup(search(model, restricted, sites, target, SearchConfig(recall_budget=budget)),
+                                     t_warmup)
+            swept.append((budget, plan, predicted_density(plan, calibration, t_warmup)))
+    out = []
+    for goal in targets:
+        budget, plan, density = min(swept, key=lambda item: (abs(item[2] - goal), -item[2]))
+        used = sorted({s.label() for site in plan.sites for r in site.schedule for s in r.heads})
+        out.append(MethodPlan("searched", goal, plan, density, used, recall_budget=budget))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The harness
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    """What the harness runs.
+
+    ``prompts``/``seeds``: how many held-out prompts and noise seeds; ``warmup_fraction``: share of the first
+    denoising steps every method keeps dense; ``block_size``: kernel block for every plan (None: the largest of
+    128/64/32/16 that divides a frame's tokens, so frame-local patterns waste no partial blocks); ``batch_size``:
+    (prompt, seed) pairs generated per pipeline call; ``timing_repeats``: timed single-video runs per method on
+    CUDA (after one warm-up run).
+    """
+
+    prompts: int = 14
+    seeds: int = 2
+    steps: int = 30
+    densities: tuple[float, ...] = (0.1, 0.2, 0.3)
+    warmup_fraction: float = 0.2
+    methods: tuple[str, ...] = METHODS
+    calib_prompts: int = 2
+    calib_steps_per_input: int = 6
+    calib_query_rows: int = 256
+    block_size: int | None = None
+    batch_size: int = 16
+    timing_repeats: int = 2
+    target: str = "h100"
+    recall: float = 0.95
+    top_p_grid: tuple[float, ...] = TOP_P_GRID
+    recall_budgets: tuple[float, ...] = RECALL_BUDGETS
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.methods) - set(METHODS))
+        if unknown:
+            raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if self.steps < 1 or self.prompts < 1 or self.seeds < 1:
+            raise ValueError(f"steps, prompts and seeds must be >= 1, got {self.steps}, {self.prompts}, {self.seeds}")
+        bad = [d for d in self.densities if not 0.0 < d <= 1.0]
+        if bad:
+            raise ValueError(f"target densities must be in (0, 1], got {bad[0]}")
+
+
+@dataclass
+class QualityResult:
+    """Records (one per method and target density, plus the dense reference) and the recall report."""
+
+    records: list[dict[str, Any]]
+    recall_report: dict[str, Any]
+    plans: dict[str, Plan] = field(default_factory=dict)
+
+
+def _frame_block_size(layout: TokenLayout) -> int:
+    frame = layout.rows * layout.cols
+    cap = default_block_size(layout.video_tokens)
+    for size in (128, 64, 32, 16):
+        if size <= cap and frame % size == 0:
+            return size
+    return cap
+
+
+def evaluation_pairs(prompts: int, seeds: int) -> list[tuple[str, int]]:
+    """The first ``prompts`` held-out captions, each with noise seeds ``HELD_OUT_SEEDS`` (then 4, 5, ...)."""
+    from vdopt.proxy.data import HELD_OUT_SEEDS, held_out_prompts
+
+    captions = held_out_prompts()
+    if prompts > len(captions):
+        raise ValueError(f"asked for {prompts} prompts but there are {len(captions)} held-out prompts")
+    seed_list = list(HELD_OUT_SEEDS) + list(range(max(HELD_OUT_SEEDS) + 1, max(HELD_OUT_SEEDS) + 1 + seeds))
+    return [(p, s) for p in captions[:prompts] for s in seed_list[:seeds]]
+
+
+def generate(pipe: Any, pairs: Sequence[tuple[str, int]], steps: int, batch_size: int) -> torch.Tensor:
+    """Videos ``[P, F, H, W, 3]`` (float32, CPU) for (prompt, seed) pairs; pair i's noise is the noise the
+    pipeline draws for ``pipe(prompt_i, seed=seed_i)``, whatever the batching."""
+    out = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        latents = torch.cat([pipe.prepare_latents(1, seed, pipe.num_frames, pipe.height, pipe.width) for _, seed in chunk])
+        out.append(pipe([p for p, _ in chunk], num_inference_steps=steps, latents=latents).float().cpu())
+    return torch.cat(out)
+
+
+def seconds_per_video(pipe: Any, prompt: str, seed: int, steps: int, repeats: int) -> float | None:
+    """Median CUDA-event time of one video (batch 1) after one untimed warm-up run; None off CUDA."""
+    if pipe.device.type != "cuda" or repeats < 1:
+        return None
+    pipe(prompt, num_inference_steps=steps, seed=seed)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        pipe(prompt, num_inference_steps=steps, seed=seed)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000.0)
+    return sorted(times)[len(times) // 2]
+
+
+def _summary(values: torch.Tensor) -> float:
+    return float(values.mean())
+
+
+def _metrics(videos: torch.Tensor, reference: torch.Tensor, pairs: Sequence[tuple[str, int]]) -> dict[str, Any]:
+    p, s, r = psnr(videos, reference), ssim(videos, reference), relative_l2(videos, reference)
+    per_video = [{"prompt": prompt, "seed": seed, "psnr": float(p[i]), "ssim": float(s[i]), "rel_l2": float(r[i])}
+                 for i, (prompt, seed) in enumerate(pairs)]
+    prompts = list(dict.fromkeys(prompt for prompt, _ in pairs))
+    per_prompt = []
+    for prompt in prompts:
+        idx = torch.tensor([i for i, (q, _) in enumerate(pairs) if q == prompt])
+        per_prompt.append({"prompt": prompt, "psnr": float(p[idx].mean()), "ssim": float(s[idx].mean()),
+                           "rel_l2": float(r[idx].mean())})
+    return {"psnr": _summary(p), "ssim": _summary(s), "rel_l2": _summary(r), "psnr_min": float(p.min()),
+            "ssim_min": float(s.min()), "per_prompt": per_prompt, "per_video": per_video}
+
+
+def environment(pipe: Any, dtype: torch.dtype) -> dict[str, Any]:
+    """Device, date and versions recorded with every result."""
+    import vdopt
+
+    versions = {"vdopt": vdopt.__version__, "torch": torch.__version__, "python": platform.python_version()}
+    for name in ("diffusers", "triton"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            versions[name] = None
+    device = pipe.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
+    return {"device": name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "versions": versions, "dtype": str(dtype).replace("torch.", "")}
+
+
+def run_quality(pipe: Any, config: QualityConfig = QualityConfig(), proxy: str = "trained",
+                progress: bool = True) -> QualityResult:
+    """Dense vs every method on held-out prompts x seeds; returns records and the 95%-recall density report.
+
+    ``pipe``: a vdopt proxy pipeline (``vdopt.proxy.pipeline.ProxyPipeline``); its transformer is restored on exit.
+    ``proxy`` only labels the records (which weights ran).
+    """
+    from tqdm.auto import tqdm
+
+    from vdopt.demo import proxy_calibration_prompts
+
+    original = pipe.transformer
+    dtype = next(original.parameters()).dtype
+    meta = environment(pipe, dtype)
+    pairs = evaluation_pairs(config.prompts, config.seeds)
+    warmup_steps = round(config.warmup_fraction * config.steps)
+    common = {"n_prompts": config.prompts, "n_seeds": config.seeds, "steps": config.steps,
+              "warmup_steps": warmup_steps, "proxy": proxy, **meta}
+    try:
+        step_times: list[float] = []
+        handle = original.register_forward_pre_hook(
+            lambda module, args, kwargs: step_times.append(denoising_time(kwargs, "timestep", 1000.0)), with_kwargs=True)
+        try:
+            reference = generate(pipe, pairs, config.steps, config.batch_size)
+        finally:
+            handle.remove()
+        t_warmup = dense_warmup_time(step_times[:config.steps], warmup_steps)
+        dense_seconds = seconds_per_video(pipe, pairs[0][0], pairs[0][1], config.steps, config.timing_repeats)
+
+        calib_prompts = proxy_calibration_prompts(config.calib_prompts, seed=1234 + config.seed)
+        calib_config = CalibrationConfig(num_inference_steps=config.steps, steps_per_input=config.calib_steps_per_input,
+                                         query_rows=config.calib_query_rows, seed=config.seed)
+        inputs = record_forward_inputs(original, calib_prompts, pipe, calib_config)
+        layout = capture(original, inputs[0]).layout
+        if layout is None:
+            raise ValueError(f"{type(original).__name__}: no video token layout; the harness needs a video DiT")
+        block_size = config.block_size or _frame_block_size(layout)
+        report = attention_recall_report(original, inputs, config.recall, block_size)
+        grids = baseline_grids(layout, config.top_p_grid)
+        grids = {m: kinds for m, kinds in grids.items() if m in config.methods}
+        candidates = calibration_candidates(grids, layout, block_size, config.densities)
+        calib_config = CalibrationConfig(num_inference_steps=config.steps, steps_per_input=config.calib_steps_per_input,
+                                         query_rows=config.calib_query_rows, seed=config.seed, block_size=block_size,
+                                         candidates=candidates)
+        calibration, sites = calibrate(original, inputs, calib_config)
+
+        method_plans: list[MethodPlan] = []
+        if "searched" in config.methods:
+            method_plans += searched_plans(calibration, sites, original, config.densities, t_warmup, config.target,
+                                           config.recall_budgets)
+        for method in config.methods:
+            if method != "searched":
+                method_plans += [baseline_plan(method, grids, calibration, original, d, t_warmup, config.target,
+                                               config.seed) for d in config.densities]
+
+        records = [{"method": "dense", "target_density": 1.0, "density": 1.0, "density_all_steps": 1.0,
+                    "psnr": None, "ssim": 1.0, "rel_l2": 0.0, "seconds_per_video": dense_seconds,
+                    "note": "the reference itself (psnr is infinite, stored as null)", **common}]
+        plans: dict[str, Plan] = {}
+        bar = tqdm(method_plans, desc="vdopt: quality", disable=not progress)
+        for mp in bar:
+            bar.set_postfix_str(f"{mp.method} @ {mp.target_density:g}")
+            opt = OptimizedModel(original, mp.plan)
+            recorder = DensityRecorder(mp.plan)
+            pipe.transformer = opt
+            with recorder.watching(opt):
+                videos = generate(pipe, pairs, config.steps, config.batch_size)
+            seconds = seconds_per_video(pipe, pairs[0][0], pairs[0][1], config.steps, config.timing_repeats)
+            pipe.transformer = original
+            record = {
+                "method": mp.method, "target_density": mp.target_density,
+                "density": recorder.density(t_warmup), "density_all_steps": recorder.density(),
+                "predicted_density": mp.predicted_density, **_metrics(videos, reference, pairs),
+                "seconds_per_video": seconds,
+                "speedup_vs_dense": dense_seconds / seconds if seconds and dense_seconds else None,
+                "strategies": mp.parameters, "recall_budget": mp.recall_budget, "block_size": block_size,
+                "description": METHOD_DESCRIPTIONS[mp.method], **common,
+            }
+            records.append(record)
+            plans[f"{mp.method}@{mp.target_density:g}"] = mp.plan
+        report["calibration"] = {"prompts": calib_prompts, **calibration.provenance}
+        return QualityResult(records, report, plans)
+    finally:
+        pipe.transformer = original
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output: JSON and the Pareto plot
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def plot_pareto(records: Sequence[dict[str, Any]], path: str | Path) -> None:
+    """PSNR and SSIM vs measured attention density per method; and PSNR vs seconds per video when timed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [r for r in records if r["method"] != "dense"]
+    timed = any(r.get("seconds_per_video") for r in methods)
+    panels = 3 if timed else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.0 * panels, 4.2), dpi=100)
+    names = list(dict.fromkeys(r["method"] for r in methods))
+    colours = {name: plt.get_cmap("tab10")(i) for i, name in enumerate(names)}
+    panels_spec = [("density", "psnr", "measured attention density (after warm-up)", "PSNR vs dense (dB)"),
+                   ("density", "ssim", "measured attention density (after warm-up)", "SSIM vs dense")]
+    if timed:
+        panels_spec.append(("seconds_per_video", "psnr", "seconds per video (batch 1, CUDA events)", "PSNR vs dense (dB)"))
+    for ax, (x_key, y_key, x_label, y_label) in zip(axes, panels_spec):
+        for name in names:
+            points = sorted((r[x_key], r[y_key]) for r in methods if r["method"] == name
+                            and r.get(x_key) is not None and r.get(y_key) is not None)
+            if points:
+                ax.plot(*zip(*points), "o-" if name != "searched" else "s-", color=colours[name], label=name,
+                        lw=2.2 if name == "searched" else 1.2)
+        if x_key == "seconds_per_video":
+            dense = next((r["seconds_per_video"] for r in records if r["method"] == "dense"), None)
+            if dense:
+                ax.axvline(dense, color="k", ls="--", lw=1, label="dense")
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(y_label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    first = records[0]
+    fig.suptitle(f"vdopt quality on the {first.get('proxy', '')} proxy: {first['n_prompts']} prompts x "
+                 f"{first['n_seeds']} seeds, {first['steps']} steps ({first['warmup_steps']} dense), "
+                 f"{first['device']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_results(result: QualityResult, out: str | Path) -> dict[str, Path]:
+    """Write ``quality.json`` (records), ``quality_recall95.json`` (report) and ``quality_pareto.png`` under ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"records": out / "quality.json", "recall": out / "quality_recall95.json", "plot": out / "quality_pareto.png"}
+    paths["records"].write_text(json.dumps(_jsonable(result.records), indent=1) + "\n")
+    paths["recall"].write_text(json.dumps(_jsonable(result.recall_report), indent=1) + "\n")
+    plot_pareto(result.records, paths["plot"])
+    return paths
+
+
+def format_table(records: Sequence[dict[str, Any]]) -> str:
+    """Plain-text table of the records."""
+    lines = [f"{'method':<18} {'target':>6} {'density':>8} {'PSNR':>7} {'SSIM':>7} {'relL2':>7} {'s/video':>8}"]
+    for r in records:
+        psnr_text = "inf" if r["psnr"] is None else f"{r['psnr']:.2f}"
+        sec = r.get("seconds_per_video")
+        lines.append(f"{r['method']:<18} {r['target_density']:>6.2f} {r['density']:>8.3f} {psnr_text:>7} "
+                     f"{r['ssim']:>7.4f} {r['rel_l2']:>7.4f} {'' if sec is None else f'{sec:.3f}':>8}")
+    return "\n".join(lines)
+
+
+def format_recall_report(report: dict[str, Any]) -> str:
+    """Per-layer density needed for the report's recall, as text."""
+    lines = [(f"density for {report['recall']:.0%} attention recall (block {report['block_size']}): "
+              f"{report['heads_below_half']}/{report['heads']} heads below 0.5 (block level)")]
+    for layer in report["layers"]:
+        heads = " ".join(f"{v:.2f}" for v in layer["block_density_per_head"])
+        lines.append(f"  {layer['site']:<20} block {layer['block_density']:.3f} [{heads}]  token {layer['token_density']:.3f}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def _load_pipe(proxy: str, device: str, dtype: torch.dtype, weights: str | None) -> tuple[Any, dict[str, Any]]:
+    from vdopt.proxy.model import TINY_CONFIG, WEIGHTS_DIR, ProxyConfig, build_proxy
+    from vdopt.proxy.pipeline import ProxyPipeline, load_proxy_pipeline
+
+    if proxy == "trained":
+        directory = Path(weights) if weights else WEIGHTS_DIR
+        pipe = load_proxy_pipeline(device, dtype, directory) if dtype != torch.float32 else load_proxy_pipeline(
+            device, weights_dir=directory)
+        digest = hashlib.sha256()
+        for path in sorted(directory.glob("proxy-*.safetensors")) + [directory / "config.json"]:
+            digest.update(path.read_bytes())
+        return pipe, {"weights_sha256": digest.hexdigest()[:16]}
+    config = TINY_CONFIG if proxy == "tiny" else ProxyConfig()
+    torch.manual_seed(0)
+    transformer, text_encoder, tokenizer = build_proxy(config)
+    # No dtype argument for float32: diffusers warns on any dtype given to a Wan model's .to().
+    pipe = ProxyPipeline(transformer.eval(), text_encoder.eval(), tokenizer, config).to(
+        device, None if dtype == torch.float32 else dtype)
+    return pipe, {"weights_sha256": None}
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.1,0.2,0.3, got {text!r}") from None
+
+
+def quality_main(argv: list[str] | None = None) -> int:
+    """``vdopt-bench quality``: dense vs searched plan and baselines at matched density on the proxy."""
+    parser = argparse.ArgumentParser(prog="vdopt-bench quality", description=quality_main.__doc__)
+    parser.add_argument("--prompts", type=int, default=14, help="held-out prompts (at most 14)")
+    parser.add_argument("--seeds", type=int, default=2, help="noise seeds per prompt")
+    parser.add_argument("--steps", type=int, default=30, help="denoising steps")
+    parser.add_argument("--densities", type=_floats, default=(0.1, 0.2, 0.3), help="target densities, e.g. 0.1,0.2,0.3")
+    parser.add_argument("--warmup-fraction", type=float, default=0.2, help="share of first steps kept dense")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument("--out", default="benchmarks/results", help="output folder")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--proxy", default="trained", choices=("trained", "untrained", "tiny"),
+                        help="trained weights, or a random-init proxy of full or tiny size (for smoke tests)")
+    parser.add_argument("--weights", default=None, help="weights folder (default: the shipped vdopt/proxy/weights)")
+    parser.add_argument("--calib-prompts", type=int, default=2, help="training-distribution calibration prompts")
+    parser.add_argument("--batch-size", type=int, default=16, help="(prompt, seed) pairs per pipeline call")
+    parser.add_argument("--timing-repeats", type=int, default=2, help="timed single-video runs per method (CUDA)")
+    args = parser.parse_args(argv)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    try:
+        config = QualityConfig(prompts=args.prompts, seeds=args.seeds, steps=args.steps, densities=args.densities,
+                               warmup_fraction=args.warmup_fraction, methods=tuple(args.methods.split(",")),
+                               calib_prompts=args.calib_prompts, batch_size=args.batch_size,
+                               timing_repeats=args.timing_repeats)
+        pipe, weights_meta = _load_pipe(args.proxy, device, getattr(torch, args.dtype), args.weights)
+        result = run_quality(pipe, config, proxy=args.proxy)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"vdopt-bench quality: error: {error}", file=sys.stderr)
+        return 2
+    for record in result.records:
+        record.update(weights_meta)
+        record["command"] = "vdopt-bench quality " + " ".join(sys.argv[2:] if argv is None else argv)
+    paths = write_results(result, args.out)
+    print(format_recall_report(result.recall_report))
+    print(format_table(result.records))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+__all__ = [
+    "DensityRecorder", "QualityConfig", "QualityResult", "attention_recall_report", "baseline_plan",
+    "density_for_recall", "fixed_plan", "psnr", "quality_main", "relative_l2", "run_quality", "searched_plans",
+    "ssim", "with_dense_warmup", "write_results",
+]
