@@ -114,6 +114,15 @@ def kept_flops_clusters(q_offsets, kv_offsets, indices, counts, head_dim) -> flo
     return float(4 * head_dim * (kept * q_sizes).sum())
 
 
+def computed_flops_clusters(q_offsets, kv_offsets, indices, counts, head_dim, block_m=128, block_n=64) -> float:
+    """FLOPs the cluster kernel actually runs: whole BLOCK_M x BLOCK_N tiles, partial ones included."""
+    q_tiles = torch.div(q_offsets[..., 1:] - q_offsets[..., :-1] + block_m - 1, block_m, rounding_mode="floor")
+    kv_tiles = torch.div(kv_offsets[..., 1:] - kv_offsets[..., :-1] + block_n - 1, block_n, rounding_mode="floor")
+    used = torch.arange(indices.shape[-1], device=indices.device) < counts[..., None]
+    kept = torch.where(used, kv_tiles.gather(-1, indices.long().flatten(2)).view_as(indices), 0).sum(-1)
+    return float(4 * head_dim * block_m * block_n * (kept.double() * q_tiles.double()).sum())
+
+
 def rel_l2(out, ref) -> float:
     return float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
 
@@ -191,10 +200,11 @@ SWEEP_BLOCK = {  # name: (config (BLOCK_M, BLOCK_N, stages, warps), use_tma, rag
     "tma_128x64_s2_w4_all": ((128, 64, 2, 4), True, 1),
     "tma_128x64_s3_w4_br": ((128, 64, 3, 4), True, 2),
     "tma_128x64_s2_w8_br": ((128, 64, 2, 8), True, 2),
+    "tma_128x64_s3_w8_br": ((128, 64, 3, 8), True, 2),
+    "tma_128x64_s4_w4_br": ((128, 64, 4, 4), True, 2),
     "tma_128x128_s2_w8_br": ((128, 128, 2, 8), True, 2),
     "tma_128x128_s3_w8_br": ((128, 128, 3, 8), True, 2),
     "tma_64x64_s3_w4_br": ((64, 64, 3, 4), True, 2),
-    "tma_128x32_s3_w4_br": ((128, 32, 3, 4), True, 2),
     "ptr_128x64_s3_w8_br": ((128, 64, 3, 8), False, 2),
     "ptr_128x64_s2_w4_br": ((128, 64, 2, 4), False, 2),
 }
@@ -347,6 +357,9 @@ def full(args) -> None:
             rec["cluster_kept_tflop"] = cflops / 1e12
             rec["cluster_effective_tflops"] = cflops / rec["cluster_ms"] / 1e9
             rec["cluster_vs_block_rate"] = rec["cluster_effective_tflops"] / rec["triton_effective_tflops"]
+            # Rate on the tiles it computes, padding included: separates tile waste from kernel speed.
+            rec["cluster_tile_tflops"] = computed_flops_clusters(q_off, kv_off, cidx, ccnt, head_dim) / rec["cluster_ms"] / 1e9
+            rec["triton_config"] = str(getattr(bsa._block_sparse_fwd_autotuned, "best_config", None))
             peers = PEER_TFLOPS.get(model, {})
             if peers:
                 best = max(peers, key=lambda p: peers[p][density])

@@ -186,7 +186,8 @@ def cluster_sparse_attention_triton(
     if q_tokens == 0 or batch * heads == 0 or q_clusters == 0:
         return out, lse
     if use_tma is None:
-        use_tma = _backends.tma_compatible(q, k, v)
+        # Short key tiles avoid tensor descriptors, as in the block kernel (see _MIN_TMA_TILE_N there).
+        use_tma = _backends.tma_compatible(q, k, v) and (block_n >= 64 or _backends.interpreting())
     if use_tma:
         _backends.ensure_descriptor_allocator()
     q_offsets, kv_offsets, kv_cluster_counts = (
