@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +14,22 @@ from vdopt.attention import sparse_site_attention
 from vdopt.capture import SDPA
 from vdopt.plan import Plan, SitePlan
 from vdopt.sites import AttentionSite
-from vdopt.strategies import PatternContext
+from vdopt.strategies import Dense, PatternContext, SparsePattern, Strategy
+
+PatternObserver = Callable[[AttentionSite, float, list[int], Strategy, SparsePattern | None], None]
+_PATTERN_OBSERVERS: list[PatternObserver] = []
+
+
+@contextlib.contextmanager
+def observe_patterns(observer: PatternObserver) -> Iterator[None]:
+    """Within the block, call ``observer(site, t, heads, strategy, pattern)`` for every head group that a planned
+    site runs (``pattern`` None where the group runs dense), e.g. to measure the attention density a plan really
+    keeps. Sites the plan leaves wholly dense are not rewritten and so are not observed."""
+    _PATTERN_OBSERVERS.append(observer)
+    try:
+        yield
+    finally:
+        _PATTERN_OBSERVERS.remove(observer)
 
 
 class DenoisingClock(nn.Module):
@@ -51,12 +68,19 @@ class PlannedAttention(nn.Module):
     ) -> torch.Tensor:
         strategies = self.site_plan.strategies_at(self.clock.t)
         if all(s.name == "dense" for s in strategies) or is_causal or dropout_p > 0 or enable_gqa:
+            for observer in _PATTERN_OBSERVERS:
+                observer(self.site, self.clock.t, list(range(query.shape[1])), Dense(), None)
             return F.scaled_dot_product_attention(
                 query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                 enable_gqa=enable_gqa,
             )
         ctx = PatternContext(self.site.layout, self.site_plan.block_size, self.state, self.seed)
-        return sparse_site_attention(query, key, value, attn_mask, scale, self.site.layout, strategies, ctx)
+        observe = self._notify if _PATTERN_OBSERVERS else None
+        return sparse_site_attention(query, key, value, attn_mask, scale, self.site.layout, strategies, ctx, observe)
+
+    def _notify(self, heads: list[int], strategy: Strategy, pattern: SparsePattern | None) -> None:
+        for observer in _PATTERN_OBSERVERS:
+            observer(self.site, self.clock.t, heads, strategy, pattern)
 
 
 def sparsify_attention(gm: fx.GraphModule, plan: Plan, sites: list[AttentionSite]) -> fx.GraphModule:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import functools
 import hashlib
 import json
 import math
@@ -53,6 +54,7 @@ from vdopt.strategies import (
     TileWindow,
     VerticalStripe,
     default_candidates,
+    tile_shape,
 )
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -340,15 +342,23 @@ RECALL_BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.83, 0.86, 0.88, 0.
                   0.98, 0.99, 0.995)
 
 
-def baseline_grids(layout: TokenLayout, top_p_grid: Sequence[float] = TOP_P_GRID) -> dict[str, list[list[Strategy]]]:
+def _tile_window_values(tile: int, extent: int) -> list[int]:
+    # Boxes of tiles k apart are k * tile - (tile - 1) cells apart, so only these windows differ.
+    return [0] + [k * tile - (tile - 1) for k in range(1, -(-extent // tile))]
+
+
+def baseline_grids(layout: TokenLayout, block_size: int, top_p_grid: Sequence[float] = TOP_P_GRID,
+                   ) -> dict[str, list[list[Strategy]]]:
     """Per baseline, its pattern kinds, each as a parameter grid (the kinds a head chooses between by recall)."""
     reach = max(layout.rows, layout.cols)
+    tile_f, tile_r, tile_c = tile_shape(block_size, layout)
+    tile_frames = _tile_window_values(tile_f, layout.frames)
+    tile_rows, tile_cols = _tile_window_values(tile_r, layout.rows), _tile_window_values(tile_c, layout.cols)
     return {
         "sparse_videogen": [[SpatialWindow(w) for w in range(layout.frames)],
                             [TemporalWindow(r) for r in range(reach)]],
         "sparse_videogen2": [[SemanticKMeans(top_p=p) for p in top_p_grid]],
-        "sliding_tile": [[TileWindow(f, r, c) for f in range(layout.frames) for r in range(layout.rows)
-                          for c in range(layout.cols)]],
+        "sliding_tile": [[TileWindow(f, r, c) for f in tile_frames for r in tile_rows for c in tile_cols]],
         "sparse_vdit": [[Diagonal(round(w / 8, 3)) for w in range(1, 8 * layout.frames)],
                         [MultiDiagonal(round(w / 40, 3)) for w in range(1, 40)],
                         [VerticalStripe(p) for p in top_p_grid]],
@@ -356,8 +366,9 @@ def baseline_grids(layout: TokenLayout, top_p_grid: Sequence[float] = TOP_P_GRID
     }
 
 
+@functools.lru_cache(maxsize=4096)
 def static_density(strategy: Strategy, layout: TokenLayout, block_size: int) -> float:
-    """Exact density of a content-independent strategy on ``layout``."""
+    """Exact density of a content-independent strategy on ``layout`` (cached: it depends on nothing else)."""
     q = torch.zeros(1, 1, layout.video_tokens, 1)
     return float(strategy.build(q, q, PatternContext(layout, block_size, {})).density()[0])
 
@@ -692,7 +703,7 @@ def run_quality(pipe: Any, config: QualityConfig = QualityConfig(), proxy: str =
             raise ValueError(f"{type(original).__name__}: no video token layout; the harness needs a video DiT")
         block_size = config.block_size or _frame_block_size(layout)
         report = attention_recall_report(original, inputs, config.recall, block_size)
-        grids = baseline_grids(layout, config.top_p_grid)
+        grids = baseline_grids(layout, block_size, config.top_p_grid)
         grids = {m: kinds for m, kinds in grids.items() if m in config.methods}
         candidates = calibration_candidates(grids, layout, block_size, config.densities)
         calib_config = CalibrationConfig(num_inference_steps=config.steps, steps_per_input=config.calib_steps_per_input,

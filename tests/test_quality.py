@@ -1,0 +1,160 @@
+"""Quality metrics against hand-checkable values and an independent SSIM; the harness end to end on a tiny proxy."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from vdopt.quality import (
+    QualityConfig,
+    density_for_recall,
+    fixed_plan,
+    psnr,
+    relative_l2,
+    run_quality,
+    ssim,
+    with_dense_warmup,
+    write_results,
+)
+from vdopt.sites import AttentionSite, TokenLayout
+from vdopt.strategies import Dense, SpatialWindow
+
+
+def _video(seed: int, shape: tuple[int, ...] = (2, 3, 20, 24, 3), low: float = 0.0, high: float = 1.0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return low + (high - low) * torch.rand(shape, generator=generator, dtype=torch.float64)
+
+
+def test_identical_videos() -> None:
+    video = _video(0)
+    assert torch.isinf(psnr(video, video)).all()
+    assert torch.allclose(ssim(video, video), torch.ones(2, dtype=torch.float64), atol=1e-12)
+    assert torch.equal(relative_l2(video, video), torch.zeros(2, dtype=torch.float64))
+
+
+def test_psnr_and_relative_l2_hand_values() -> None:
+    reference = _video(1, low=0.2, high=0.8)
+    # A constant offset of 0.1: MSE 0.01 -> exactly 20 dB; relative L2 = 0.1 * sqrt(n) / ||reference||.
+    shifted = reference + 0.1
+    assert torch.allclose(psnr(shifted, reference), torch.full((2,), 20.0, dtype=torch.float64), atol=1e-9)
+    expected = 0.1 * math.sqrt(reference[0].numel()) / reference[0].norm()
+    assert float(relative_l2(shifted[0], reference[0])) == pytest.approx(float(expected), rel=1e-12)
+    assert float(relative_l2(1.1 * reference, reference)[1]) == pytest.approx(0.1, rel=1e-12)
+
+
+def test_psnr_of_known_noise_level() -> None:
+    reference = _video(2, shape=(1, 4, 32, 32, 3), low=0.2, high=0.8)
+    generator = torch.Generator().manual_seed(3)
+    noisy = reference + 0.05 * torch.randn(reference.shape, generator=generator, dtype=torch.float64)
+    # MSE = 0.05**2 -> 26.02 dB; with 12k pixels the MSE's relative spread is ~1.3%, i.e. ~0.06 dB: allow 0.2 dB.
+    assert float(psnr(noisy, reference)[0]) == pytest.approx(20 * math.log10(1 / 0.05), abs=0.2)
+
+
+def _ssim_by_loops(x: np.ndarray, y: np.ndarray, size: int = 11, sigma: float = 1.5) -> float:
+    """SSIM of two [H, W, C] images from its definition: weighted local statistics at every valid position."""
+    offsets = np.arange(size) - (size - 1) / 2
+    g = np.exp(-(offsets**2) / (2 * sigma**2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    c1, c2 = 0.01**2, 0.03**2
+    values = []
+    height, width, channels = x.shape
+    for c in range(channels):
+        for i in range(height - size + 1):
+            for j in range(width - size + 1):
+                px, py = x[i:i + size, j:j + size, c], y[i:i + size, j:j + size, c]
+                mx, my = (w * px).sum(), (w * py).sum()
+                vx, vy = (w * (px - mx) ** 2).sum(), (w * (py - my) ** 2).sum()
+                cov = (w * (px - mx) * (py - my)).sum()
+                values.append((2 * mx * my + c1) * (2 * cov + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
+    return float(np.mean(values))
+
+
+def test_ssim_matches_definition_on_random_frames() -> None:
+    reference = _video(4, shape=(2, 2, 16, 18, 3))
+    generator = torch.Generator().manual_seed(5)
+    video = (reference + 0.15 * torch.randn(reference.shape, generator=generator, dtype=torch.float64)).clamp(0, 1)
+    ours = ssim(video, reference)
+    for b in range(2):
+        frames = [_ssim_by_loops(video[b, f].numpy(), reference[b, f].numpy()) for f in range(2)]
+        # float64 throughout; the two differ only in summation order.
+        assert float(ours[b]) == pytest.approx(float(np.mean(frames)), abs=1e-10)
+    assert 0.0 < float(ours.max()) < 1.0
+    assert torch.allclose(ssim(reference, video), ours, atol=1e-12)  # symmetric
+
+
+def test_metrics_reject_mismatched_shapes() -> None:
+    with pytest.raises(ValueError, match="one shape"):
+        psnr(_video(0), _video(0, shape=(2, 3, 20, 24, 1)))
+
+
+def test_density_for_recall_concentrated_and_uniform() -> None:
+    layout = TokenLayout(2, 8, 8)  # 128 video tokens, 8 key blocks of 16
+    generator = torch.Generator().manual_seed(6)
+    q = torch.randn(1, 2, 128, 16, generator=generator)
+    k = torch.zeros(1, 2, 128, 16)
+    # Head 0: every query's mass sits on key block 3 (q.k = 40 there, 0 elsewhere).
+    k[:, 0, 48:64] = 40.0 * q[:, 0].mean(1, keepdim=True) / q[:, 0].mean(1).norm() ** 2 * 16**0.5
+    q[:, 0] = q[:, 0].mean(1, keepdim=True)
+    # Head 1: q = 0, so attention is uniform over all 128 keys.
+    q[:, 1] = 0.0
+    block, token = density_for_recall(q, k, layout, None, None, recall=0.95, block_size=16, query_blocks=4)
+    assert float(block[0]) == pytest.approx(1 / 8)
+    assert float(token[0]) <= 16 / 128
+    assert float(block[1]) == pytest.approx(8 / 8)  # 7 blocks hold 87.5% < 95%
+    assert float(token[1]) == pytest.approx(math.ceil(0.95 * 128) / 128)
+
+
+def test_dense_warmup_schedule() -> None:
+    from conftest import tiny_wan
+
+    model, _ = tiny_wan()
+    site = AttentionSite("blocks.0.attn1#0", 0, "self", 2, 16, 96, 96, "float32", TokenLayout(4, 4, 6))
+    plan = fixed_plan(model, [site], {site.name: [SpatialWindow(0)] * 2}, 16, 0.8, "h100", "test")
+    schedule = plan.sites[0]
+    assert schedule.strategies_at(0.9) == [Dense(), Dense()]
+    assert schedule.strategies_at(0.8) == [SpatialWindow(0)] * 2
+    assert schedule.strategies_at(0.01) == [SpatialWindow(0)] * 2
+    no_warmup = fixed_plan(model, [site], {site.name: [SpatialWindow(0)] * 2}, 16, 1.0, "h100", "test")
+    assert no_warmup.sites[0].strategies_at(1.0) == [SpatialWindow(0)] * 2
+    assert with_dense_warmup(no_warmup, 0.5).sites[0].strategies_at(0.6) == [Dense(), Dense()]
+    assert with_dense_warmup(no_warmup, 0.5).sites[0].strategies_at(0.5) == [SpatialWindow(0)] * 2
+
+
+def _strict_json(text: str) -> object:
+    def reject(name: str) -> None:
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(text, parse_constant=reject)
+
+
+def test_harness_end_to_end_on_tiny_untrained_proxy(tmp_path) -> None:
+    from vdopt.quality import _load_pipe
+
+    pipe, _ = _load_pipe("tiny", "cpu", torch.float32, None)
+    config = QualityConfig(prompts=1, seeds=1, steps=2, densities=(0.3,), warmup_fraction=0.0, calib_prompts=1,
+                           calib_steps_per_input=1, calib_query_rows=32, top_p_grid=(0.6, 0.9),
+                           recall_budgets=(0.9, 0.99), timing_repeats=0)
+    original = pipe.transformer
+    result = run_quality(pipe, config, proxy="tiny", progress=False)
+    assert pipe.transformer is original
+    paths = write_results(result, tmp_path)
+    records = _strict_json(paths["records"].read_text())
+    methods = [r["method"] for r in records]
+    assert methods[0] == "dense" and "searched" in methods and len(methods) == 1 + len(config.methods)
+    for record in records[1:]:
+        for key in ("method", "density", "psnr", "ssim", "rel_l2", "n_prompts", "n_seeds", "target_density",
+                    "device", "date", "versions"):
+            assert key in record, key
+        assert record["n_prompts"] == 1 and record["n_seeds"] == 1 and record["target_density"] == 0.3
+        assert 0.0 < record["density"] <= 1.0
+        assert record["density"] == pytest.approx(record["predicted_density"], abs=0.15)
+        assert -1.0 <= record["ssim"] <= 1.0 and record["rel_l2"] >= 0.0
+        assert len(record["per_video"]) == 1
+    report = _strict_json(paths["recall"].read_text())
+    assert len(report["layers"]) == 2
+    assert all(0.0 < v <= 1.0 for layer in report["layers"] for v in layer["block_density_per_head"])
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
