@@ -19,7 +19,7 @@ import math
 import platform
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -666,11 +666,13 @@ def environment(pipe: Any, dtype: torch.dtype) -> dict[str, Any]:
 
 
 def run_quality(pipe: Any, config: QualityConfig = QualityConfig(), proxy: str = "trained",
-                progress: bool = True) -> QualityResult:
+                progress: bool = True, on_update: Callable[[QualityResult], None] | None = None) -> QualityResult:
     """Dense vs every method on held-out prompts x seeds; returns records and the 95%-recall density report.
 
     ``pipe``: a vdopt proxy pipeline (``vdopt.proxy.pipeline.ProxyPipeline``); its transformer is restored on exit.
-    ``proxy`` only labels the records (which weights ran).
+    ``proxy`` only labels the records (which weights ran). ``on_update(partial_result)`` runs after the report and
+    after every record (e.g. to write results as they come). Methods run target density by target density, so a
+    cut-short run still has every method at the first targets.
     """
     from tqdm.auto import tqdm
 
@@ -711,19 +713,26 @@ def run_quality(pipe: Any, config: QualityConfig = QualityConfig(), proxy: str =
                                          candidates=candidates)
         calibration, sites = calibrate(original, inputs, calib_config)
 
-        method_plans: list[MethodPlan] = []
+        by_target: dict[float, list[MethodPlan]] = {d: [] for d in config.densities}
         if "searched" in config.methods:
-            method_plans += searched_plans(calibration, sites, original, config.densities, t_warmup, config.target,
-                                           config.recall_budgets)
+            for mp in searched_plans(calibration, sites, original, config.densities, t_warmup, config.target,
+                                     config.recall_budgets):
+                by_target[mp.target_density].append(mp)
         for method in config.methods:
             if method != "searched":
-                method_plans += [baseline_plan(method, grids, calibration, original, d, t_warmup, config.target,
-                                               config.seed) for d in config.densities]
+                for d in config.densities:
+                    by_target[d].append(baseline_plan(method, grids, calibration, original, d, t_warmup,
+                                                      config.target, config.seed))
+        method_plans = [mp for plans_at in by_target.values() for mp in plans_at]
+        report["calibration"] = {"prompts": calib_prompts, **calibration.provenance}
 
         records = [{"method": "dense", "target_density": 1.0, "density": 1.0, "density_all_steps": 1.0,
                     "psnr": None, "ssim": 1.0, "rel_l2": 0.0, "seconds_per_video": dense_seconds,
                     "note": "the reference itself (psnr is infinite, stored as null)", **common}]
         plans: dict[str, Plan] = {}
+        result = QualityResult(records, report, plans)
+        if on_update is not None:
+            on_update(result)
         bar = tqdm(method_plans, desc="vdopt: quality", disable=not progress)
         for mp in bar:
             bar.set_postfix_str(f"{mp.method} @ {mp.target_density:g}")
@@ -745,8 +754,9 @@ def run_quality(pipe: Any, config: QualityConfig = QualityConfig(), proxy: str =
             }
             records.append(record)
             plans[f"{mp.method}@{mp.target_density:g}"] = mp.plan
-        report["calibration"] = {"prompts": calib_prompts, **calibration.provenance}
-        return QualityResult(records, report, plans)
+            if on_update is not None:
+                on_update(result)
+        return result
     finally:
         pipe.transformer = original
 
@@ -896,13 +906,17 @@ def quality_main(argv: list[str] | None = None) -> int:
                                calib_prompts=args.calib_prompts, batch_size=args.batch_size,
                                timing_repeats=args.timing_repeats)
         pipe, weights_meta = _load_pipe(args.proxy, device, getattr(torch, args.dtype), args.weights)
-        result = run_quality(pipe, config, proxy=args.proxy)
     except (ValueError, FileNotFoundError) as error:
         print(f"vdopt-bench quality: error: {error}", file=sys.stderr)
         return 2
-    for record in result.records:
-        record.update(weights_meta)
-        record["command"] = "vdopt-bench quality " + " ".join(sys.argv[2:] if argv is None else argv)
+    command = "vdopt-bench quality " + " ".join(sys.argv[1:] if argv is None else argv)
+
+    def write(partial: QualityResult) -> None:
+        for record in partial.records:
+            record.update(weights_meta, command=command)
+        write_results(partial, args.out)
+
+    result = run_quality(pipe, config, proxy=args.proxy, on_update=write)
     paths = write_results(result, args.out)
     print(format_recall_report(result.recall_report))
     print(format_table(result.records))
