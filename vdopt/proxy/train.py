@@ -138,6 +138,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     parser.add_argument("--render", action="store_true", help="after training, render held-out samples")
     parser.add_argument("--render-steps", type=int, default=30)
+    parser.add_argument("--render-guidance", type=float, nargs="+", default=[5.0], help="CFG scales to render")
     return parser.parse_args(argv)
 
 
@@ -251,13 +252,17 @@ def main(argv: list[str] | None = None) -> None:
                     "text_encoder": text_encoder.state_dict(), "ema": ema.state_dict(),
                     "optimizer": optimizer.state_dict(), "state": state}, ckpt_file)
     if args.render:
-        render_samples(args.out / "weights", args.out, steps=args.render_steps, device=device)
+        render_samples(args.out / "weights", args.out, steps=args.render_steps, device=device,
+                       guidance_scales=tuple(args.render_guidance))
         save_loss_plot(state["log"], args.out / "loss_curve.png")
 
 
 def render_samples(weights: Path, out: Path, steps: int = 30, device: torch.device | str = "cpu",
                    guidance_scales: tuple[float, ...] = (5.0,)) -> None:
-    """Held-out prompts through the fp16 weights: ``samples_cfg{g}.png`` per guidance scale."""
+    """Held-out prompts through the fp16 weights: ``samples_cfg{g}.png`` per guidance scale.
+
+    Prompts go in chunks of 8; chunk ``i`` (starting at prompt ``i``) uses noise seed ``i``.
+    """
     transformer, text_encoder, tokenizer, config = load_weights(weights)
     pipe = ProxyPipeline(transformer, text_encoder, tokenizer, config).to(device)
     prompts = held_out_prompts()
