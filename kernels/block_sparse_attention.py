@@ -187,7 +187,9 @@ def _autotune_configs() -> list[triton.Config]:
 
 _block_sparse_fwd_autotuned = triton.autotune(
     configs=_autotune_configs(),
-    key=["HEAD_DIM", "LAYOUT_BLOCK_M", "LAYOUT_BLOCK_N", "KV_RAGGED", "USE_TMA"],
+    # Token counts are in the key: tuned once on a short sequence, 64-row tiles won and then ran 10% slower at
+    # 32760 tokens (H100 run of 2026-11-25). One tuning per distinct sequence length of a model.
+    key=["HEAD_DIM", "LAYOUT_BLOCK_M", "LAYOUT_BLOCK_N", "KV_RAGGED", "USE_TMA", "q_tokens", "kv_tokens"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_block_sparse_fwd_kernel)
 
