@@ -105,7 +105,8 @@ class ProxyPipeline:
             raise ValueError(f"latents have shape {tuple(latents.shape)}; expected [{len(prompts)}, 3, F, H, W] "
                              "(one noise video per prompt).")
         latents = latents.to(self.device, torch.float32)
-        model_dtype = next(self.transformer.parameters()).dtype
+        # vdopt's optimized drop-in keeps `.dtype`; fall back to the parameters for plain modules.
+        model_dtype = getattr(self.transformer, "dtype", None) or next(self.transformer.parameters()).dtype
         # Conditional rows first, then unconditional: one CFG batch of 2B per step.
         text = self.encode_prompt(prompts + [negative_prompt] * len(prompts)).to(model_dtype)
         sigmas = flow_sigmas(num_inference_steps, flow_shift).to(self.device)
