@@ -33,11 +33,26 @@ def observe_patterns(observer: PatternObserver) -> Iterator[None]:
 
 
 class DenoisingClock(nn.Module):
-    """Holds the normalised denoising time ``t`` (1 = pure noise) of the current forward call, shared by all sites."""
+    """Where the current forward call is in denoising, shared by every node that depends on it.
+
+    ``t``: normalised time (1 = pure noise); ``branch``: index of this call among calls at the same ``t`` (CFG
+    branches run as separate calls); ``video``: count of denoising runs started (``t`` went up).
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.t = 0.0
+        self.branch = 0
+        self.video = 0
+
+    def advance(self, t: float) -> bool:
+        """Record a new call at time ``t``; True when it starts a new denoising run."""
+        new_run = t > self.t + 1e-9 or self.video == 0
+        self.branch = self.branch + 1 if (abs(t - self.t) <= 1e-9 and not new_run) else 0
+        self.t = t
+        if new_run:
+            self.video += 1
+        return new_run
 
 
 class PlannedAttention(nn.Module):

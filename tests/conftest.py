@@ -67,6 +67,24 @@ def _position_features(frames: int, rows: int, cols: int, dim: int) -> torch.Ten
     return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(1)
 
 
+class LocalAttentionBlock(nn.Module):
+    """Attention whose queries and keys are sharp position features plus a small content term."""
+
+    def __init__(self, heads: int, head_dim: int, sharpness: tuple[float, ...]) -> None:
+        super().__init__()
+        dim = heads * head_dim
+        self.heads, self.head_dim, self.sharpness = heads, head_dim, sharpness
+        self.content = nn.Linear(dim, 2 * dim)
+        self.values = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        scale = torch.tensor(self.sharpness, dtype=x.dtype).view(1, -1, 1, 1)
+        qc, kc = self.content(x).unflatten(-1, (2, self.heads, self.head_dim)).permute(2, 0, 3, 1, 4)
+        v = self.values(x).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+        attn = F.scaled_dot_product_attention(pos * scale + 0.1 * qc, pos * scale + 0.1 * kc, v)
+        return x + attn.transpose(1, 2).flatten(2)
+
+
 class LocalAttentionDiT(nn.Module):
     """A DiT whose self-attention is local in (frame, row, col) by construction, like trained video models' heads.
 
@@ -78,10 +96,9 @@ class LocalAttentionDiT(nn.Module):
                  sharpness: tuple[float, ...] = (3.0, 1.5)) -> None:
         super().__init__()
         dim = heads * head_dim
-        self.heads, self.head_dim, self.sharpness = heads, head_dim, sharpness
+        self.head_dim = head_dim
         self.patch = nn.Conv3d(channels, dim, kernel_size=(1, 2, 2), stride=(1, 2, 2))
-        self.content = nn.ModuleList(nn.Linear(dim, 2 * dim) for _ in range(layers))
-        self.values = nn.ModuleList(nn.Linear(dim, dim) for _ in range(layers))
+        self.blocks = nn.ModuleList(LocalAttentionBlock(heads, head_dim, sharpness) for _ in range(layers))
         self.text = nn.Linear(text_dim, dim)
         self.out = nn.Linear(dim, channels * 4)
 
@@ -90,13 +107,8 @@ class LocalAttentionDiT(nn.Module):
         x = self.patch(hidden_states).flatten(2).transpose(1, 2)
         x = x * (timestep.float().view(-1, 1, 1) / 1000.0 + 0.5)
         pos = _position_features(f, h // 2, w // 2, self.head_dim).to(x.dtype)
-        scale = torch.tensor(self.sharpness, dtype=x.dtype).view(1, -1, 1, 1)
-        for content, values in zip(self.content, self.values):
-            qc, kc = content(x).unflatten(-1, (2, self.heads, self.head_dim)).permute(2, 0, 3, 1, 4)
-            q = pos * scale + 0.1 * qc
-            k = pos * scale + 0.1 * kc
-            v = values(x).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
-            x = x + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        for block in self.blocks:
+            x = block(x, pos)
         x = x + self.text(encoder_hidden_states).mean(1, keepdim=True)
         x = self.out(x).view(b, f, h // 2, w // 2, c, 2, 2)
         return x.permute(0, 4, 1, 2, 5, 3, 6).reshape(b, c, f, h, w)

@@ -5,6 +5,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from vdopt.api import apply, optimize
+from vdopt.caching import CacheConfig
 from vdopt.calibrate import CalibrationConfig
 from vdopt.plan import Plan, PlanError
 from vdopt.runtime import OptimizedModel
@@ -23,7 +24,7 @@ from vdopt.strategies import (
 )
 
 __all__ = [
-    "AttentionSite", "CalibrationConfig", "Dense", "Diagonal", "MultiDiagonal", "OptimizedModel", "Plan", "PlanError",
+    "AttentionSite", "CacheConfig", "CalibrationConfig", "Dense", "Diagonal", "MultiDiagonal", "OptimizedModel", "Plan", "PlanError",
     "PooledTopP", "SearchConfig", "SemanticKMeans", "SpatialWindow", "TemporalWindow", "TileWindow", "TokenLayout",
     "VerticalStripe", "apply", "optimize",
 ]

@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import nn
 
+from vdopt.caching import CacheConfig, calibrate_step_cache
 from vdopt.calibrate import CalibrationConfig, CalibrationInputs, calibrate, record_forward_inputs
 from vdopt.plan import Plan
 from vdopt.runtime import OptimizedModel
@@ -34,13 +35,15 @@ def optimize(
     search_config: SearchConfig | None = None,
     calibration_config: CalibrationConfig | None = None,
     layout: TokenLayout | None = None,
+    cache: CacheConfig | None = None,
 ) -> OptimizedModel:
     """Calibrate ``model`` on ``calib_prompts``, search a plan for ``target`` and return the optimized module.
 
     ``model``: a video transformer (any nn.Module whose attention calls scaled_dot_product_attention) or a
     pipeline with ``.transformer`` (then prompt strings are run through the pipeline). ``calib_prompts``: prompt
     strings (pipeline given), dicts of forward kwargs, or a callable that runs the model. The returned module is a
-    drop-in for the transformer (``pipe.transformer = opt``); its plan is ``opt.plan``.
+    drop-in for the transformer (``pipe.transformer = opt``); its plan is ``opt.plan``. With ``cache``, a step cache
+    (first-block residual reuse) is calibrated on the same prompts/callables, with the sparse plan applied.
     """
     search_config = search_config or SearchConfig()
     calibration_config = calibration_config or CalibrationConfig()
@@ -48,7 +51,11 @@ def optimize(
     inputs = record_forward_inputs(transformer, calib_prompts, pipeline, calibration_config)
     calibration, sites = calibrate(transformer, inputs, calibration_config, layout)
     plan = search(transformer, calibration, sites, target, search_config)
-    return OptimizedModel(transformer, plan, layout=layout, timestep_arg=calibration_config.timestep_arg)
+    optimized = OptimizedModel(transformer, plan, layout=layout, timestep_arg=calibration_config.timestep_arg)
+    if cache is not None:
+        runs = [calib_prompts] if callable(calib_prompts) and not isinstance(calib_prompts, (list, tuple)) else list(calib_prompts)
+        calibrate_step_cache(optimized, runs, pipeline, cache)
+    return optimized
 
 
 def apply(model: Any, plan: Plan, *, layout: TokenLayout | None = None, timestep_arg: str = "timestep") -> OptimizedModel:

@@ -111,7 +111,7 @@ def record_forward_inputs(
                             f"calibration prompt {item!r} needs a pipeline with a text encoder; pass the pipeline to "
                             "vdopt.optimize, or give dicts of forward kwargs instead of strings"
                         )
-                    _run_pipeline(pipeline, item, config)
+                    run_pipeline(pipeline, item, config.num_inference_steps, config.seed)
                 elif callable(item):
                     item(model)
                 else:
@@ -125,14 +125,13 @@ def record_forward_inputs(
     return recorded
 
 
-def _run_pipeline(pipeline: Any, prompt: str, config: CalibrationConfig) -> None:
+def run_pipeline(pipeline: Any, prompt: str, num_inference_steps: int, seed: int) -> Any:
     """One pipeline run, seeded the way the pipeline accepts (``seed=`` or a diffusers ``generator=``)."""
     parameters = inspect.signature(pipeline.__call__).parameters
     if "seed" in parameters:
-        pipeline(prompt, num_inference_steps=config.num_inference_steps, seed=config.seed)
-    else:
-        generator = torch.Generator().manual_seed(config.seed)
-        pipeline(prompt, num_inference_steps=config.num_inference_steps, generator=generator)
+        return pipeline(prompt, num_inference_steps=num_inference_steps, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    return pipeline(prompt, num_inference_steps=num_inference_steps, generator=generator)
 
 
 class _SiteProbe(nn.Module):

@@ -100,6 +100,31 @@ class SitePlan:
 
 
 @dataclass
+class StepCachePlan:
+    """First-block residual reuse across denoising steps (see passes/insert_step_cache.py).
+
+    The blocks after the first are skipped while the accumulated relative change of the first block's output stays
+    under ``threshold``, never in the first ``warmup_steps`` steps of a run, and never more than
+    ``max_consecutive_reuses`` steps in a row.
+    """
+
+    threshold: float
+    warmup_steps: int = 2
+    max_consecutive_reuses: int = 2
+    predicted: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.threshold >= 0:
+            raise PlanError(f"cache.threshold must be >= 0, got {self.threshold}")
+        if self.warmup_steps < 0 or self.max_consecutive_reuses < 0:
+            raise PlanError("cache.warmup_steps and cache.max_consecutive_reuses must be >= 0")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": "first_block_residual", "threshold": self.threshold, "warmup_steps": self.warmup_steps,
+                "max_consecutive_reuses": self.max_consecutive_reuses, "predicted": _jsonable(self.predicted)}
+
+
+@dataclass
 class Plan:
     """Which strategy every head of every attention site uses over the denoising schedule.
 
@@ -113,6 +138,7 @@ class Plan:
     predictions: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)
     timestep_scale: float = 1000.0
+    cache: StepCachePlan | None = None
     vdopt_version: str = field(default_factory=_version)
     schema_version: int = SCHEMA_VERSION
 
@@ -135,6 +161,7 @@ class Plan:
             "model": {"class": self.model.class_name, "config": self.model.config, "num_parameters": self.model.num_parameters},
             "target": self.target,
             "timestep_scale": self.timestep_scale,
+            "cache": None if self.cache is None else self.cache.to_json(),
             "search": _jsonable(self.search),
             "predictions": _jsonable(self.predictions),
             "calibration": _jsonable(self.calibration),
@@ -212,8 +239,16 @@ class Plan:
             if block < 1 or block & (block - 1):
                 raise PlanError(f"{source}: field {where}block_size must be a power of two, got {block}")
             sites.append(SitePlan(need(site, "site", str, where), heads, block, schedule))
+        cache = None
+        if data.get("cache") is not None:
+            entry = need(data, "cache", dict, "")
+            if entry.get("kind") != "first_block_residual":
+                raise PlanError(f"{source}: field cache.kind {entry.get('kind')!r} is unknown; vdopt knows 'first_block_residual'")
+            cache = StepCachePlan(float(need(entry, "threshold", (int, float), "cache.")),
+                                  need(entry, "warmup_steps", int, "cache."),
+                                  need(entry, "max_consecutive_reuses", int, "cache."), dict(entry.get("predicted", {})))
         return cls(
-            model=fingerprint, target=need(data, "target", str, ""), sites=sites,
+            model=fingerprint, target=need(data, "target", str, ""), sites=sites, cache=cache,
             search=dict(data.get("search", {})), predictions=dict(data.get("predictions", {})),
             calibration=dict(data.get("calibration", {})), timestep_scale=float(data.get("timestep_scale", 1000.0)),
             vdopt_version=str(data.get("vdopt_version", "")), schema_version=version,
@@ -226,6 +261,14 @@ class Plan:
             if key in self.predictions:
                 value = self.predictions[key]
                 lines.append(f"  predicted {key.replace('_', ' ')}: {value:.3f}" if isinstance(value, float) else f"  {key}: {value}")
+        if self.cache is not None:
+            c = self.cache
+            skip = c.predicted.get("reused_fraction")
+            lines.append(
+                f"  step cache: reuse blocks 1..L-1 while first-block change < {c.threshold:.3g} (after {c.warmup_steps} "
+                f"steps, at most {c.max_consecutive_reuses} in a row)"
+                + (f"; predicted {skip:.0%} of steps reused" if isinstance(skip, float) else "")
+            )
         for site in self.sites:
             for r in site.schedule:
                 labels = [h.label() for h in r.heads]

@@ -86,21 +86,34 @@ class OptimizedModel(nn.Module):
         return self._captures[input_signature(inputs)]
 
     def _graph_for(self, inputs: dict[str, Any]) -> fx.GraphModule:
-        from vdopt.passes.sparsify_attention import sparsify_attention
+        from vdopt.passes.insert_step_cache import insert_step_cache
+        from vdopt.passes.sparsify_attention import DenoisingClock, sparsify_attention
 
         key = input_signature(inputs)
         if key not in self._graphs:
             captured = capture(self.model, inputs, self.layout)
             check_plan_sites(self.plan, captured.sites)
-            self._graphs[key] = sparsify_attention(captured.graph_module, self.plan, captured.sites)
+            gm = sparsify_attention(captured.graph_module, self.plan, captured.sites)
+            gm = insert_step_cache(gm, self.plan, captured.sites)
+            if not hasattr(gm, "vdopt_clock"):
+                gm.add_submodule("vdopt_clock", DenoisingClock())
+            self._graphs[key] = gm
             self._captures[key] = captured
         return self._graphs[key]
+
+    def step_caches(self) -> list[nn.Module]:
+        """The step-cache nodes of every captured graph (empty without a cache plan)."""
+        from vdopt.passes.insert_step_cache import StepCache
+
+        return [m for gm in self._graphs.values() for m in gm.modules() if isinstance(m, StepCache)]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         inputs = forward_kwargs(self.model, args, kwargs)
         want_dict = bool(inputs.pop("return_dict", True)) and self._takes_return_dict
         gm = self._graph_for(inputs)
-        gm.vdopt_clock.t = denoising_time(inputs, self.timestep_arg, self.plan.timestep_scale)
+        if gm.vdopt_clock.advance(denoising_time(inputs, self.timestep_arg, self.plan.timestep_scale)):
+            for cache in self.step_caches():
+                cache.reset()
         with torch.no_grad():
             out = gm(**export_kwargs(self.model, inputs))
         if want_dict:

@@ -1,0 +1,120 @@
+"""Step-cache pass and its offline threshold choice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vdopt
+from vdopt.caching import CacheConfig, calibrate_step_cache
+from vdopt.capture import capture
+from vdopt.passes.insert_step_cache import CacheUnsupportedError, StepCache, insert_step_cache
+from vdopt.passes.sparsify_attention import sparsify_attention
+from vdopt.plan import ModelFingerprint, Plan, SitePlan, StepCachePlan, StepRange
+
+
+def _model_and_plan(layers: int = 4, cache: StepCachePlan | None = None):
+    from conftest import LocalAttentionDiT, local_dit_inputs
+
+    torch.manual_seed(0)
+    model = LocalAttentionDiT(layers=layers).eval()
+    sites = capture(model, local_dit_inputs(0)).sites
+    plans = [SitePlan(s.name, s.heads, 32, [StepRange(1.0, 0.0, [vdopt.TileWindow(1, 2, 2)] * s.heads)])
+             for s in sites if s.sparsifiable]
+    return model, Plan(ModelFingerprint.of(model), "h100", plans, cache=cache)
+
+
+def _sample(model, seed: int, steps: int = 12, cfg_as_two_calls: bool = False) -> torch.Tensor:
+    """A flow-matching Euler loop; with ``cfg_as_two_calls`` each step calls the model twice (cond, uncond)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 4, 4, 32, 32, generator=g)
+    cond, uncond = torch.randn(1, 3, 16, generator=g), torch.zeros(1, 3, 16)
+    times = torch.linspace(1000, 0, steps + 1)
+    with torch.no_grad():
+        for i in range(steps):
+            v = model(hidden_states=x, timestep=times[i:i + 1], encoder_hidden_states=cond)
+            if cfg_as_two_calls:
+                v = v + 0.5 * (v - model(hidden_states=x, timestep=times[i:i + 1], encoder_hidden_states=uncond))
+            x = x + (times[i + 1] - times[i]) / 1000 * v
+    return x
+
+
+def test_cache_that_never_reuses_is_exact() -> None:
+    from conftest import relative_l2
+
+    model, plan = _model_and_plan(cache=StepCachePlan(threshold=0.0))
+    no_cache = Plan.from_json({**plan.to_json(), "cache": None})
+    with_cache = _sample(vdopt.apply(model, plan), 3)
+    without = _sample(vdopt.apply(model, no_cache), 3)
+    assert relative_l2(with_cache, without) <= 1e-6
+
+
+def test_pass_is_idempotent_and_leaves_input_unchanged() -> None:
+    from conftest import local_dit_inputs
+
+    model, plan = _model_and_plan(cache=StepCachePlan(threshold=0.1))
+    captured = capture(model, local_dit_inputs(0))
+    gm = sparsify_attention(captured.graph_module, plan, captured.sites)
+    code_before = gm.code
+    once = insert_step_cache(gm, plan, captured.sites)
+    assert gm.code == code_before
+    assert sum(isinstance(m, StepCache) for m in once.modules()) == 1
+    assert insert_step_cache(once, plan, captured.sites) is once
+
+
+def test_reuse_follows_the_criterion_and_resets_per_video() -> None:
+    model, plan = _model_and_plan(cache=StepCachePlan(threshold=1e9, warmup_steps=2, max_consecutive_reuses=2))
+    opt = vdopt.apply(model, plan)
+    _sample(opt, 1, steps=12)
+    (cache,) = opt.step_caches()
+    reused = [r for _, r in cache.stats.history]
+    # two warm-up steps compute, then (reuse, reuse, compute) repeats: a huge threshold hits the run-length limit
+    assert reused == [False, False, True, True, False, True, True, False, True, True, False, True]
+    _sample(opt, 2, steps=12)
+    assert [r for _, r in cache.stats.history][:3] == [False, False, True]  # a new video starts a fresh cache
+
+
+def test_cfg_branches_called_separately_keep_separate_caches() -> None:
+    model, plan = _model_and_plan(cache=StepCachePlan(threshold=1e9, warmup_steps=1, max_consecutive_reuses=1))
+    opt = vdopt.apply(model, plan)
+    _sample(opt, 1, steps=4, cfg_as_two_calls=True)
+    (cache,) = opt.step_caches()
+    assert sorted(key[0] for key in cache.states) == [0, 1]
+    # per branch: compute, reuse, compute, reuse -> 4 reuses of 8 calls
+    assert (cache.stats.computed, cache.stats.reused) == (4, 4)
+
+
+def test_calibrated_threshold_meets_its_budget_on_a_new_video() -> None:
+    from conftest import relative_l2
+
+    model, plan = _model_and_plan()
+    opt = vdopt.apply(model, plan)
+    budget = 0.1
+    chosen = calibrate_step_cache(opt, [lambda m, s=s: _sample(m, s) for s in range(2)], None,
+                                  CacheConfig(error_budget=budget))
+    assert chosen is not None and opt.plan.cache is chosen
+    assert chosen.predicted["max_hidden_rel_error"] <= budget
+    assert 0 < chosen.predicted["reused_fraction"] < 1
+    no_cache = vdopt.apply(model, Plan.from_json({**plan.to_json(), "cache": None}))
+    cached_video, reference = _sample(opt, 7), _sample(no_cache, 7)
+    (cache,) = opt.step_caches()
+    assert cache.stats.reused > 0
+    assert relative_l2(cached_video, reference) < budget
+    again = Plan.from_json(opt.plan.to_json())
+    assert again.cache == opt.plan.cache
+
+
+def test_single_block_model_is_refused_with_reason() -> None:
+    from conftest import local_dit_inputs
+
+    model, plan = _model_and_plan(layers=1, cache=StepCachePlan(threshold=0.1))
+    with pytest.raises(CacheUnsupportedError, match="at least two transformer blocks"):
+        vdopt.apply(model, plan)(**local_dit_inputs(0))
+
+
+def test_step_cache_needs_whole_runs() -> None:
+    from conftest import local_dit_inputs
+
+    model, plan = _model_and_plan()
+    with pytest.raises(ValueError, match="whole denoising runs"):
+        calibrate_step_cache(vdopt.apply(model, plan), [local_dit_inputs(0)])
