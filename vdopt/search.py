@@ -1,143 +1,568 @@
-"""Search, first version: per site, step range and head, the cheapest candidate that meets the recall budget.
+"""Search: per site, a strategy per head and a step-range schedule that minimise predicted latency under a budget.
 
-Step ranges come from the calibration times (one range per distinct time, split at midpoints); a head with no
-candidate meeting the budget at a time stays dense there, which is how dense warm-up steps arise from the data.
-``min_dense_warmup`` forces dense attention for ``t`` above ``1 - min_dense_warmup`` regardless.
+The problem, per site:
+- **Per step range** (a run of consecutive calibration times), each head picks one candidate (or dense). Quality is
+  either a recall floor per head (the minimum attention-mass recall over the range's samples, default) or a site
+  output-error budget: the site's predicted relative error ``sqrt(sum_h (e_h n_h)^2 / sum_h n_h^2) <= budget``
+  (``e_h`` the head's worst calibrated error, ``n_h`` its dense output norm), i.e. the additive constraint
+  ``sum_h (e_h n_h)^2 <= budget^2 sum_h n_h^2``: a multiple-choice knapsack.
+- **Latency** = sum of per-head work + a fixed cost per fused head group (one launch, and one tail, for every
+  head of the site that shares a kernel or an overhead kernel): the cost model's :class:`StrategyCost`.
+- **Exact solution**: group keys that always occur together are merged into classes; the classes a solution may
+  use are enumerated (branch and bound on their fixed cost), and for each the knapsack is solved by DP over the
+  error budget discretised into ``error_bins`` units, weights rounded up (so every solution is feasible). The same
+  DP with weights rounded down solves a relaxation, whose optimum is a lower bound: the reported gap bounds how
+  far the chosen plan can be from the true optimum (0 under the recall floor, where nothing is discretised).
+- **Step ranges and dense warm-up**: the schedule is a shortest path over calibration times (networkx), an edge
+  per candidate range weighted by its time width x its optimal latency, with at most ``max_step_ranges`` ranges; a
+  range whose heads are all dense is a dense warm-up chosen by the data. ``min_dense_warmup`` forces it.
+
+No randomness: ties go to the candidate listed first (calibration's order) and to fewer ranges, so a fixed
+calibration (fixed seed) gives the same plan.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
+import networkx as nx
+import numpy as np
 from torch import nn
+from tqdm.auto import tqdm
 
 from vdopt.calibrate import CalibrationResult, SiteStats
-from vdopt.cost_models.model import CostModel
+from vdopt.cost_models.model import AttentionShape, CostModel, StrategyCost, attention_kernel
 from vdopt.plan import ModelFingerprint, Plan, SitePlan, StepRange
 from vdopt.sites import AttentionSite
 from vdopt.strategies import Dense, Strategy
+
+#: Share of a denoising step spent in self-attention: Wan2.1-1.3B, diffusers eager, 480p 81 frames, CFG batch 2,
+#: H100 (DESIGN.md, "Numbers measured so far": 1249 ms step, self-attention 55% of it).
+WAN_1_3B_ATTENTION_SHARE = 0.55
 
 
 @dataclass(frozen=True)
 class SearchConfig:
     """Quality budget and search options.
 
-    ``recall_budget``: attention mass every sparse head must keep at every calibration sample (the minimum over
-    samples, not the mean, so the budget holds on unseen inputs); ``min_dense_warmup``: fraction of the noisiest
-    denoising time kept dense whatever the data says; ``batch``: batch size the cost model assumes (2 for CFG).
+    ``budget``: ``"recall"`` (each sparse head keeps at least ``recall_budget`` of the attention mass at every
+    calibration sample of its range: the minimum over samples, not the mean, so it holds on unseen inputs) or
+    ``"error"`` (each site's predicted output relative error <= ``error_budget`` at every range, heads traded
+    against each other by the knapsack). ``error_bins``: discretisation of the error budget for the DP.
+    ``min_dense_warmup``: fraction of the noisiest denoising time kept dense whatever the data says.
+    ``max_step_ranges``: most step ranges per site (each range is another pattern set to build and cache).
+    ``batch``: batch the cost model assumes (2 for CFG). ``tokens``: video tokens the cost model prices at (None:
+    the calibrated site's own; set the deployment size, e.g. 32760 for Wan2.1 480p 81 frames, when calibrating
+    smaller). ``attention_share``: fraction of an eager denoising step that self-attention takes, for the
+    end-to-end prediction (default: Wan2.1-1.3B's measured 55%, DESIGN.md). ``progress``: bar over sites.
     """
 
     recall_budget: float = 0.95
     min_dense_warmup: float = 0.0
     batch: int = 2
+    budget: str = "recall"
+    error_budget: float = 0.05
+    error_bins: int = 256
+    max_step_ranges: int = 4
+    tokens: int | None = None
+    attention_share: float = WAN_1_3B_ATTENTION_SHARE
+    progress: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 < self.recall_budget <= 1.0:
             raise ValueError(f"recall_budget must be in (0, 1], got {self.recall_budget}")
         if not 0.0 <= self.min_dense_warmup <= 1.0:
             raise ValueError(f"min_dense_warmup must be in [0, 1], got {self.min_dense_warmup}")
+        if self.budget not in ("recall", "error"):
+            raise ValueError(f"budget must be 'recall' (per-head recall floor) or 'error' (site error), got {self.budget!r}")
+        if not self.error_budget > 0.0:
+            raise ValueError(f"error_budget must be > 0 (relative output error, e.g. 0.05), got {self.error_budget}")
+        if self.error_bins < 1:
+            raise ValueError(f"error_bins must be >= 1, got {self.error_bins}")
+        if self.max_step_ranges < 1:
+            raise ValueError(f"max_step_ranges must be >= 1, got {self.max_step_ranges}")
+        if self.batch < 1 or (self.tokens is not None and self.tokens < 1):
+            raise ValueError(f"batch and tokens must be >= 1, got batch={self.batch}, tokens={self.tokens}")
+        if not 0.0 < self.attention_share <= 1.0:
+            raise ValueError(f"attention_share must be in (0, 1], got {self.attention_share}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The knapsack with fused-group fixed costs
+
+
+@dataclass(frozen=True)
+class Option:
+    """One candidate for one head: its per-head seconds, fused groups, knapsack weight and calibrated figures.
+
+    ``weight``: share of the site's error capacity it uses (0 under the recall floor); ``reason``: why it is
+    infeasible (empty when feasible).
+    """
+
+    label: str
+    seconds: float
+    groups: frozenset[str]
+    weight: float = 0.0
+    recall: float = 1.0
+    rel_error: float = 0.0
+    density: float = 1.0
+    reason: str = ""
 
 
 @dataclass
-class HeadChoice:
-    strategy: Strategy
-    recall: float
-    rel_error: float
-    density: float
+class Solution:
+    """Chosen option index per head; its predicted seconds (work + fixed) and the optimality gap bound."""
+
+    choice: list[int]
     seconds: float
+    lower_bound: float
+    used_groups: frozenset[str] = frozenset()
+
+    @property
+    def gap(self) -> float:
+        return max(0.0, (self.seconds - self.lower_bound) / self.seconds) if self.seconds > 0 else 0.0
 
 
-def _ranges(times: list[float]) -> list[tuple[float, float, float]]:
-    """(t_start, t_end, representative t) per distinct calibration time, noisiest first, covering [0, 1]."""
+def _dp(options: list[list[Option]], allowed: list[list[int]], weights: list[list[int]], capacity: int
+        ) -> tuple[float, list[int]] | None:
+    """Minimum total seconds with total weight <= capacity, one allowed option per head; None if infeasible."""
+    best = np.zeros(capacity + 1)
+    picks: list[np.ndarray] = []
+    for head, idx in enumerate(allowed):
+        new = np.full(capacity + 1, np.inf)
+        pick = np.full(capacity + 1, -1, dtype=np.int64)
+        for i in idx:
+            w = weights[head][i]
+            if w > capacity:
+                continue
+            cand = np.full(capacity + 1, np.inf)
+            cand[w:] = best[: capacity + 1 - w] + options[head][i].seconds
+            better = cand < new  # strict: the earlier-listed option keeps ties
+            new[better], pick[better] = cand[better], i
+        best = new
+        picks.append(pick)
+    if not np.isfinite(best[capacity]):
+        return None
+    choice, w = [], capacity
+    for head in reversed(range(len(options))):
+        i = int(picks[head][w])
+        choice.append(i)
+        w -= weights[head][i]
+    return float(best[capacity]), choice[::-1]
+
+
+def _group_classes(options: list[list[Option]]) -> dict[frozenset[str], frozenset[str]]:
+    """Group keys merged by co-occurrence: keys carried by exactly the same options form one class."""
+    carriers: dict[str, set[tuple[int, int]]] = {}
+    for h, opts in enumerate(options):
+        for i, opt in enumerate(opts):
+            if not opt.reason:
+                for key in opt.groups:
+                    carriers.setdefault(key, set()).add((h, i))
+    classes: dict[frozenset, set[str]] = {}
+    for key, where in carriers.items():
+        classes.setdefault(frozenset(where), set()).add(key)
+    return {frozenset(keys): frozenset(keys) for keys in classes.values()}
+
+
+def solve_site(options: list[list[Option]], fixed: dict[str, float], capacity: int) -> Solution:
+    """Exact minimum of sum of chosen seconds + fixed seconds of every group used, total weight <= capacity bins.
+
+    ``options[h]``: head ``h``'s candidates (infeasible ones, with a ``reason``, are skipped); weights are in
+    units of the capacity, rounded up for the solution and down for the lower bound.
+    """
+    classes = sorted(_group_classes(options), key=lambda c: sorted(c))
+
+    def true_cost(choice: list[int]) -> tuple[float, frozenset[str]]:
+        used = frozenset().union(*(options[h][i].groups for h, i in enumerate(choice)))
+        return sum(options[h][i].seconds for h, i in enumerate(choice)) + sum(fixed.get(k, 0.0) for k in used), used
+
+    def enumerate_best(weights: list[list[int]]) -> tuple[float, list[int] | None]:
+        feasible = [[i for i, o in enumerate(opts) if not o.reason] for opts in options]
+        found = _dp(options, feasible, weights, capacity)
+        if found is None:
+            return math.inf, None
+        unconstrained, choice = found
+        best, _ = true_cost(choice)
+        best_choice = choice
+        subsets = []
+        for r in range(len(classes) + 1):
+            for combo in itertools.combinations(range(len(classes)), r):
+                keys = frozenset().union(*(classes[c] for c in combo)) if combo else frozenset()
+                subsets.append((sum(fixed.get(k, 0.0) for k in keys), combo, keys))
+        subsets.sort(key=lambda s: (s[0], s[1]))
+        for fixed_cost, _, keys in subsets:
+            if fixed_cost + unconstrained >= best:  # the DP over fewer options cannot beat the unrestricted one
+                break
+            allowed = [[i for i in idx if options[h][i].groups <= keys] for h, idx in enumerate(feasible)]
+            if any(not a for a in allowed):
+                continue
+            found = _dp(options, allowed, weights, capacity)
+            if found is None:
+                continue
+            cost, _used = true_cost(found[1])
+            if cost < best - 1e-15:
+                best, best_choice = cost, found[1]
+        return best, best_choice
+
+    up = [[math.ceil(o.weight * capacity - 1e-9) for o in opts] for opts in options]
+    down = [[math.floor(o.weight * capacity + 1e-9) for o in opts] for opts in options]
+    best, choice = enumerate_best(up)
+    if choice is None:
+        raise RuntimeError("no feasible assignment: every head needs a feasible option (dense always is)")
+    lower = best if up == down else enumerate_best(down)[0]
+    _, used = true_cost(choice)
+    return Solution(choice, best, min(lower, best), used)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building the options of a site from calibration
+
+
+@dataclass
+class HeadExplanation:
+    """Why one head of one range got its strategy."""
+
+    chosen: Option
+    runner_up: Option | None
+    infeasible: list[Option]
+
+
+@dataclass
+class RangeReport:
+    t_start: float
+    t_end: float
+    heads: list[HeadExplanation]
+    seconds: float
+    dense_seconds: float
+    gap: float
+    rel_error: float
+    groups: dict[str, int]
+
+
+@dataclass
+class SearchReport:
+    """What the search saw and decided, per site and range, for ``vdopt-search --explain``."""
+
+    config: SearchConfig
+    target: str
+    sites: dict[str, list[RangeReport]] = field(default_factory=dict)
+
+    def explain(self) -> str:
+        mode = (f"recall floor {self.config.recall_budget:g} per head" if self.config.budget == "recall"
+                else f"site output-error budget {self.config.error_budget:g}")
+        lines = [f"search for {self.target}: minimise predicted latency under a {mode}"]
+        for site, ranges in self.sites.items():
+            for r in ranges:
+                groups = ", ".join(f"{k} x{n}" for k, n in sorted(r.groups.items()))
+                gap = f", optimality gap <= {r.gap:.1%}" if r.gap > 0 else ""
+                lines.append(f"{site}  t in ({r.t_end:.2f}, {r.t_start:.2f}]: {r.seconds * 1e3:.3f} ms vs dense "
+                             f"{r.dense_seconds * 1e3:.3f} ms, predicted error {r.rel_error:.3f}{gap}; "
+                             f"fused launches: {groups}")
+                for h, e in enumerate(r.heads):
+                    c = e.chosen
+                    why = ("cheapest feasible" if self.config.budget == "recall"
+                           else f"site DP, uses {c.weight:.0%} of the error budget")
+                    lines.append(f"  head {h}: {c.label} ({why}; {c.seconds * 1e3:.4f} ms/head, recall {c.recall:.3f}, "
+                                 f"density {c.density:.3f}, error {c.rel_error:.3f})")
+                    if e.runner_up is not None:
+                        u = e.runner_up
+                        lines.append(f"    runner-up: {u.label} ({u.seconds * 1e3:.4f} ms/head, recall {u.recall:.3f}, "
+                                     f"density {u.density:.3f})")
+                    if e.infeasible:
+                        shown = "; ".join(f"{o.label}: {o.reason}" for o in e.infeasible[:4])
+                        more = f"; and {len(e.infeasible) - 4} more" if len(e.infeasible) > 4 else ""
+                        lines.append(f"    infeasible: {shown}{more}")
+        return "\n".join(lines)
+
+
+def _time_ranges(times: list[float]) -> tuple[list[float], list[float]]:
+    """Distinct calibration times, noisiest first, and the range bounds (midpoints) that cover [0, 1]."""
     ordered = sorted(set(times), reverse=True)
     bounds = [1.0] + [(a + b) / 2 for a, b in itertools.pairwise(ordered)] + [0.0]
-    return [(max(bounds[i], ordered[i]), bounds[i + 1], ordered[i]) for i in range(len(ordered))]
+    return ordered, bounds
 
 
-def _choose_heads(stats: SiteStats, candidates: dict[str, Strategy], t: float, cost: CostModel, config: SearchConfig,
-                  force_dense: bool) -> list[HeadChoice]:
-    site = stats.site
-    samples = [i for i, ti in enumerate(stats.times) if abs(ti - t) < 1e-6]
-    tokens = site.layout.video_tokens  # type: ignore[union-attr]
+class _SiteProblem:
+    """Options and costs of one site, for any run of its calibration times."""
 
-    def seconds(strategy: Strategy, density: float) -> float:
-        return cost.attention_seconds(config.batch, 1, tokens, site.head_dim, strategy, density, stats.block_size)
+    def __init__(self, stats: SiteStats, candidates: dict[str, Strategy], cost: CostModel, config: SearchConfig) -> None:
+        self.stats, self.candidates, self.cost, self.config = stats, candidates, cost, config
+        site = stats.site
+        layout = site.layout
+        tokens = config.tokens or layout.video_tokens  # type: ignore[union-attr]
+        text = layout.text_tokens if layout is not None else 0
+        if config.tokens and layout is not None:
+            text = round(text * config.tokens / max(layout.video_tokens, 1))
+        self.shape = AttentionShape(config.batch, site.heads, tokens, site.head_dim, text, stats.block_size)
+        self.times, self.bounds = _time_ranges(stats.times)
+        # The tail of a fused launch is priced at one density per kernel kind and site, so a group's fixed cost
+        # does not depend on which heads join it (keeps the objective separable for the knapsack).
+        per_kind: dict[str, list[float]] = {}
+        for label, strategy in candidates.items():
+            values = [d for sample in stats.density.get(label, []) for d in sample]
+            per_kind.setdefault(attention_kernel(strategy), []).extend(values)
+        self.tail_density = {k: sum(v) / len(v) for k, v in per_kind.items() if v}
+        self._costs: dict[tuple[str, float], StrategyCost] = {}
 
-    choices = []
-    for head in range(site.heads):
-        best = HeadChoice(Dense(), 1.0, 0.0, 1.0, seconds(Dense(), 1.0))
-        if not force_dense:
-            for label, strategy in candidates.items():
-                recall = min(stats.recall[label][i][head] for i in samples)
-                if recall < config.recall_budget:
+    def strategy_cost(self, label: str, strategy: Strategy, density: float) -> StrategyCost:
+        key = (label, round(density, 4))
+        if key not in self._costs:
+            tail = self.tail_density.get(attention_kernel(strategy))
+            self._costs[key] = self.cost.strategy_cost(strategy, self.shape, key[1], tail)
+        return self._costs[key]
+
+    def dense_option(self) -> Option:
+        cost = self.strategy_cost("dense", Dense(), 1.0)
+        return Option("dense", cost.per_head, frozenset(cost.groups))
+
+    def fixed(self) -> dict[str, float]:
+        fixed: dict[str, float] = {}
+        for cost in self._costs.values():
+            for key, seconds in cost.groups.items():
+                fixed[key] = seconds  # the same for every density: tails are priced per kernel kind
+        return fixed
+
+    def options(self, lo: int, hi: int) -> tuple[list[list[Option]], list[float]]:
+        """Per head, every candidate's option over calibration times ``times[lo:hi]``; the heads' dense norms."""
+        stats, config = self.stats, self.config
+        wanted = set(self.times[lo:hi])
+        samples = [i for i, t in enumerate(stats.times) if t in wanted]
+        heads = stats.site.heads
+        norms = [sum(stats.dense_output_norm[i][h] for i in samples) / len(samples) for h in range(heads)]
+        capacity = config.error_budget**2 * sum(n * n for n in norms)
+        per_head: list[list[Option]] = []
+        for h in range(heads):
+            opts = [self.dense_option()]
+            for label, strategy in self.candidates.items():
+                if isinstance(strategy, Dense) or label not in stats.recall:
                     continue
-                density = max(stats.density[label][i][head] for i in samples)
-                time = seconds(strategy, density)
-                if time < best.seconds:
-                    error = max(stats.rel_error[label][i][head] for i in samples)
-                    best = HeadChoice(strategy, recall, error, density, time)
-        choices.append(best)
-    return choices
+                recall = min(stats.recall[label][i][h] for i in samples)
+                error = max(stats.rel_error[label][i][h] for i in samples)
+                density = max(stats.density[label][i][h] for i in samples)
+                cost = self.strategy_cost(label, strategy, density)
+                weight = 0.0
+                reason = ""
+                if config.budget == "recall":
+                    if recall < config.recall_budget:
+                        reason = f"recall {recall:.3f} < floor {config.recall_budget:g}"
+                else:
+                    weight = (error * norms[h]) ** 2 / capacity if capacity > 0 else math.inf
+                    if weight > 1.0:
+                        reason = f"error {error:.3f} alone exceeds the site budget {config.error_budget:g}"
+                opts.append(Option(label, cost.per_head, frozenset(cost.groups), weight, recall, error, density, reason))
+            per_head.append(opts)
+        return per_head, norms
 
 
-def _site_error(choices: list[HeadChoice], norms: list[float]) -> float:
+def _site_error(chosen: list[Option], norms: list[float]) -> float:
     """Relative error of the whole site's output: heads' errors weighted by their output norms."""
-    num = sum((c.rel_error * n) ** 2 for c, n in zip(choices, norms))
+    num = sum((c.rel_error * n) ** 2 for c, n in zip(chosen, norms))
     den = sum(n**2 for n in norms)
     return math.sqrt(num / den) if den > 0 else 0.0
 
 
-def search(model: nn.Module, calibration: CalibrationResult, sites: list[AttentionSite], target: str = "h100",
-           config: SearchConfig = SearchConfig()) -> Plan:
-    """Choose a strategy per head, step range and site; returns the plan with its predictions."""
+@dataclass
+class _RangeResult:
+    lo: int
+    hi: int
+    chosen: list[Option]
+    strategies: list[Strategy]
+    seconds: float
+    dense_seconds: float
+    gap: float
+    rel_error: float
+    report: RangeReport
+
+
+def _solve_range(problem: _SiteProblem, lo: int, hi: int, force_dense: bool) -> _RangeResult:
+    config = problem.config
+    options, norms = problem.options(lo, hi)
+    if force_dense:
+        options = [[o if o.label == "dense" else Option(**{**asdict(o), "reason": "forced dense warm-up"})
+                    for o in opts] for opts in options]
+    capacity = 0 if config.budget == "recall" else config.error_bins
+    fixed = problem.fixed()
+    solution = solve_site(options, fixed, capacity)
+    chosen = [options[h][i] for h, i in enumerate(solution.choice)]
+    dense = problem.dense_option()
+    dense_seconds = len(options) * dense.seconds + sum(fixed.get(k, 0.0) for k in dense.groups)
+    groups: dict[str, int] = {}
+    explanations = []
+    for h, opts in enumerate(options):
+        c = chosen[h]
+        groups[attention_kernel(problem.candidates.get(c.label, Dense()))] = groups.get(
+            attention_kernel(problem.candidates.get(c.label, Dense())), 0) + 1
+        feasible = sorted((o for o in opts if not o.reason and o.label != c.label), key=lambda o: o.seconds)
+        explanations.append(HeadExplanation(c, feasible[0] if feasible else None, [o for o in opts if o.reason]))
+    lo_t, hi_t = problem.bounds[lo], problem.bounds[hi]
+    error = _site_error(chosen, norms)
+    report = RangeReport(lo_t, hi_t, explanations, solution.seconds, dense_seconds, solution.gap, error, groups)
+    strategies = [problem.candidates.get(c.label, Dense()) for c in chosen]
+    return _RangeResult(lo, hi, chosen, strategies, solution.seconds, dense_seconds, solution.gap, error, report)
+
+
+def _schedule(problem: _SiteProblem) -> list[_RangeResult]:
+    """Shortest path over calibration times: at most ``max_step_ranges`` ranges, minimum width-weighted latency."""
+    config = problem.config
+    m = len(problem.times)
+    bounds = problem.bounds
+    forced = sum(1 for i in range(m) if config.min_dense_warmup > 0 and bounds[i] > 1.0 - config.min_dense_warmup + 1e-9)
+    results: dict[tuple[int, int], _RangeResult] = {}
+    graph = nx.DiGraph()
+    budget = config.max_step_ranges - (1 if forced else 0)
+    start = (forced, 0)
+    if forced:
+        results[(0, forced)] = _solve_range(problem, 0, forced, True)
+    if forced == m:
+        return [results[(0, m)]]
+    tie = 1e-9 * problem.dense_option().seconds  # prefer fewer ranges when they cost the same
+    for lo in range(forced, m):
+        for hi in range(lo + 1, m + 1):
+            results[(lo, hi)] = _solve_range(problem, lo, hi, False)
+            width = bounds[lo] - bounds[hi]
+            for k in range(max(budget, 1)):
+                graph.add_edge((lo, k), (hi, k + 1), weight=width * results[(lo, hi)].seconds + tie, span=(lo, hi))
+    for k in range(1, max(budget, 1) + 1):
+        if graph.has_node((m, k)):
+            graph.add_edge((m, k), "end", weight=0.0)
+    path = nx.shortest_path(graph, start, "end", weight="weight")
+    spans = [graph.edges[a, b]["span"] for a, b in itertools.pairwise(path) if b != "end"]
+    return ([results[(0, forced)]] if forced else []) + [results[s] for s in spans]
+
+
+def search_with_report(model: nn.Module, calibration: CalibrationResult, sites: list[AttentionSite],
+                       target: str = "h100", config: SearchConfig = SearchConfig()) -> tuple[Plan, SearchReport]:
+    """:func:`search`, also returning what it decided and why (for ``--explain``)."""
     cost = CostModel.for_target(target)
+    report = SearchReport(config, target)
     site_plans: list[SitePlan] = []
     dense_total = chosen_total = 0.0
-    errors: list[float] = []
-    densities: list[float] = []
-    min_recall = 1.0
-    for stats in calibration.sites.values():
-        schedule: list[StepRange] = []
-        for t_start, t_end, t in _ranges(stats.times):
-            force = t_start > 1.0 - config.min_dense_warmup + 1e-9 and config.min_dense_warmup > 0
-            choices = _choose_heads(stats, calibration.candidates, t, cost, config, force)
-            samples = [i for i, ti in enumerate(stats.times) if abs(ti - t) < 1e-6]
-            norms = [sum(stats.dense_output_norm[i][h] for i in samples) / len(samples) for h in range(stats.site.heads)]
-            dense_s = sum(cost.attention_seconds(config.batch, 1, stats.site.layout.video_tokens, stats.site.head_dim,
-                                                 Dense(), 1.0, stats.block_size) for _ in choices)
-            chosen_s = sum(c.seconds for c in choices)
-            width = t_start - t_end
-            dense_total += dense_s * width
-            chosen_total += chosen_s * width
-            error = _site_error(choices, norms)
-            density = sum(c.density for c in choices) / len(choices)
-            errors.append(error)
-            densities.append(density * width)
-            min_recall = min(min_recall, *(c.recall for c in choices))
-            predicted = {"density": density, "speedup": dense_s / chosen_s, "rel_error": error,
-                         "min_recall": min(c.recall for c in choices)}
-            heads = [c.strategy for c in choices]
-            if schedule and schedule[-1].heads == heads:
-                merged = schedule[-1]
-                merged.t_end = t_end
-                merged.predicted = {k: max(merged.predicted[k], predicted[k]) if k == "rel_error" else merged.predicted[k]
-                                    for k in merged.predicted}
-            else:
-                schedule.append(StepRange(t_start, t_end, heads, predicted))
-        schedule[0].t_start = 1.0
+    weighted_error = weighted_density = total_width = 0.0
+    max_error, min_recall, max_gap = 0.0, 1.0, 0.0
+    stats_list = list(calibration.sites.values())
+    for stats in tqdm(stats_list, desc="vdopt: searching sites", leave=False, disable=not config.progress or None):
+        problem = _SiteProblem(stats, calibration.candidates, cost, config)
+        ranges = _schedule(problem)
+        schedule = []
+        for r in ranges:
+            width = problem.bounds[r.lo] - problem.bounds[r.hi]
+            density = sum(c.density for c in r.chosen) / len(r.chosen)
+            predicted = {
+                "density": density, "speedup": r.dense_seconds / r.seconds, "rel_error": r.rel_error,
+                "min_recall": min(c.recall for c in r.chosen), "predicted_ms": r.seconds * 1e3,
+                "dense_ms": r.dense_seconds * 1e3, "optimality_gap": r.gap,
+                "head_density": [c.density for c in r.chosen], "head_recall": [c.recall for c in r.chosen],
+                "head_rel_error": [c.rel_error for c in r.chosen],
+            }
+            schedule.append(StepRange(problem.bounds[r.lo], problem.bounds[r.hi], r.strategies, predicted))
+            dense_total += width * r.dense_seconds
+            chosen_total += width * r.seconds
+            weighted_error += width * r.rel_error
+            weighted_density += width * density
+            total_width += width
+            max_error, max_gap = max(max_error, r.rel_error), max(max_gap, r.gap)
+            min_recall = min(min_recall, *(c.recall for c in r.chosen))
         site_plans.append(SitePlan(stats.site.name, stats.site.heads, stats.block_size, schedule))
+        report.sites[stats.site.name] = [r.report for r in ranges]
+    attention_speedup = dense_total / chosen_total if chosen_total else 1.0
+    share = config.attention_share
+    starts = [r.t_start for s in site_plans for r in s.schedule if not all(isinstance(h, Dense) for h in r.heads)]
     predictions: dict[str, Any] = {
-        "attention_speedup": dense_total / chosen_total if chosen_total else 1.0,
-        "attention_density": sum(densities) / max(len(calibration.sites), 1),
-        "attention_rel_error": sum(errors) / max(len(errors), 1),
+        "attention_speedup": attention_speedup,
+        "end_to_end_speedup": 1.0 / ((1.0 - share) + share / attention_speedup),
+        "attention_share": share,
+        "attention_share_source": ("SearchConfig.attention_share" if share != WAN_1_3B_ATTENTION_SHARE else
+                                   "DESIGN.md: Wan2.1-1.3B eager step on H100, self-attention 55% of 1249 ms"),
+        "attention_density": weighted_density / total_width if total_width else 1.0,
+        "attention_rel_error": weighted_error / total_width if total_width else 0.0,
+        "max_rel_error": max_error,
         "min_recall": min_recall,
-        "cost_model": "measured" if cost.measured else "datasheet (no measured efficiency table)",
+        "dense_warmup_fraction": 1.0 - max(starts) if starts else 1.0,
+        "optimality_gap": max_gap,
+        "quality_budget": (f"recall >= {config.recall_budget:g} per head" if config.budget == "recall"
+                           else f"site relative error <= {config.error_budget:g}"),
+        "cost_model": (f"measured efficiency table ({cost.table.source})" if cost.measured else
+                       f"spec peaks x default efficiencies ({cost.defaults.source}); no measured table for {target}"),
     }
-    return Plan(
+    plan = Plan(
         model=ModelFingerprint.of(model), target=target, sites=site_plans, search=asdict(config),
-        predictions=predictions,
-        calibration={**calibration.provenance, "candidates": sorted(calibration.candidates)},
+        predictions=predictions, calibration={**calibration.provenance, "candidates": sorted(calibration.candidates)},
     )
+    return plan, report
+
+
+def search(model: nn.Module, calibration: CalibrationResult, sites: list[AttentionSite], target: str = "h100",
+           config: SearchConfig = SearchConfig()) -> Plan:
+    """Choose a strategy per head, step range and site that minimises predicted latency under the budget."""
+    return search_with_report(model, calibration, sites, target, config)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Heatmaps
+
+
+def write_heatmaps(plan: Plan, prefix: str | Path) -> list[Path]:
+    """Per-site x head maps of strategy, density and recall, one panel per calibration time, as PNGs.
+
+    Writes ``<prefix>_strategy.png``, ``<prefix>_density.png`` and ``<prefix>_recall.png``; returns the paths.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    prefix = Path(prefix)
+    times = plan.calibration.get("times") or sorted({(r.t_start + r.t_end) / 2 for s in plan.sites for r in s.schedule},
+                                                    reverse=True)
+    times = list(times)[:6]
+    heads = max((s.heads for s in plan.sites), default=1)
+    names = sorted({h.name for s in plan.sites for r in s.schedule for h in r.heads} | {"dense"})
+    code = {n: i for i, n in enumerate(names)}
+
+    def grid(t: float, what: str) -> np.ndarray:
+        out = np.full((len(plan.sites), heads), np.nan)
+        for i, site in enumerate(plan.sites):
+            step = next((r for r in site.schedule if r.contains(t)), None)
+            if step is None:
+                continue
+            for h, strategy in enumerate(step.heads):
+                if what == "strategy":
+                    out[i, h] = code[strategy.name]
+                else:
+                    values = step.predicted.get(f"head_{what}")
+                    out[i, h] = values[h] if values else (1.0 if isinstance(strategy, Dense) else np.nan)
+        return out
+
+    written = []
+    for what in ("strategy", "density", "recall"):
+        fig, axes = plt.subplots(1, len(times), figsize=(2 + 1.6 * len(times) + 0.15 * heads, 1.5 + 0.25 * len(plan.sites)),
+                                 squeeze=False)
+        for ax, t in zip(axes[0], times):
+            if what == "strategy":
+                cmap = ListedColormap(plt.get_cmap("tab10").colors[: len(names)])
+                image = ax.imshow(grid(t, what), cmap=cmap, vmin=-0.5, vmax=len(names) - 0.5, aspect="auto")
+            else:
+                image = ax.imshow(grid(t, what), cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+            ax.set_title(f"t = {t:.2f}", fontsize=8)
+            ax.set_xlabel("head", fontsize=8)
+            ax.set_yticks(range(len(plan.sites)))
+            ax.set_yticklabels([s.site for s in plan.sites] if ax is axes[0][0] else [], fontsize=6)
+        bar = fig.colorbar(image, ax=list(axes[0]))
+        if what == "strategy":
+            bar.set_ticks(range(len(names)))
+            bar.set_ticklabels(names)
+        fig.suptitle(f"{plan.model.class_name} on {plan.target}: {what} per site and head", fontsize=9)
+        path = prefix.with_name(f"{prefix.name}_{what}.png")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
