@@ -338,7 +338,7 @@ METHOD_DESCRIPTIONS = {
 }
 TOP_P_GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995)
 KIND_TOLERANCE = 0.3
-RECALL_BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.83, 0.86, 0.88, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97,
+RECALL_BUDGETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.83, 0.86, 0.88, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97,
                   0.98, 0.99, 0.995)
 
 
@@ -806,7 +806,8 @@ def plot_pareto(records: Sequence[dict[str, Any]], path: str | Path) -> None:
         ax.set_xlabel(x_label)
         ax.set_ylabel(y_label)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    if names:
+        axes[0].legend(fontsize=8)
     first = records[0]
     fig.suptitle(f"vdopt quality on the {first.get('proxy', '')} proxy: {first['n_prompts']} prompts x "
                  f"{first['n_seeds']} seeds, {first['steps']} steps ({first['warmup_steps']} dense), "
