@@ -2,8 +2,8 @@
 
 ``vdopt-search profile --target h100 --out cost_models/efficiency_h100.json`` runs :func:`run_profile` on the
 current CUDA GPU (triton.testing.do_bench, median) and writes the table :class:`model.EfficiencyTable` reads.
-:func:`default_table` turns the committed H100 measurements (benchmarks/results/strategy_overheads.json and the
-kernel sweep in benchmarks/notes_attention_kernels.md) into ``default_efficiency.json``.
+:func:`default_table` turns the committed H100 measurements (benchmarks/results/strategy_overheads.json and
+attention_kernels.json) into ``default_efficiency.json``.
 
 Efficiency of a measurement = ideal roofline seconds on the target's spec / (measured seconds - launches x launch
 gap), the launch part floored at half the measurement so a latency-bound kernel keeps a positive work time.
@@ -47,20 +47,26 @@ def efficiency_point(cost: CostModel, kernel: str, shape: AttentionShape, measur
             "efficiency": min(ideal / work, 1.5), **record}
 
 
-def default_table(overheads: dict[str, Any], block_sparse_tflops: dict[float, float],
-                  cluster_sparse_tflops: dict[float, float]) -> dict[str, Any]:
-    """``default_efficiency.json`` from the H100 strategy-overhead record and the kernel sweep's TFLOP/s."""
+def default_table(overheads: dict[str, Any], attention: dict[str, Any]) -> dict[str, Any]:
+    """``default_efficiency.json`` from the committed H100 records: strategy_overheads.json (helper kernels) and
+    attention_kernels.json (cuDNN dense, vdopt's block-sparse op as dispatched, the cluster kernel)."""
     cost = CostModel.from_spec("h100", json.loads((Path(__file__).parent / "specs.json").read_text())["h100"])
     s = overheads["shape"]
     shape = AttentionShape(s["batch"], s["heads"], s["tokens"], s["head_dim"], block_size=128)
     kernels: dict[str, list[dict[str, Any]]] = {k: [] for k in f.KERNELS}
-    kernels["dense"].append(efficiency_point(cost, "dense", shape, overheads["dense_sdpa_ms"], 1.0,
-                                             source="cuDNN SDPA, strategy_overheads.json"))
-    flops = 4 * shape.batch * shape.heads * shape.tokens**2 * shape.head_dim
-    for name, rates in (("block_sparse", block_sparse_tflops), ("cluster_sparse", cluster_sparse_tflops)):
-        for density, tflops in sorted(rates.items()):
-            kernels[name].append(efficiency_point(cost, name, shape, density * flops / (tflops * 1e12) * 1e3, density,
-                                                  source=f"{tflops} TFLOP/s on kept blocks, notes_attention_kernels.md"))
+    dense_seen = set()
+    for r in attention["records"]:
+        at = AttentionShape(r["batch"], r["heads"], r["tokens"], r["head_dim"], block_size=r["block"])
+        case = {"case": r["shape"], "source": "attention_kernels.json"}
+        if r["shape"] not in dense_seen:
+            dense_seen.add(r["shape"])
+            kernels["dense"].append(efficiency_point(cost, "dense", at, r["cudnn_dense_ms"], 1.0, **case))
+        kernels["block_sparse"].append(efficiency_point(cost, "block_sparse", at, r["vdopt_ms"], r["kept_fraction"],
+                                                        **case))
+        if r.get("cluster_ms"):
+            full = 4 * r["batch"] * r["heads"] * r["tokens"] ** 2 * r["head_dim"]
+            kernels["cluster_sparse"].append(efficiency_point(
+                cost, "cluster_sparse", at, r["cluster_ms"], r["cluster_kept_tflop"] * 1e12 / full, **case))
     kernels["text"].append({**kernels["dense"][0], "source": "not measured: dense SDPA's efficiency"})
     draft = next(r for r in overheads["draft_selection"] if r["block"] == shape.block_size)
     means = draft["pooled_means_q_ms"]
@@ -88,21 +94,15 @@ def default_table(overheads: dict[str, Any], block_sparse_tflops: dict[float, fl
         "target": "h100",
         "about": "Default efficiencies for targets without a measured table: H100 measurements divided into the "
                  "H100 spec's roofline. Regenerate with cost_models.profile.default_table.",
-        "sources": ["benchmarks/results/strategy_overheads.json",
-                    "benchmarks/notes_attention_kernels.md (TMA 128x64 s2 w4 at N=32760; cluster kernel v1)"],
-        "inputs": {"block_sparse_tflops": block_sparse_tflops, "cluster_sparse_tflops": cluster_sparse_tflops},
+        "sources": ["benchmarks/results/strategy_overheads.json", "benchmarks/results/attention_kernels.json"],
         "kernels": kernels,
     }
 
 
-def write_default_table(overheads_path: Path, out: Path = DEFAULT_TABLE,
-                        block_sparse_tflops: dict[float, float] | None = None,
-                        cluster_sparse_tflops: dict[float, float] | None = None) -> dict[str, Any]:
-    """Regenerate ``default_efficiency.json``; the kernel rates default to the ones it already records."""
-    inputs = json.loads(out.read_text())["inputs"] if out.is_file() else {}
-    block = block_sparse_tflops or {float(k): v for k, v in inputs["block_sparse_tflops"].items()}
-    cluster = cluster_sparse_tflops or {float(k): v for k, v in inputs["cluster_sparse_tflops"].items()}
-    table = default_table(json.loads(overheads_path.read_text()), block, cluster)
+def write_default_table(results: Path, out: Path = DEFAULT_TABLE) -> dict[str, Any]:
+    """Regenerate ``default_efficiency.json`` from the records in the ``results`` folder (benchmarks/results)."""
+    table = default_table(json.loads((results / "strategy_overheads.json").read_text()),
+                          json.loads((results / "attention_kernels.json").read_text()))
     out.write_text(json.dumps(table, indent=1) + "\n")
     return table
 

@@ -78,9 +78,13 @@ def _device(name: str) -> str:
 
 
 def search_main(argv: list[str] | None = None) -> int:
-    """``vdopt-search``: calibrate a model, search a plan for a target, write it and print its summary."""
-    from vdopt.api import optimize
-    from vdopt.calibrate import CalibrationConfig
+    """``vdopt-search``: calibrate a model, search a plan for a target, write it, its heatmaps and its summary.
+
+    ``vdopt-search profile --target T``: measure the target GPU's efficiency tables instead (see --help there).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "profile":
+        return profile_main(argv[1:])
     from vdopt.cost_models.model import available_targets
     from vdopt.search import SearchConfig
 
@@ -88,18 +92,30 @@ def search_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="proxy", help="'proxy', 'module:factory' or a diffusers model folder")
     parser.add_argument("--calib", default=None, help="prompts .txt or .pt list of forward kwargs (proxy: built-in)")
     parser.add_argument("--target", default="h100", help=f"one of {', '.join(available_targets())}")
-    parser.add_argument("--out", default="plan.json", help="where to write the plan JSON")
-    parser.add_argument("--recall", type=float, default=0.95, help="attention-mass recall budget per head")
+    parser.add_argument("--out", default="plan.json", help="where to write the plan JSON (heatmap PNGs go beside it)")
+    parser.add_argument("--budget", choices=("recall", "error"), default="recall",
+                        help="quality budget: recall floor per head (default) or predicted output error per site")
+    parser.add_argument("--recall", type=float, default=0.95, help="attention-mass recall floor per head")
+    parser.add_argument("--error", type=float, default=0.05, help="relative output-error budget per site (--budget error)")
     parser.add_argument("--warmup", type=float, default=0.0, help="fraction of the noisiest time forced dense")
+    parser.add_argument("--max-ranges", type=int, default=4, help="most step ranges per site")
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="video tokens the cost model prices at (default: the calibrated size)")
+    parser.add_argument("--attention-share", type=float, default=None,
+                        help="self-attention share of a step, for the end-to-end prediction (default 0.55, Wan2.1-1.3B)")
     parser.add_argument("--steps", type=int, default=20, help="pipeline steps per calibration prompt")
     parser.add_argument("--steps-per-prompt", type=int, default=4, help="denoising steps measured per prompt")
+    parser.add_argument("--explain", action="store_true", help="print why every head of every site got its strategy")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     try:
         if args.target not in available_targets():
             raise UsageError(f"--target {args.target!r} is unknown; known targets: {', '.join(available_targets())}")
+        extra = {} if args.attention_share is None else {"attention_share": args.attention_share}
         try:
-            search_config = SearchConfig(recall_budget=args.recall, min_dense_warmup=args.warmup)
+            search_config = SearchConfig(recall_budget=args.recall, min_dense_warmup=args.warmup, budget=args.budget,
+                                         error_budget=args.error, max_step_ranges=args.max_ranges, tokens=args.tokens,
+                                         **extra)
         except ValueError as error:
             raise UsageError(str(error)) from None
         out = Path(args.out)
@@ -107,17 +123,97 @@ def search_main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--out {args.out!r}: folder {out.parent} does not exist")
         model = _load_model(args.model, _device(args.device))
         calib = _load_calibration(args.calib, model)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            opt = optimize(model, calib, args.target, search_config=search_config,
-                           calibration_config=CalibrationConfig(num_inference_steps=args.steps,
-                                                                steps_per_input=args.steps_per_prompt))
-        opt.plan.save(out)
-        print(opt.plan.summary())
-        print(f"plan written to {out}")
+        plan, report = _calibrate_and_search(model, calib, args.target, search_config, args.steps, args.steps_per_prompt)
+        from vdopt.search import summary_table, write_heatmaps
+
+        plan.save(out)
+        print(summary_table(plan))
+        if args.explain:
+            print(report.explain())
+        pictures = write_heatmaps(plan, out.with_suffix(""))
+        print(f"plan written to {out}; heatmaps: {', '.join(str(p) for p in pictures)}")
         return 0
     except UsageError as error:
         print(f"vdopt-search: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _calibrate_and_search(model: Any, calib: Any, target: str, config: Any, steps: int, steps_per_prompt: int) -> Any:
+    """Calibrate (progress bar) and search; returns (plan, search report)."""
+    from torch import nn
+
+    from vdopt.calibrate import CalibrationConfig, calibrate, record_forward_inputs
+    from vdopt.search import search_with_report
+
+    transformer = model if isinstance(model, nn.Module) else getattr(model, "transformer", None)
+    if not isinstance(transformer, nn.Module):
+        raise UsageError(f"--model gave a {type(model).__name__}, neither a transformer nor a pipeline with .transformer")
+    pipeline = None if transformer is model else model
+    calibration_config = CalibrationConfig(num_inference_steps=steps, steps_per_input=steps_per_prompt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        inputs = record_forward_inputs(transformer, calib, pipeline, calibration_config)
+        calibration, sites = calibrate(transformer, inputs, calibration_config)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        result = search_with_report(transformer, calibration, sites, target, config)
+    for warning in caught:
+        if "efficiency table" in str(warning.message):
+            print(f"vdopt-search: warning: {warning.message}", file=sys.stderr)
+    return result
+
+
+def profile_main(argv: list[str] | None = None) -> int:
+    """``vdopt-search profile``: time vdopt's kernels on this CUDA GPU and write the target's efficiency table."""
+    from vdopt.cost_models.model import available_targets
+    from vdopt.cost_models.profile import DENSITIES, WAN_SHAPES
+
+    parser = argparse.ArgumentParser(prog="vdopt-search profile", description=profile_main.__doc__)
+    parser.add_argument("--target", default="h100", help=f"the GPU this runs on: one of {', '.join(available_targets())}")
+    parser.add_argument("--out", default=None, help="table path (default: cost_models/efficiency_<target>.json)")
+    parser.add_argument("--shapes", default=",".join(WAN_SHAPES),
+                        help=f"comma-separated {', '.join(WAN_SHAPES)} or BxHxNxD (batch x heads x tokens x head dim)")
+    parser.add_argument("--densities", default=",".join(str(d) for d in DENSITIES), help="kept densities to time")
+    args = parser.parse_args(argv)
+    try:
+        if args.target not in available_targets():
+            raise UsageError(f"--target {args.target!r} is unknown; known targets: {', '.join(available_targets())}")
+        shapes: dict[str, tuple[int, int, int, int]] = {}
+        for item in filter(None, args.shapes.split(",")):
+            if item in WAN_SHAPES:
+                shapes[item] = WAN_SHAPES[item]
+                continue
+            try:
+                b, h, n, d = (int(x) for x in item.lower().split("x"))
+            except ValueError:
+                raise UsageError(f"--shapes {item!r}: give one of {', '.join(WAN_SHAPES)} or BxHxNxD, e.g. 1x12x32760x128") from None
+            shapes[item] = (b, h, n, d)
+        try:
+            densities = [float(x) for x in args.densities.split(",") if x]
+        except ValueError:
+            raise UsageError(f"--densities {args.densities!r}: give comma-separated numbers in (0, 1]") from None
+        if not densities or not all(0 < x <= 1 for x in densities):
+            raise UsageError(f"--densities {args.densities!r}: give comma-separated numbers in (0, 1]")
+        from vdopt.cost_models import model as cost_model
+
+        out = Path(args.out) if args.out else cost_model._HERE / f"efficiency_{args.target}.json"
+        if not out.parent.exists():
+            raise UsageError(f"--out {out}: folder {out.parent} does not exist")
+        if not torch.cuda.is_available():
+            raise UsageError("profile times kernels on the target GPU, and no CUDA GPU is visible; run it on a "
+                             f"machine with the {args.target} GPU")
+        from vdopt.cost_models.profile import run_profile
+
+        device_name = torch.cuda.get_device_name()
+        if args.target.replace("rtx", "") not in device_name.lower().replace(" ", ""):
+            print(f"vdopt-search profile: warning: profiling {device_name} for target {args.target!r}", file=sys.stderr)
+        table = run_profile(args.target, "cuda", shapes, densities,
+                            progress=lambda message: print(f"profiling {message}", file=sys.stderr, flush=True))
+        out.write_text(json.dumps(table, indent=1) + "\n")
+        print(f"efficiency table for {args.target} ({table['device']}) written to {out}")
+        return 0
+    except UsageError as error:
+        print(f"vdopt-search profile: error: {error}", file=sys.stderr)
         return 2
 
 
