@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Callable, Iterator
 
 import torch
@@ -11,7 +10,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from vdopt.attention import sparse_site_attention
-from vdopt.capture import SDPA
+from vdopt.capture import replace_attention_nodes
 from vdopt.plan import Plan, SitePlan
 from vdopt.sites import AttentionSite
 from vdopt.strategies import Dense, PatternContext, SparsePattern, Strategy
@@ -104,27 +103,16 @@ def sparsify_attention(gm: fx.GraphModule, plan: Plan, sites: list[AttentionSite
     ``sites`` are ``gm``'s attention sites from capture. Idempotent: nodes already replaced are no longer SDPA
     nodes, so a second application changes nothing. Parameters are shared with ``gm``, which is left unchanged.
     """
-    graph = copy.deepcopy(gm.graph)
-    new_gm = fx.GraphModule(gm, graph)
-    clock = new_gm.get_submodule("vdopt_clock") if hasattr(new_gm, "vdopt_clock") else DenoisingClock()
+    clock = gm.get_submodule("vdopt_clock") if hasattr(gm, "vdopt_clock") else DenoisingClock()
+    seed = int(plan.calibration.get("seed", 0))
+
+    def planned(site: AttentionSite) -> PlannedAttention | None:
+        site_plan = plan.site(site.name)
+        if site_plan is None or site_plan.is_dense or not site.sparsifiable:
+            return None
+        return PlannedAttention(site, site_plan, clock, seed)
+
+    new_gm = replace_attention_nodes(gm, sites, planned, "vdopt_site_")
     if not hasattr(new_gm, "vdopt_clock"):
         new_gm.add_submodule("vdopt_clock", clock)
-    nodes = {node.name: node for node in graph.nodes}
-    seed = int(plan.calibration.get("seed", 0))
-    for site in sites:
-        site_plan = plan.site(site.name)
-        node = nodes.get(site.node_name)
-        if site_plan is None or site_plan.is_dense or node is None or node.target is not SDPA:
-            continue
-        if not site.sparsifiable:
-            continue
-        module_name = "vdopt_site_" + site.name.replace(".", "_").replace("#", "_")
-        new_gm.add_submodule(module_name, PlannedAttention(site, site_plan, clock, seed))
-        with graph.inserting_before(node):
-            replacement = graph.call_module(module_name, args=node.args, kwargs=dict(node.kwargs))
-        replacement.meta = dict(node.meta)
-        node.replace_all_uses_with(replacement)
-        graph.erase_node(node)
-    graph.lint()
-    new_gm.recompile()
     return new_gm

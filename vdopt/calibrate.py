@@ -20,7 +20,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from vdopt.attention import additive_key_bias
-from vdopt.capture import SDPA, CapturedGraph, capture, export_kwargs, forward_kwargs
+from vdopt.capture import CapturedGraph, capture, export_kwargs, forward_kwargs, replace_attention_nodes
 from vdopt.runtime import denoising_time, input_signature
 from vdopt.sites import AttentionSite, TokenLayout
 from vdopt.strategies import PatternContext, Strategy, default_candidates
@@ -185,22 +185,10 @@ def measure_site(stats: SiteStats, candidates: dict[str, Strategy], q: torch.Ten
 
 def _probe_graph(captured: CapturedGraph, stats: dict[str, SiteStats], candidates: dict[str, Strategy],
                  config: CalibrationConfig, clock: dict) -> fx.GraphModule:
-    graph = copy.deepcopy(captured.graph_module.graph)
-    gm = fx.GraphModule(captured.graph_module, graph)
-    nodes = {node.name: node for node in graph.nodes}
-    for site in captured.sites:
-        node = nodes[site.node_name]
-        if not site.sparsifiable or node.target is not SDPA:
-            continue
-        name = "vdopt_probe_" + site.name.replace(".", "_").replace("#", "_")
-        gm.add_submodule(name, _SiteProbe(stats[site.name], candidates, config, clock))
-        with graph.inserting_before(node):
-            probe = graph.call_module(name, args=node.args, kwargs=dict(node.kwargs))
-        probe.meta = dict(node.meta)
-        node.replace_all_uses_with(probe)
-        graph.erase_node(node)
-    gm.recompile()
-    return gm
+    def probe(site: AttentionSite) -> _SiteProbe | None:
+        return _SiteProbe(stats[site.name], candidates, config, clock) if site.sparsifiable else None
+
+    return replace_attention_nodes(captured.graph_module, captured.sites, probe, "vdopt_probe_")
 
 
 def calibrate(model: nn.Module, forward_inputs: list[dict[str, Any]], config: CalibrationConfig = CalibrationConfig(),

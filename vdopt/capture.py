@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,3 +136,30 @@ def capture(model: nn.Module, inputs: dict[str, Any], layout: TokenLayout | None
     gm = program.module()
     resolved = layout if layout is not None else layout_for_model(model, inputs)
     return CapturedGraph(graph_module=gm, sites=find_attention_sites(gm, resolved), layout=resolved)
+
+
+def replace_attention_nodes(
+    gm: fx.GraphModule, sites: list[AttentionSite], make_module: Callable[[AttentionSite], nn.Module | None], prefix: str
+) -> fx.GraphModule:
+    """New graph module (parameters shared, ``gm`` unchanged) in which each SDPA node of ``sites`` calls the module
+    ``make_module(site)`` with the node's arguments; sites for which it returns None keep their SDPA node."""
+    graph = copy.deepcopy(gm.graph)
+    new_gm = fx.GraphModule(gm, graph)
+    nodes = {node.name: node for node in graph.nodes}
+    for site in sites:
+        node = nodes.get(site.node_name)
+        if node is None or node.target is not SDPA:
+            continue
+        module = make_module(site)
+        if module is None:
+            continue
+        name = prefix + site.name.replace(".", "_").replace("#", "_")
+        new_gm.add_submodule(name, module)
+        with graph.inserting_before(node):
+            replacement = graph.call_module(name, args=node.args, kwargs=dict(node.kwargs))
+        replacement.meta = dict(node.meta)
+        node.replace_all_uses_with(replacement)
+        graph.erase_node(node)
+    graph.lint()
+    new_gm.recompile()
+    return new_gm
