@@ -239,6 +239,8 @@ def demo_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recall", type=float, default=0.9, help="attention-mass recall budget per head")
     parser.add_argument("--target", default="h100")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--cache", type=float, default=None, metavar="BUDGET",
+                        help="also calibrate a step cache with this hidden-state error budget (e.g. 0.05)")
     args = parser.parse_args(argv)
     try:
         device = _device(args.device)
@@ -250,7 +252,7 @@ def demo_main(argv: list[str] | None = None) -> int:
         if prompts < 1:
             raise UsageError(f"--calib-prompts {prompts}: need at least one calibration prompt")
         result = run_demo(Path(args.out), device=device, steps=steps, recall_budget=args.recall, target=args.target,
-                          calibration_prompts=prompts)
+                          calibration_prompts=prompts, cache_budget=args.cache)
     except UsageError as error:
         print(f"vdopt-demo: error: {error}", file=sys.stderr)
         return 2

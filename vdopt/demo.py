@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from vdopt.api import optimize
+from vdopt.caching import CacheConfig
 from vdopt.calibrate import CalibrationConfig
 from vdopt.search import SearchConfig
 
@@ -43,8 +44,11 @@ def _timed(fn: Any, device: str) -> tuple[Any, float]:
 
 
 def run_demo(out: Path, device: str = "cpu", steps: int = 10, recall_budget: float = 0.9, target: str = "h100",
-             seed: int = 0, calibration_prompts: int = 2) -> dict[str, Any]:
-    """Run the proxy end to end; writes ``plan.json``, ``dense_vs_vdopt.gif`` and ``quality.json`` under ``out``."""
+             seed: int = 0, calibration_prompts: int = 2, cache_budget: float | None = None) -> dict[str, Any]:
+    """Run the proxy end to end; writes ``plan.json``, ``dense_vs_vdopt.gif`` and ``quality.json`` under ``out``.
+
+    ``cache_budget`` (e.g. 0.05) also calibrates a step cache with that hidden-state error budget.
+    """
     from vdopt.proxy.data import held_out_prompts
     from vdopt.proxy.pipeline import load_proxy_pipeline
     from vdopt.quality import psnr, relative_l2, ssim
@@ -56,7 +60,8 @@ def run_demo(out: Path, device: str = "cpu", steps: int = 10, recall_budget: flo
         warnings.simplefilter("ignore", UserWarning)
         opt = optimize(pipe, proxy_calibration_prompts(calibration_prompts), target,
                        search_config=SearchConfig(recall_budget=recall_budget, min_dense_warmup=0.2),
-                       calibration_config=CalibrationConfig(num_inference_steps=steps, steps_per_input=3))
+                       calibration_config=CalibrationConfig(num_inference_steps=steps, steps_per_input=3),
+                       cache=None if cache_budget is None else CacheConfig(error_budget=cache_budget, num_inference_steps=steps))
     opt.plan.save(out / "plan.json")
     print(opt.plan.summary())
     prompt = held_out_prompts()[0]
@@ -71,6 +76,11 @@ def run_demo(out: Path, device: str = "cpu", steps: int = 10, recall_budget: flo
         "psnr": float(psnr(sparse, dense)), "ssim": float(ssim(sparse, dense)), "rel_l2": float(relative_l2(sparse, dense)),
         "predicted": opt.plan.predictions,
         "seconds_dense": dense_s, "seconds_vdopt": sparse_s,
+        "step_cache": None if opt.plan.cache is None else {
+            "threshold": opt.plan.cache.threshold,
+            "steps_reused": sum(c.stats.reused for c in opt.step_caches()),
+            "steps_computed": sum(c.stats.computed for c in opt.step_caches()),
+        },
         "note": "CPU timings use vdopt's reference attention path; speed is measured on GPU by benchmarks/",
         "files": {"plan": str(out / "plan.json"), "gif": str(out / "dense_vs_vdopt.gif")},
     }
