@@ -148,3 +148,31 @@ def test_one_plan_serves_several_resolutions() -> None:
             pattern = strategy.build(q, k, PatternContext(layout, 16, {}))
             assert pattern.tokens == layout.video_tokens
             assert pattern.keep_rows(torch.tensor([0, layout.video_tokens - 1])).shape[-1] == layout.video_tokens
+
+
+def test_heads_sharing_a_kernel_run_in_one_launch(monkeypatch) -> None:
+    """Spatial, diagonal and pooled heads keep the token order: one fused block-sparse launch, reading heads in place."""
+    import vdopt.attention as attention
+
+    launches: list[int] = []
+    real = attention.block_sparse_attention
+
+    def counting(*args, **kwargs):
+        launches.append(len(kwargs["head_indices"]) if kwargs.get("head_indices") is not None else args[0].shape[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "block_sparse_attention", counting)
+    q, k, v = _qk(2, 5, LAYOUT.video_tokens, 16, seed=3)
+    heads = [SpatialWindow(0), Diagonal(0.5), Dense(), PooledTopP(0.6), TemporalWindow(1)]
+    out = sparse_site_attention(q, k, v, None, None, LAYOUT, heads, PatternContext(LAYOUT, 16, {}))
+    # one fused launch for the three order-keeping heads, one for the permuted temporal head
+    assert sorted(launches) == [1, 3]
+    keep = torch.zeros(2, 5, LAYOUT.video_tokens, LAYOUT.video_tokens, dtype=torch.bool)
+    for h, strategy in enumerate(heads):
+        if isinstance(strategy, Dense):
+            keep[:, h] = True
+            continue
+        pattern = strategy.build(q[:, h:h + 1], k[:, h:h + 1], PatternContext(LAYOUT, 16, {}))
+        keep[:, h] = pattern.keep_rows(torch.arange(LAYOUT.video_tokens))[:, 0]
+    ref = _masked_reference(q, k, v, keep, LAYOUT)
+    assert float((out.double() - ref).norm() / ref.norm()) < 1e-5

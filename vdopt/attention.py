@@ -78,10 +78,24 @@ def additive_key_bias(mask: torch.Tensor | None, dtype: torch.dtype = torch.floa
     return mask.to(dtype)
 
 
-def _select_heads(x: torch.Tensor | None, heads: torch.Tensor) -> torch.Tensor | None:
-    if x is None or x.shape[1] == 1:
-        return x
-    return x.index_select(1, heads)
+def _fused_block_launch(
+    qv: torch.Tensor, kv: torch.Tensor, vv: torch.Tensor, patterns: list[SparsePattern], heads: list[int], scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block-sparse launch for every head whose pattern keeps the native token order (head fusion).
+
+    ``qv, kv, vv: [B, H, N, D]`` are the whole site's video tokens (views, not copied): the kernel reads the listed
+    ``heads`` in place. Each head brings its own key-block lists, padded to a common width (padding is never read).
+    """
+    width = max(p.kv_block_indices.shape[-1] for p in patterns)
+    indices = torch.cat([F.pad(p.kv_block_indices, (0, width - p.kv_block_indices.shape[-1])) for p in patterns], dim=1)
+    counts = torch.cat([p.kv_block_counts for p in patterns], dim=1)
+    block = patterns[0].block_size
+    head_index = torch.tensor(heads, device=qv.device, dtype=torch.int32)
+    return block_sparse_attention(qv, kv, vv, indices, counts, block, block, scale=scale, head_indices=head_index)
+
+
+def _keeps_token_order(pattern: SparsePattern) -> bool:
+    return pattern.q_perm is None and pattern.kv_perm is None and not pattern.is_clustered
 
 
 def sparse_site_attention(
@@ -97,6 +111,8 @@ def sparse_site_attention(
 ) -> torch.Tensor:
     """Self-attention ``q, k, v: [B, H, N, D]`` with one strategy per head; same result layout as SDPA.
 
+    Heads are launched by kernel, not by strategy: dense heads in one SDPA call, every head whose pattern keeps the
+    token order in one fused block-sparse launch, and each permuted (temporal, tile, k-means) group in its own.
     ``attn_mask`` may only be a key-padding mask ``[B, 1|H, 1, N]``; where it masks a video key the call runs
     dense (patterns assume every video key exists). ``observe(heads, strategy, pattern)``, if given, is called
     for every head group with the pattern it ran (None: dense), e.g. to measure the density actually kept.
@@ -113,37 +129,51 @@ def sparse_site_attention(
     for head, strategy in enumerate(head_strategies):
         groups.setdefault(strategy, []).append(head)
     out = torch.empty_like(q)
-    text = [(0, v0), (v1, q.shape[2])]
-    text = [(a, b) for a, b in text if b > a]
+    text = [(a, b) for a, b in ((0, v0), (v1, q.shape[2])) if b > a]
+    qv, kv, vv = q[:, :, v0:v1], k[:, :, v0:v1], v[:, :, v0:v1]
+
+    def heads_of(x: torch.Tensor | None, members: list[int]) -> torch.Tensor | None:
+        if x is None or x.shape[1] == 1 or len(members) == heads:
+            return x
+        return x.index_select(1, torch.tensor(members, device=x.device))
+
+    def finish(members: list[int], video_out: torch.Tensor, video_lse: torch.Tensor) -> None:
+        """Merge the text keys into the video rows, attend the text rows densely, write the heads' output."""
+        kg, vg, qg = heads_of(k, members), heads_of(v, members), heads_of(q, members)
+        if text:
+            kt = torch.cat([kg[:, :, a:b] for a, b in text], dim=2)
+            vt = torch.cat([vg[:, :, a:b] for a, b in text], dim=2)
+            bias_g = heads_of(bias, members)
+            bias_t = None if bias_g is None else torch.cat([bias_g[..., a:b] for a, b in text], dim=-1)
+            text_out, text_lse = _attention_with_lse(qg[:, :, v0:v1], kt, vt, bias_t, scale)
+            video_out = merge_partial_attention(video_out, video_lse, text_out, text_lse)
+        result = torch.empty_like(qg)
+        result[:, :, v0:v1] = video_out.to(q.dtype)
+        for a, b in text:
+            result[:, :, a:b] = F.scaled_dot_product_attention(qg[:, :, a:b], kg, vg, attn_mask=heads_of(attn_mask, members), scale=scale)
+        out[:, members] = result
+
+    fused_patterns: list[SparsePattern] = []
+    fused_heads: list[int] = []
     for strategy, members in groups.items():
-        idx = torch.tensor(members, device=q.device)
-        qg, kg, vg = (x.index_select(1, idx) if len(members) < heads else x for x in (q, k, v))
-        mask_g = _select_heads(attn_mask, idx) if len(members) < heads else attn_mask
         if isinstance(strategy, Dense):
-            result = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask_g, scale=scale)
+            out[:, members] = F.scaled_dot_product_attention(
+                heads_of(q, members), heads_of(k, members), heads_of(v, members),
+                attn_mask=heads_of(attn_mask, members), scale=scale,
+            )
             if observe is not None:
                 observe(members, strategy, None)
+            continue
+        pattern = strategy.build(heads_of(qv, members), heads_of(kv, members), ctx)
+        if observe is not None:
+            observe(members, strategy, pattern)
+        if _keeps_token_order(pattern):
+            fused_patterns.append(pattern)
+            fused_heads.extend(members)
         else:
-            qv, kv, vv = qg[:, :, v0:v1], kg[:, :, v0:v1], vg[:, :, v0:v1]
-            pattern = strategy.build(qv, kv, ctx)
-            if observe is not None:
-                observe(members, strategy, pattern)
-            video_out, video_lse = pattern_attention(qv, kv, vv, pattern, scale)
-            if text:
-                kt = torch.cat([kg[:, :, a:b] for a, b in text], dim=2)
-                vt = torch.cat([vg[:, :, a:b] for a, b in text], dim=2)
-                bias_t = None
-                if bias is not None:
-                    bias_g = _select_heads(bias, idx) if len(members) < heads else bias
-                    bias_t = torch.cat([bias_g[..., a:b] for a, b in text], dim=-1)
-                text_out, text_lse = _attention_with_lse(qv, kt, vt, bias_t, scale)
-                video_out = merge_partial_attention(video_out, video_lse, text_out, text_lse)
-            result = torch.empty_like(qg)
-            result[:, :, v0:v1] = video_out.to(q.dtype)
-            for a, b in text:
-                result[:, :, a:b] = F.scaled_dot_product_attention(qg[:, :, a:b], kg, vg, attn_mask=mask_g, scale=scale)
-        if len(members) < heads:
-            out.index_copy_(1, idx, result)
-        else:
-            out = result
+            video_out, video_lse = pattern_attention(heads_of(qv, members), heads_of(kv, members), heads_of(vv, members), pattern, scale)
+            finish(members, video_out, video_lse)
+    if fused_patterns:
+        video_out, video_lse = _fused_block_launch(qv, kv, vv, fused_patterns, fused_heads, scale)
+        finish(fused_heads, video_out, video_lse)
     return out
