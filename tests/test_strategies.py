@@ -152,7 +152,7 @@ def test_one_plan_serves_several_resolutions() -> None:
 
 def test_heads_sharing_a_kernel_run_in_one_launch(monkeypatch) -> None:
     """Spatial, diagonal and pooled heads keep the token order: one fused block-sparse launch, reading heads in place."""
-    import vdopt.attention as attention
+    from vdopt import attention
 
     launches: list[int] = []
     real = attention.block_sparse_attention
