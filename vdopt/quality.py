@@ -797,8 +797,9 @@ def plot_pareto(records: Sequence[dict[str, Any]], path: str | Path) -> None:
             points = sorted((r[x_key], r[y_key]) for r in methods if r["method"] == name
                             and r.get(x_key) is not None and r.get(y_key) is not None)
             if points:
-                ax.plot(*zip(*points), "o-" if name != "searched" else "s-", color=colours[name], label=name,
-                        lw=2.2 if name == "searched" else 1.2)
+                # Along density a method's points form a curve; along time they do not (timings are noisy).
+                style = ("s" if name == "searched" else "o") + ("-" if x_key == "density" else "")
+                ax.plot(*zip(*points), style, color=colours[name], label=name, lw=2.2 if name == "searched" else 1.2)
         if x_key == "seconds_per_video":
             dense = next((r["seconds_per_video"] for r in records if r["method"] == "dense"), None)
             if dense:
