@@ -139,6 +139,7 @@ class Plan:
     calibration: dict[str, Any] = field(default_factory=dict)
     timestep_scale: float = 1000.0
     cache: StepCachePlan | None = None
+    parallel: dict[str, Any] | None = None  # {"ulysses_degree": N, "head_order": {site: [heads]}, ...}
     vdopt_version: str = field(default_factory=_version)
     schema_version: int = SCHEMA_VERSION
 
@@ -162,6 +163,7 @@ class Plan:
             "target": self.target,
             "timestep_scale": self.timestep_scale,
             "cache": None if self.cache is None else self.cache.to_json(),
+            "parallel": None if self.parallel is None else _jsonable(self.parallel),
             "search": _jsonable(self.search),
             "predictions": _jsonable(self.predictions),
             "calibration": _jsonable(self.calibration),
@@ -247,8 +249,19 @@ class Plan:
             cache = StepCachePlan(float(need(entry, "threshold", (int, float), "cache.")),
                                   need(entry, "warmup_steps", int, "cache."),
                                   need(entry, "max_consecutive_reuses", int, "cache."), dict(entry.get("predicted", {})))
+        parallel = data.get("parallel")
+        if parallel is not None:
+            degree = need(parallel, "ulysses_degree", int, "parallel.")
+            orders = need(parallel, "head_order", dict, "parallel.")
+            heads_of = {s.site: s.heads for s in sites}
+            for name, order in orders.items():
+                if name not in heads_of or sorted(order) != list(range(heads_of[name])):
+                    raise PlanError(f"{source}: field parallel.head_order[{name!r}] must be a permutation of the site's heads")
+                if heads_of[name] % degree:
+                    raise PlanError(f"{source}: site {name} has {heads_of[name]} heads, not divisible by ulysses_degree {degree}")
+            parallel = dict(parallel)
         return cls(
-            model=fingerprint, target=need(data, "target", str, ""), sites=sites, cache=cache,
+            model=fingerprint, target=need(data, "target", str, ""), sites=sites, cache=cache, parallel=parallel,
             search=dict(data.get("search", {})), predictions=dict(data.get("predictions", {})),
             calibration=dict(data.get("calibration", {})), timestep_scale=float(data.get("timestep_scale", 1000.0)),
             vdopt_version=str(data.get("vdopt_version", "")), schema_version=version,

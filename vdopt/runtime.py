@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -92,14 +93,28 @@ class OptimizedModel(nn.Module):
         key = input_signature(inputs)
         if key not in self._graphs:
             captured = capture(self.model, inputs, self.layout)
-            check_plan_sites(self.plan, captured.sites)
-            gm = sparsify_attention(captured.graph_module, self.plan, captured.sites)
-            gm = insert_step_cache(gm, self.plan, captured.sites)
+            plan = self._plan_for_this_rank(captured.sites)
+            check_plan_sites(plan, captured.sites)
+            gm = sparsify_attention(captured.graph_module, plan, captured.sites)
+            gm = insert_step_cache(gm, plan, captured.sites)
             if not hasattr(gm, "vdopt_clock"):
                 gm.add_submodule("vdopt_clock", DenoisingClock())
             self._graphs[key] = gm
             self._captures[key] = captured
         return self._graphs[key]
+
+    def _plan_for_this_rank(self, sites: list[AttentionSite]) -> Plan:
+        """The plan itself, or under Ulysses the heads this rank holds (after balancing the model's head order)."""
+        from vdopt.parallel import apply_head_order, local_site_plan, ulysses_layout
+
+        layout = ulysses_layout(self.model)
+        if layout is None:
+            return self.plan
+        planned = {s.site for s in self.plan.sites}
+        global_sites = [replace(s, heads=s.heads * layout.degree) for s in sites if s.name in planned]
+        orders = apply_head_order(self.model, self.plan, global_sites, layout.degree)
+        local = [local_site_plan(s, orders.get(s.site), layout) for s in self.plan.sites]
+        return replace(self.plan, sites=local)
 
     def step_caches(self) -> list[nn.Module]:
         """The step-cache nodes of every captured graph (empty without a cache plan)."""
