@@ -59,3 +59,14 @@ def test_bad_input_exits_2_with_one_line(args, message, calib_file, tmp_path, mo
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_search_balances_heads_for_ulysses(tmp_path, calib_file, capsys, monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
+    out = tmp_path / "plan.json"
+    code = search_main(["--model", "test_cli:local_model", "--calib", str(calib_file), "--out", str(out),
+                        "--recall", "0.9", "--ulysses-degree", "2"])
+    assert code == 0 and "balanced for ulysses_degree=2" in capsys.readouterr().out
+    plan = Plan.load(out)
+    assert plan.parallel["ulysses_degree"] == 2
+    assert set(plan.parallel["head_order"]) == {s.site for s in plan.sites}

@@ -106,9 +106,13 @@ def search_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="pipeline steps per calibration prompt")
     parser.add_argument("--steps-per-prompt", type=int, default=4, help="denoising steps measured per prompt")
     parser.add_argument("--explain", action="store_true", help="print why every head of every site got its strategy")
+    parser.add_argument("--ulysses-degree", type=int, default=1,
+                        help="balance heads for N-way Ulysses sequence parallelism (diffusers context parallelism)")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     try:
+        if args.ulysses_degree < 1:
+            raise UsageError(f"--ulysses-degree {args.ulysses_degree}: give 1 (no parallelism) or the Ulysses degree")
         if args.target not in available_targets():
             raise UsageError(f"--target {args.target!r} is unknown; known targets: {', '.join(available_targets())}")
         extra = {} if args.attention_share is None else {"attention_share": args.attention_share}
@@ -123,8 +127,20 @@ def search_main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--out {args.out!r}: folder {out.parent} does not exist")
         model = _load_model(args.model, _device(args.device))
         calib = _load_calibration(args.calib, model)
-        plan, report = _calibrate_and_search(model, calib, args.target, search_config, args.steps, args.steps_per_prompt)
+        plan, report, sites = _calibrate_and_search(model, calib, args.target, search_config, args.steps,
+                                                    args.steps_per_prompt)
         from vdopt.search import summary_table, write_heatmaps
+
+        if args.ulysses_degree > 1:
+            from vdopt.parallel import balance_plan
+            from vdopt.plan import PlanError
+
+            try:
+                balance_plan(plan, sites, args.ulysses_degree)
+            except PlanError as error:
+                raise UsageError(str(error)) from None
+            print(f"heads balanced for ulysses_degree={args.ulysses_degree}: slowest rank / mean predicted "
+                  f"{plan.parallel['max_rank_over_mean_predicted']:.3f}")
 
         plan.save(out)
         print(summary_table(plan))
@@ -139,7 +155,7 @@ def search_main(argv: list[str] | None = None) -> int:
 
 
 def _calibrate_and_search(model: Any, calib: Any, target: str, config: Any, steps: int, steps_per_prompt: int) -> Any:
-    """Calibrate (progress bar) and search; returns (plan, search report)."""
+    """Calibrate (progress bar) and search; returns (plan, search report, attention sites)."""
     from torch import nn
 
     from vdopt.calibrate import CalibrationConfig, calibrate, record_forward_inputs
@@ -160,7 +176,7 @@ def _calibrate_and_search(model: Any, calib: Any, target: str, config: Any, step
     for warning in caught:
         if "efficiency table" in str(warning.message):
             print(f"vdopt-search: warning: {warning.message}", file=sys.stderr)
-    return result
+    return (*result, sites)
 
 
 def profile_main(argv: list[str] | None = None) -> int:
