@@ -18,6 +18,7 @@ import torch
 MEASURED_ORDER: dict[str, tuple[str, ...]] = {
     "block_sparse_attention": ("triton",),
     "cluster_sparse_attention": ("triton",),
+    "strategy_helpers": ("triton",),  # pooled selection, k-means, token permutation
 }
 KNOWN_BACKENDS = ("auto", "triton", "reference")
 

@@ -17,9 +17,8 @@ a few MB at the Wan2.1 shape, measured in benchmarks/strategy_overheads.py again
 
 from __future__ import annotations
 
-import os
-
 import torch
+from vdopt.kernels._backends import resolve_backend
 from vdopt.kernels.reference import kv_block_list_from_mask
 
 try:
@@ -29,25 +28,14 @@ except ImportError:  # Triton is optional on CPU; the reference path needs only 
     triton = None
     tl = None
 
-_BACKENDS = ("auto", "triton", "reference")
-
-
 def _use_triton(x: torch.Tensor, backend: str) -> bool:
-    """Resolve ``backend`` for a tensor on ``x.device``; raise with the fix when Triton cannot run there."""
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend={backend!r} is not one of {_BACKENDS}")
-    if backend == "reference":
-        return False
-    if backend == "auto":
-        return triton is not None and x.is_cuda
+    """Resolve ``backend`` for a tensor on ``x.device`` (see kernels/_backends.py); raise with the fix when Triton
+    cannot run there."""
     if triton is None:
-        raise RuntimeError("backend='triton' needs the triton package; install it or use backend='reference'")
-    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(
-            f"backend='triton' got a tensor on {x.device}; Triton runs on CUDA, or on CPU only with "
-            "TRITON_INTERPRET=1 set before vdopt.kernels is imported; use backend='reference' on CPU"
-        )
-    return True
+        if backend == "triton":
+            raise RuntimeError("backend='triton' needs the triton package; install it or use backend='reference'")
+        return False
+    return resolve_backend("strategy_helpers", backend, x.device) == "triton"
 
 
 def _num_blocks(tokens: int, block: int) -> int:
