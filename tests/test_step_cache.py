@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from vdopt.passes.insert_step_cache import CacheUnsupportedError, StepCache, insert_step_cache
+from vdopt.passes.sparsify_attention import sparsify_attention
 
 import vdopt
 from vdopt.caching import CacheConfig, calibrate_step_cache
 from vdopt.capture import capture
-from vdopt.passes.insert_step_cache import CacheUnsupportedError, StepCache, insert_step_cache
-from vdopt.passes.sparsify_attention import sparsify_attention
 from vdopt.plan import ModelFingerprint, Plan, SitePlan, StepCachePlan, StepRange
 
 
