@@ -35,7 +35,7 @@ from vdopt.calibrate import (
     default_block_size,
     record_forward_inputs,
 )
-from vdopt.capture import SDPA, capture, export_kwargs
+from vdopt.capture import capture, export_kwargs, replace_attention_nodes
 from vdopt.plan import ModelFingerprint, Plan, SitePlan, StepRange
 from vdopt.runtime import OptimizedModel, denoising_time, input_signature
 from vdopt.search import SearchConfig, search
@@ -276,22 +276,11 @@ def attention_recall_report(model: nn.Module, forward_inputs: Sequence[dict[str,
         key = input_signature(inputs)
         if key not in graphs:
             captured = capture(model, inputs, layout)
-            graph = copy.deepcopy(captured.graph_module.graph)
-            gm = fx.GraphModule(captured.graph_module, graph)
-            nodes = {node.name: node for node in graph.nodes}
-            for site in captured.sites:
-                node = nodes[site.node_name]
-                if not site.sparsifiable or node.target is not SDPA:
-                    continue
-                name = "vdopt_recall_" + site.name.replace(".", "_").replace("#", "_")
-                gm.add_submodule(name, _RecallProbe(site, samples, recall, block_size, query_blocks, clock))
-                with graph.inserting_before(node):
-                    probe = graph.call_module(name, args=node.args, kwargs=dict(node.kwargs))
-                probe.meta = dict(node.meta)
-                node.replace_all_uses_with(probe)
-                graph.erase_node(node)
-            gm.recompile()
-            graphs[key] = gm
+
+            def probe(site: AttentionSite) -> _RecallProbe | None:
+                return _RecallProbe(site, samples, recall, block_size, query_blocks, clock) if site.sparsifiable else None
+
+            graphs[key] = replace_attention_nodes(captured.graph_module, captured.sites, probe, "vdopt_recall_")
         clock["t"] = denoising_time(inputs, timestep_arg, timestep_scale)
         with torch.no_grad():
             graphs[key](**export_kwargs(model, inputs))
