@@ -164,7 +164,10 @@ def sparse_site_attention(
             if observe is not None:
                 observe(members, strategy, None)
             continue
-        pattern = strategy.build(heads_of(qv, members), heads_of(kv, members), ctx)
+        if strategy.dynamic:
+            pattern = strategy.build(heads_of(qv, members), heads_of(kv, members), ctx)
+        else:  # layout-only patterns read q/k's shape, not their values: a view of the right shape, no copy
+            pattern = strategy.build(qv[:, : len(members)], kv[:, : len(members)], ctx)
         if observe is not None:
             observe(members, strategy, pattern)
         if _keeps_token_order(pattern):
