@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from vdopt.capture import CapturedGraph, capture, export_kwargs, forward_kwargs
+from vdopt.capture import capture, export_kwargs, forward_kwargs
 from vdopt.plan import Plan, PlanError
 from vdopt.sites import AttentionSite, TokenLayout
 
@@ -66,7 +66,6 @@ class OptimizedModel(nn.Module):
         self.layout = layout
         self.timestep_arg = timestep_arg
         self._graphs: dict[Any, fx.GraphModule] = {}
-        self._captures: dict[Any, CapturedGraph] = {}
         self._takes_return_dict = "return_dict" in inspect.signature(model.forward).parameters
 
     def __getattr__(self, name: str) -> Any:
@@ -78,13 +77,7 @@ class OptimizedModel(nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> OptimizedModel:
         # Captured graphs hold constants of the old device/dtype: capture again after .to()/.half().
         self._graphs.clear()
-        self._captures.clear()
         return super()._apply(fn, recurse)
-
-    def captured(self, **inputs: Any) -> CapturedGraph:
-        """The capture (graph and sites) used for these forward kwargs."""
-        self._graph_for(inputs)
-        return self._captures[input_signature(inputs)]
 
     def _graph_for(self, inputs: dict[str, Any]) -> fx.GraphModule:
         from vdopt.passes.insert_step_cache import insert_step_cache
@@ -100,7 +93,6 @@ class OptimizedModel(nn.Module):
             if not hasattr(gm, "vdopt_clock"):
                 gm.add_submodule("vdopt_clock", DenoisingClock())
             self._graphs[key] = gm
-            self._captures[key] = captured
         return self._graphs[key]
 
     def _plan_for_this_rank(self, sites: list[AttentionSite]) -> Plan:

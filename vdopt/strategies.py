@@ -236,10 +236,6 @@ def strategy_from_json(data: dict[str, Any]) -> Strategy:
     return cls(**params)
 
 
-def registered_strategies() -> dict[str, type[Strategy]]:
-    return dict(_REGISTRY)
-
-
 @dataclass(frozen=True)
 class Dense(Strategy):
     """Full attention (what the model did originally)."""
