@@ -70,6 +70,9 @@ class StepCache(nn.Module):
         """Mean absolute change relative to the mean magnitude (TeaCache's relative L1 indicator)."""
         return float((current.float() - previous.float()).abs().mean() / previous.float().abs().mean().clamp(min=1e-12))
 
+    # The reuse decision is host-side control flow on measured values: it stays eager, and ``blocks`` is compiled
+    # on its own when the model is compiled (vdopt.runtime).
+    @torch.compiler.disable
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
         hidden = args[self.input_index]
         key = (self.clock.branch, tuple(hidden.shape))

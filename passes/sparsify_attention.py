@@ -68,6 +68,9 @@ class PlannedAttention(nn.Module):
         self.state: dict = {}
         self.seed = seed
 
+    # Runs outside torch.compile: it reads the denoising clock and builds data-dependent patterns, which would
+    # make dynamo specialise on every step; the dense graph around it compiles (see vdopt.runtime).
+    @torch.compiler.disable
     def forward(
         self,
         query: torch.Tensor,

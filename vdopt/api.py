@@ -58,10 +58,14 @@ def optimize(
     return optimized
 
 
-def apply(model: Any, plan: Plan, *, layout: TokenLayout | None = None, timestep_arg: str = "timestep") -> OptimizedModel:
+def apply(model: Any, plan: Plan, *, layout: TokenLayout | None = None, timestep_arg: str = "timestep",
+          compile: bool = False, compile_backend: str = "inductor") -> OptimizedModel:
     """Replay a saved ``plan`` on ``model`` (or a pipeline's transformer) without calibration.
+
+    ``compile=True`` runs the graph between planned attention calls through ``torch.compile(backend=...)``.
 
     Raises :class:`vdopt.plan.PlanError` before changing anything if the plan was made for another model.
     """
     transformer, _ = _split_pipeline(model)
-    return OptimizedModel(transformer, plan, layout=layout, timestep_arg=timestep_arg)
+    return OptimizedModel(transformer, plan, layout=layout, timestep_arg=timestep_arg, compile=compile,
+                          compile_backend=compile_backend)

@@ -92,7 +92,7 @@ def calibrate_step_cache(
     plan = optimized.plan
     plan.cache = StepCachePlan(threshold=0.0, warmup_steps=config.warmup_steps,
                                max_consecutive_reuses=config.max_consecutive_reuses)
-    optimized._graphs.clear()
+    optimized.forget_graphs()
     outcomes = {t: _Outcome() for t in config.thresholds}
     replays: dict[tuple[float, Any], _Replay] = {}
 
@@ -128,7 +128,7 @@ def calibrate_step_cache(
             cache.probe = None
     feasible = [t for t in config.thresholds
                 if outcomes[t].reused and max(outcomes[t].errors) <= config.error_budget]
-    optimized._graphs.clear()
+    optimized.forget_graphs()
     if not feasible:
         plan.cache = None
         return None

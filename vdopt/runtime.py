@@ -58,7 +58,8 @@ class OptimizedModel(nn.Module):
     cached; the denoising time is read from the ``timestep`` argument on every call.
     """
 
-    def __init__(self, model: nn.Module, plan: Plan, layout: TokenLayout | None = None, timestep_arg: str = "timestep") -> None:
+    def __init__(self, model: nn.Module, plan: Plan, layout: TokenLayout | None = None, timestep_arg: str = "timestep",
+                 compile: bool = False, compile_backend: str = "inductor") -> None:
         super().__init__()
         plan.check_model(model)
         self.model = model
@@ -66,6 +67,9 @@ class OptimizedModel(nn.Module):
         self.layout = layout
         self.timestep_arg = timestep_arg
         self._graphs: dict[Any, fx.GraphModule] = {}
+        self._runners: dict[Any, Any] = {}
+        self.compile = compile
+        self.compile_backend = compile_backend
         self._takes_return_dict = "return_dict" in inspect.signature(model.forward).parameters
 
     def __getattr__(self, name: str) -> Any:
@@ -74,9 +78,14 @@ class OptimizedModel(nn.Module):
         except AttributeError:
             return getattr(super().__getattr__("model"), name)
 
+    def forget_graphs(self) -> None:
+        """Drop every captured (and compiled) graph, e.g. after the plan changed; the next call captures again."""
+        self._graphs.clear()
+        self._runners.clear()
+
     def _apply(self, fn: Any, recurse: bool = True) -> OptimizedModel:
         # Captured graphs hold constants of the old device/dtype: capture again after .to()/.half().
-        self._graphs.clear()
+        self.forget_graphs()
         return super()._apply(fn, recurse)
 
     def _graph_for(self, inputs: dict[str, Any]) -> fx.GraphModule:
@@ -108,6 +117,26 @@ class OptimizedModel(nn.Module):
         local = [local_site_plan(s, orders.get(s.site), layout) for s in self.plan.sites]
         return replace(self.plan, sites=local)
 
+    def _runner_for(self, inputs: dict[str, Any]) -> Any:
+        """The callable that runs a captured graph: the graph itself, or with ``compile=True`` its torch.compile.
+
+        Planned attention and step-cache decisions run outside the compiled graphs (they are
+        ``torch.compiler.disable``-d), so the dense parts between them (norms, RoPE, modulation, MLP) compile once
+        per input signature and are not recompiled as the denoising time moves; the cached blocks compile apart.
+        """
+        from vdopt.passes.insert_step_cache import StepCache
+
+        key = input_signature(inputs)
+        if key not in self._runners:
+            gm = self._graph_for(inputs)
+            if not self.compile:
+                self._runners[key] = gm
+            else:
+                for cache in (m for m in gm.modules() if isinstance(m, StepCache)):
+                    cache.blocks = torch.compile(cache.blocks, backend=self.compile_backend, dynamic=False)
+                self._runners[key] = torch.compile(gm, backend=self.compile_backend, dynamic=False)
+        return self._runners[key]
+
     def step_caches(self) -> list[nn.Module]:
         """The step-cache nodes of every captured graph (empty without a cache plan)."""
         from vdopt.passes.insert_step_cache import StepCache
@@ -122,7 +151,7 @@ class OptimizedModel(nn.Module):
             for cache in self.step_caches():
                 cache.reset()
         with torch.no_grad():
-            out = gm(**export_kwargs(self.model, inputs))
+            out = self._runner_for(inputs)(**export_kwargs(self.model, inputs))
         if want_dict:
             from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
