@@ -176,3 +176,27 @@ def test_heads_sharing_a_kernel_run_in_one_launch(monkeypatch) -> None:
         keep[:, h] = pattern.keep_rows(torch.arange(LAYOUT.video_tokens))[:, 0]
     ref = _masked_reference(q, k, v, keep, LAYOUT)
     assert float((out.double() - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_heads_sharing_a_token_order_are_permuted_and_launched_together(monkeypatch) -> None:
+    """Two temporal heads with different radii share the position-major order: one gather, one launch."""
+    import vdopt.attention as attention
+
+    launches: list[int] = []
+    real = attention.block_sparse_attention
+
+    def counting(*args, **kwargs):
+        launches.append(len(kwargs["head_indices"]) if kwargs.get("head_indices") is not None else args[0].shape[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "block_sparse_attention", counting)
+    q, k, v = _qk(2, 4, LAYOUT.video_tokens, 16, seed=4)
+    heads = [TemporalWindow(0), TileWindow(1, 2, 2), TemporalWindow(1), SpatialWindow(1)]
+    out = sparse_site_attention(q, k, v, None, None, LAYOUT, heads, PatternContext(LAYOUT, 16, {}))
+    assert sorted(launches) == [1, 1, 2]  # spatial (native order), tile (tile order), both temporal heads
+    keep = torch.zeros(2, 4, LAYOUT.video_tokens, LAYOUT.video_tokens, dtype=torch.bool)
+    for h, strategy in enumerate(heads):
+        pattern = strategy.build(q[:, h:h + 1], k[:, h:h + 1], PatternContext(LAYOUT, 16, {}))
+        keep[:, h] = pattern.keep_rows(torch.arange(LAYOUT.video_tokens))[:, 0]
+    ref = _masked_reference(q, k, v, keep, LAYOUT)
+    assert float((out.double() - ref).norm() / ref.norm()) < 1e-5

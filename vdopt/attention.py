@@ -79,23 +79,31 @@ def additive_key_bias(mask: torch.Tensor | None, dtype: torch.dtype = torch.floa
 
 
 def _fused_block_launch(
-    qv: torch.Tensor, kv: torch.Tensor, vv: torch.Tensor, patterns: list[SparsePattern], heads: list[int], scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patterns: list[SparsePattern], scale: float,
+    heads: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One block-sparse launch for every head whose pattern keeps the native token order (head fusion).
+    """One block-sparse launch for several head groups that share a token order (head fusion).
 
-    ``qv, kv, vv: [B, H, N, D]`` are the whole site's video tokens (views, not copied): the kernel reads the listed
-    ``heads`` in place. Each head brings its own key-block lists, padded to a common width (padding is never read).
+    With ``heads``, ``q, k, v: [B, H, N, D]`` are the whole site's tokens (views, not copied) and the kernel reads
+    the listed heads in place; without, they hold exactly the patterns' heads. Each head brings its own key-block
+    lists, padded to a common width (padding is never read).
     """
     width = max(p.kv_block_indices.shape[-1] for p in patterns)
     indices = torch.cat([F.pad(p.kv_block_indices, (0, width - p.kv_block_indices.shape[-1])) for p in patterns], dim=1)
     counts = torch.cat([p.kv_block_counts for p in patterns], dim=1)
     block = patterns[0].block_size
-    head_index = torch.tensor(heads, device=qv.device, dtype=torch.int32)
-    return block_sparse_attention(qv, kv, vv, indices, counts, block, block, scale=scale, head_indices=head_index)
+    head_index = None if heads is None else torch.tensor(heads, device=q.device, dtype=torch.int32)
+    return block_sparse_attention(q, k, v, indices, counts, block, block, scale=scale, head_indices=head_index)
 
 
 def _keeps_token_order(pattern: SparsePattern) -> bool:
     return pattern.q_perm is None and pattern.kv_perm is None and not pattern.is_clustered
+
+
+def _shares_static_order(pattern: SparsePattern) -> bool:
+    """One token order for every query and key of every head (a layout order, not per-head clusters)."""
+    return (not pattern.is_clustered and pattern.q_perm is not None and pattern.q_perm is pattern.kv_perm
+            and pattern.q_perm.dim() == 1)
 
 
 def sparse_site_attention(
@@ -155,6 +163,9 @@ def sparse_site_attention(
 
     fused_patterns: list[SparsePattern] = []
     fused_heads: list[int] = []
+    # Heads whose patterns share one static token order (e.g. every temporal head, every tile head): one gather
+    # of their q/k/v into that order, one fused launch, one scatter back, whatever their windows.
+    permuted: dict[int, tuple[torch.Tensor, list[SparsePattern], list[int]]] = {}
     for strategy, members in groups.items():
         if isinstance(strategy, Dense):
             out[:, members] = F.scaled_dot_product_attention(
@@ -173,10 +184,21 @@ def sparse_site_attention(
         if _keeps_token_order(pattern):
             fused_patterns.append(pattern)
             fused_heads.extend(members)
+        elif _shares_static_order(pattern):
+            perm = pattern.q_perm
+            entry = permuted.setdefault(id(perm), (perm, [], []))
+            entry[1].append(pattern)
+            entry[2].extend(members)
         else:
             video_out, video_lse = pattern_attention(heads_of(qv, members), heads_of(kv, members), heads_of(vv, members), pattern, scale)
             finish(members, video_out, video_lse)
     if fused_patterns:
-        video_out, video_lse = _fused_block_launch(qv, kv, vv, fused_patterns, fused_heads, scale)
+        video_out, video_lse = _fused_block_launch(qv, kv, vv, fused_patterns, scale, fused_heads)
         finish(fused_heads, video_out, video_lse)
+    for perm, patterns, members in permuted.values():
+        qp, kp, vp = (heads_of(x, members).index_select(2, perm) for x in (qv, kv, vv))
+        video_out, video_lse = _fused_block_launch(qp, kp, vp, patterns, scale)
+        video_out = _permute(video_out, perm, inverse=True)
+        video_lse = _permute(video_lse[..., None], perm, inverse=True)[..., 0]
+        finish(members, video_out, video_lse)
     return out

@@ -8,6 +8,7 @@ its attention-mass recall. Text tokens never enter a pattern; the runtime always
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
@@ -119,8 +120,17 @@ def video_coordinates(layout: TokenLayout, device: torch.device | None = None) -
 
 
 def token_order(layout: TokenLayout, order: str, block_size: int, device: torch.device | None = None) -> torch.Tensor | None:
-    """Permutation (``perm[p]`` = original token at position ``p``) for a named order; None for frame-major."""
-    coords = video_coordinates(layout, device)
+    """Permutation (``perm[p]`` = original token at position ``p``) for a named order; None for frame-major.
+
+    Memoised: every head and strategy that uses one order at one layout gets the same tensor (do not modify it),
+    which is how the runtime permutes all such heads of a site with a single gather.
+    """
+    return _token_order(layout, order, block_size, str(device) if device is not None else "cpu")
+
+
+@functools.lru_cache(maxsize=64)
+def _token_order(layout: TokenLayout, order: str, block_size: int, device: str) -> torch.Tensor | None:
+    coords = video_coordinates(layout, torch.device(device))
     f, r, c = coords.unbind(-1)
     if order == "frame_major":
         return None
