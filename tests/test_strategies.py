@@ -180,7 +180,7 @@ def test_heads_sharing_a_kernel_run_in_one_launch(monkeypatch) -> None:
 
 def test_heads_sharing_a_token_order_are_permuted_and_launched_together(monkeypatch) -> None:
     """Two temporal heads with different radii share the position-major order: one gather, one launch."""
-    import vdopt.attention as attention
+    from vdopt import attention
 
     launches: list[int] = []
     real = attention.block_sparse_attention
