@@ -36,6 +36,7 @@ def optimize(
     calibration_config: CalibrationConfig | None = None,
     layout: TokenLayout | None = None,
     cache: CacheConfig | None = None,
+    compile: bool = False,
 ) -> OptimizedModel:
     """Calibrate ``model`` on ``calib_prompts``, search a plan for ``target`` and return the optimized module.
 
@@ -44,6 +45,7 @@ def optimize(
     strings (pipeline given), dicts of forward kwargs, or a callable that runs the model. The returned module is a
     drop-in for the transformer (``pipe.transformer = opt``); its plan is ``opt.plan``. With ``cache``, a step cache
     (first-block residual reuse) is calibrated on the same prompts/callables, with the sparse plan applied.
+    ``compile=True`` compiles the graph between planned attention calls (see :func:`apply`).
     """
     search_config = search_config or SearchConfig()
     calibration_config = calibration_config or CalibrationConfig()
@@ -55,6 +57,7 @@ def optimize(
     if cache is not None:
         runs = [calib_prompts] if callable(calib_prompts) and not isinstance(calib_prompts, (list, tuple)) else list(calib_prompts)
         calibrate_step_cache(optimized, runs, pipeline, cache)
+    optimized.compile = compile
     return optimized
 
 
