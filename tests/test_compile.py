@@ -49,3 +49,20 @@ def test_compiled_graph_matches_eager_and_compiles_once(cache) -> None:
     assert counters["stats"]["unique_graphs"] == graphs_after_first_call
     for a, b in zip(compiled, eager):
         assert relative_l2(a, b) <= 1e-5
+
+
+def test_compiled_model_at_a_new_resolution_and_batch_two() -> None:
+    from conftest import relative_l2, tiny_wan
+
+    model, kwargs = tiny_wan()
+    plan = _plan(model, kwargs)
+    eager = vdopt.apply(model, Plan.from_json(plan.to_json()))
+    compiled = vdopt.apply(model, Plan.from_json(plan.to_json()), compile=True, compile_backend="aot_eager")
+    _run(compiled, kwargs)
+    g = torch.Generator().manual_seed(3)
+    bigger = {"hidden_states": torch.randn(2, 4, 6, 10, 14, generator=g), "encoder_hidden_states": torch.randn(2, 6, 32, generator=g),
+                  "return_dict": False}
+    with torch.no_grad():
+        for t in (900, 300):
+            step = dict(bigger, timestep=torch.tensor([t, t]))
+            assert relative_l2(compiled(**step)[0], eager(**step)[0]) <= 1e-5

@@ -118,3 +118,21 @@ def test_step_cache_needs_whole_runs() -> None:
     model, plan = _model_and_plan()
     with pytest.raises(ValueError, match="whole denoising runs"):
         calibrate_step_cache(vdopt.apply(model, plan), [local_dit_inputs(0)])
+
+
+def test_cache_follows_a_new_resolution_and_batch_two() -> None:
+    """After a run at one size, a run at another size and batch 2 gets its own graph and cache, still exact at
+    threshold 0 against the same plan without a cache."""
+    from conftest import relative_l2
+
+    model, plan = _model_and_plan(cache=StepCachePlan(threshold=0.0))
+    no_cache = vdopt.apply(model, Plan.from_json({**plan.to_json(), "cache": None}))
+    opt = vdopt.apply(model, plan)
+    _sample(opt, 1, steps=3)
+    g = torch.Generator().manual_seed(9)
+    bigger = {"hidden_states": torch.randn(2, 4, 3, 24, 40, generator=g), "encoder_hidden_states": torch.randn(2, 3, 16, generator=g)}
+    with torch.no_grad():
+        for t in (900.0, 500.0, 100.0):
+            step = dict(bigger, timestep=torch.tensor([t, t]))
+            assert relative_l2(opt(**step), no_cache(**step)) <= 1e-6
+    assert len(opt._graphs) == 2 and len(opt.step_caches()) == 2
