@@ -129,7 +129,7 @@ def search_main(argv: list[str] | None = None) -> int:
         calib = _load_calibration(args.calib, model)
         plan, report, sites = _calibrate_and_search(model, calib, args.target, search_config, args.steps,
                                                     args.steps_per_prompt)
-        from vdopt.search import summary_table, write_heatmaps
+        from vdopt.search import write_heatmaps
 
         if args.ulysses_degree > 1:
             from vdopt.parallel import balance_plan
@@ -143,7 +143,7 @@ def search_main(argv: list[str] | None = None) -> int:
                   f"{plan.parallel['max_rank_over_mean_predicted']:.3f}")
 
         plan.save(out)
-        print(summary_table(plan))
+        print(plan.summary())
         if args.explain:
             print(report.explain())
         pictures = write_heatmaps(plan, out.with_suffix(""))

@@ -268,34 +268,47 @@ class Plan:
         )
 
     def summary(self) -> str:
-        """A readable table: per site and step range, the strategy of each head, density and predicted speedup."""
-        lines = [f"vdopt plan for {self.model.class_name} (target {self.target}, schema {self.schema_version})"]
-        for key in ("attention_speedup", "attention_density", "attention_rel_error", "min_recall"):
-            if key in self.predictions:
-                value = self.predictions[key]
-                lines.append(f"  predicted {key.replace('_', ' ')}: {value:.3f}" if isinstance(value, float) else f"  {key}: {value}")
+        """Predicted speedups and quality, the step cache, then one row per site and step range: heads per
+        strategy, density, speedup, error."""
+        p = self.predictions
+
+        def num(key: str, fmt: str) -> str:
+            value = p.get(key)
+            return format(value, fmt) if isinstance(value, (int, float)) else "?"
+
+        lines = [
+            f"vdopt plan for {self.model.class_name} on {self.target} ({p.get('cost_model', 'cost model unknown')})",
+            (f"predicted attention speedup: {num('attention_speedup', '.2f')}x; end to end: "
+             f"{num('end_to_end_speedup', '.2f')}x (self-attention {num('attention_share', '.0%')} of a step: "
+             f"{p.get('attention_share_source', '?')})"),
+            (f"predicted quality ({p.get('quality_budget', '?')}): site error mean {num('attention_rel_error', '.3f')}, "
+             f"max {num('max_rel_error', '.3f')}; min head recall {num('min_recall', '.3f')}; density "
+             f"{num('attention_density', '.3f')}; dense warm-up {num('dense_warmup_fraction', '.0%')} of t; "
+             f"optimality gap <= {num('optimality_gap', '.1%')}"),
+        ]
         if self.cache is not None:
             c = self.cache
             skip = c.predicted.get("reused_fraction")
             lines.append(
-                f"  step cache: reuse blocks 1..L-1 while first-block change < {c.threshold:.3g} (after {c.warmup_steps} "
+                f"step cache: reuse blocks 1..L-1 while first-block change < {c.threshold:.3g} (after {c.warmup_steps} "
                 f"steps, at most {c.max_consecutive_reuses} in a row)"
                 + (f"; predicted {skip:.0%} of steps reused" if isinstance(skip, float) else "")
             )
+        rows = [("site", "t range", "density", "speedup", "error", "heads")]
         for site in self.sites:
             for r in site.schedule:
-                labels = [h.label() for h in r.heads]
                 counts: dict[str, int] = {}
-                for label in labels:
-                    counts[label] = counts.get(label, 0) + 1
-                heads = ", ".join(f"{n}x {label}" for label, n in counts.items())
-                extra = ""
-                if r.predicted:
-                    density = r.predicted.get("density")
-                    speedup = r.predicted.get("speedup")
-                    extra = "".join([
-                        f" density {density:.2f}" if isinstance(density, float) else "",
-                        f" speedup {speedup:.2f}x" if isinstance(speedup, float) else "",
-                    ])
-                lines.append(f"  {site.site:<40} t in ({r.t_end:.2f}, {r.t_start:.2f}]{extra}: {heads}")
+                for h in r.heads:
+                    counts[h.label()] = counts.get(h.label(), 0) + 1
+
+                def cell(key: str, fmt: str, predicted: dict = r.predicted) -> str:
+                    value = predicted.get(key)
+                    return format(value, fmt) if isinstance(value, (int, float)) else "-"
+
+                rows.append((site.site, f"({r.t_end:.2f}, {r.t_start:.2f}]", cell("density", ".3f"),
+                             cell("speedup", ".2f") + "x", cell("rel_error", ".3f"),
+                             ", ".join(f"{n}x {label}" for label, n in counts.items())))
+        widths = [max(len(row[i]) for row in rows) for i in range(5)]
+        for row in rows:
+            lines.append("  ".join(c.ljust(w) for c, w in zip(row[:5], widths)) + "  " + row[5])
         return "\n".join(lines)

@@ -507,43 +507,6 @@ def search(model: nn.Module, calibration: CalibrationResult, sites: list[Attenti
 # Summary table and heatmaps
 
 
-def summary_table(plan: Plan) -> str:
-    """Predicted speedups and quality, then one row per site and step range: heads per strategy, density, speedup."""
-    p = plan.predictions
-
-    def num(key: str, fmt: str) -> str:
-        value = p.get(key)
-        return format(value, fmt) if isinstance(value, (int, float)) else "?"
-
-    lines = [
-        f"vdopt plan for {plan.model.class_name} on {plan.target} ({p.get('cost_model', 'cost model unknown')})",
-        (f"predicted attention speedup: {num('attention_speedup', '.2f')}x; end to end: {num('end_to_end_speedup', '.2f')}x "
-        f"(self-attention {num('attention_share', '.0%')} of a step: {p.get('attention_share_source', '?')})"),
-        (f"predicted quality ({p.get('quality_budget', '?')}): site error mean {num('attention_rel_error', '.3f')}, "
-        f"max {num('max_rel_error', '.3f')}; min head recall {num('min_recall', '.3f')}; density "
-        f"{num('attention_density', '.3f')}; dense warm-up {num('dense_warmup_fraction', '.0%')} of t; "
-        f"optimality gap <= {num('optimality_gap', '.1%')}"),
-    ]
-    rows = [("site", "t range", "density", "speedup", "error", "heads")]
-    for site in plan.sites:
-        for r in site.schedule:
-            counts: dict[str, int] = {}
-            for h in r.heads:
-                counts[h.label()] = counts.get(h.label(), 0) + 1
-            pred = r.predicted
-
-            def cell(key: str, fmt: str, pred: dict = pred) -> str:
-                value = pred.get(key)
-                return format(value, fmt) if isinstance(value, (int, float)) else "-"
-
-            rows.append((site.site, f"({r.t_end:.2f}, {r.t_start:.2f}]", cell("density", ".3f"), cell("speedup", ".2f") + "x",
-                         cell("rel_error", ".3f"), ", ".join(f"{n}x {label}" for label, n in counts.items())))
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    for row in rows:
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row[:5], widths)) + "  " + row[5])
-    return "\n".join(lines)
-
-
 def write_heatmaps(plan: Plan, prefix: str | Path) -> list[Path]:
     """Per-site x head maps of strategy, density and recall, one panel per calibration time, as PNGs.
 
