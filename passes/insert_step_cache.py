@@ -27,12 +27,30 @@ class CacheUnsupportedError(ValueError):
 
 
 @dataclass
-class _BranchState:
-    previous_input: torch.Tensor | None = None
+class CachePolicyState:
+    """Where one cache (one CFG branch, one shape) stands in the reuse policy."""
+
     residual: torch.Tensor | None = None
     accumulated: float = 0.0
     consecutive_reuses: int = 0
     steps: int = 0
+    previous_input: torch.Tensor | None = None
+
+    def should_reuse(self, change: float, plan: StepCachePlan) -> bool:
+        """The criterion: past warm-up, under the run-length limit, accumulated change under the threshold."""
+        return (self.residual is not None and self.steps >= plan.warmup_steps
+                and self.consecutive_reuses < plan.max_consecutive_reuses and self.accumulated + change < plan.threshold)
+
+    def record(self, change: float, reused: bool, residual: torch.Tensor | None = None) -> None:
+        """Advance by one step: a reuse accumulates the change; a computed step stores its residual and resets."""
+        self.steps += 1
+        if reused:
+            self.accumulated += change
+            self.consecutive_reuses += 1
+        else:
+            self.residual = None if residual is None else residual.detach()
+            self.accumulated = 0.0
+            self.consecutive_reuses = 0
 
 
 @dataclass
@@ -57,7 +75,7 @@ class StepCache(nn.Module):
         self.input_index = input_index
         self.cache_plan = cache_plan
         self.clock = clock
-        self.states: dict[Any, _BranchState] = {}
+        self.states: dict[Any, CachePolicyState] = {}
         self.stats = CacheStats()
         self.probe: Any = None
 
@@ -76,21 +94,11 @@ class StepCache(nn.Module):
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
         hidden = args[self.input_index]
         key = (self.clock.branch, tuple(hidden.shape))
-        state = self.states.setdefault(key, _BranchState())
+        state = self.states.setdefault(key, CachePolicyState())
         change = 0.0 if state.previous_input is None else self.relative_change(hidden, state.previous_input)
         state.previous_input = hidden.detach()
-        plan = self.cache_plan
-        reuse = (
-            self.probe is None
-            and state.residual is not None
-            and state.steps >= plan.warmup_steps
-            and state.consecutive_reuses < plan.max_consecutive_reuses
-            and state.accumulated + change < plan.threshold
-        )
-        state.steps += 1
-        if reuse:
-            state.accumulated += change
-            state.consecutive_reuses += 1
+        if self.probe is None and state.should_reuse(change, self.cache_plan):
+            state.record(change, reused=True)
             self.stats.reused += 1
             self.stats.history.append((self.clock.t, True))
             return hidden + state.residual
@@ -98,9 +106,7 @@ class StepCache(nn.Module):
         residual = out - hidden
         if self.probe is not None:
             self.probe(key, hidden, residual, change)
-        state.residual = residual.detach()
-        state.accumulated = 0.0
-        state.consecutive_reuses = 0
+        state.record(change, reused=False, residual=residual)
         self.stats.computed += 1
         self.stats.history.append((self.clock.t, False))
         return out

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vdopt.calibrate import run_pipeline
+from vdopt.passes.insert_step_cache import CachePolicyState
 from vdopt.plan import StepCachePlan
 
 
@@ -39,38 +40,23 @@ class CacheConfig:
 
 
 @dataclass
-class _Replay:
-    """One candidate threshold's policy replayed on the probed steps of one branch."""
-
-    residual: torch.Tensor | None = None
-    accumulated: float = 0.0
-    consecutive: int = 0
-    steps: int = 0
-
-
-@dataclass
 class _Outcome:
     reused: int = 0
     computed: int = 0
     errors: list[float] = field(default_factory=list)
 
 
-def _replay_step(threshold: float, replay: _Replay, outcome: _Outcome, hidden: torch.Tensor, residual: torch.Tensor,
-                 change: float, config: CacheConfig) -> None:
-    reuse = (replay.residual is not None and replay.steps >= config.warmup_steps
-             and replay.consecutive < config.max_consecutive_reuses and replay.accumulated + change < threshold)
-    replay.steps += 1
-    if reuse:
+def _replay_step(policy: StepCachePlan, replay: CachePolicyState, outcome: _Outcome, hidden: torch.Tensor,
+                 residual: torch.Tensor, change: float) -> None:
+    """One probed step under a candidate policy: the same criterion the cache node applies at run time."""
+    if replay.should_reuse(change, policy):
         truth = (hidden + residual).float()
         outcome.errors.append(float((replay.residual.float() - residual.float()).norm() / truth.norm().clamp(min=1e-12)))
         outcome.reused += 1
-        replay.accumulated += change
-        replay.consecutive += 1
+        replay.record(change, reused=True)
     else:
         outcome.computed += 1
-        replay.residual = residual.detach()
-        replay.accumulated = 0.0
-        replay.consecutive = 0
+        replay.record(change, reused=False, residual=residual)
 
 
 def calibrate_step_cache(
@@ -94,12 +80,13 @@ def calibrate_step_cache(
                                max_consecutive_reuses=config.max_consecutive_reuses)
     optimized.forget_graphs()
     outcomes = {t: _Outcome() for t in config.thresholds}
-    replays: dict[tuple[float, Any], _Replay] = {}
+    policies = {t: StepCachePlan(t, config.warmup_steps, config.max_consecutive_reuses) for t in config.thresholds}
+    replays: dict[tuple[float, Any], CachePolicyState] = {}
 
     def probe(key: Any, hidden: torch.Tensor, residual: torch.Tensor, change: float) -> None:
         for threshold in config.thresholds:
-            replay = replays.setdefault((threshold, key), _Replay())
-            _replay_step(threshold, replay, outcomes[threshold], hidden, residual, change, config)
+            replay = replays.setdefault((threshold, key), CachePolicyState())
+            _replay_step(policies[threshold], replay, outcomes[threshold], hidden, residual, change)
 
     def install(module: Any, args: tuple, kwargs: dict) -> None:
         for cache in optimized.step_caches():
