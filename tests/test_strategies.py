@@ -150,53 +150,51 @@ def test_one_plan_serves_several_resolutions() -> None:
             assert pattern.keep_rows(torch.tensor([0, layout.video_tokens - 1])).shape[-1] == layout.video_tokens
 
 
-def test_heads_sharing_a_kernel_run_in_one_launch(monkeypatch) -> None:
-    """Spatial, diagonal and pooled heads keep the token order: one fused block-sparse launch, reading heads in place."""
+@pytest.fixture()
+def launches(monkeypatch) -> list[int]:
+    """Heads per block-sparse launch made by the site runtime during the test."""
     from vdopt import attention
 
-    launches: list[int] = []
+    heads_per_launch: list[int] = []
     real = attention.block_sparse_attention
 
     def counting(*args, **kwargs):
-        launches.append(len(kwargs["head_indices"]) if kwargs.get("head_indices") is not None else args[0].shape[1])
+        index = kwargs.get("head_indices")
+        heads_per_launch.append(len(index) if index is not None else args[0].shape[1])
         return real(*args, **kwargs)
 
     monkeypatch.setattr(attention, "block_sparse_attention", counting)
-    q, k, v = _qk(2, 5, LAYOUT.video_tokens, 16, seed=3)
-    heads = [SpatialWindow(0), Diagonal(0.5), Dense(), PooledTopP(0.6), TemporalWindow(1)]
-    out = sparse_site_attention(q, k, v, None, None, LAYOUT, heads, PatternContext(LAYOUT, 16, {}))
-    # one fused launch for the three order-keeping heads, one for the permuted temporal head
-    assert sorted(launches) == [1, 3]
-    keep = torch.zeros(2, 5, LAYOUT.video_tokens, LAYOUT.video_tokens, dtype=torch.bool)
+    return heads_per_launch
+
+
+def _per_head_reference(q, k, v, heads) -> torch.Tensor:
+    """Masked float64 attention with each head's own pattern, built head by head (no fusion, no sharing)."""
+    keep = torch.zeros(*q.shape[:2], LAYOUT.video_tokens, LAYOUT.video_tokens, dtype=torch.bool)
     for h, strategy in enumerate(heads):
         if isinstance(strategy, Dense):
             keep[:, h] = True
             continue
         pattern = strategy.build(q[:, h:h + 1], k[:, h:h + 1], PatternContext(LAYOUT, 16, {}))
         keep[:, h] = pattern.keep_rows(torch.arange(LAYOUT.video_tokens))[:, 0]
-    ref = _masked_reference(q, k, v, keep, LAYOUT)
+    return _masked_reference(q, k, v, keep, LAYOUT)
+
+
+def test_heads_sharing_a_kernel_run_in_one_launch(launches) -> None:
+    """Spatial, diagonal and pooled heads keep the token order: one fused block-sparse launch, reading heads in place."""
+    q, k, v = _qk(2, 5, LAYOUT.video_tokens, 16, seed=3)
+    heads = [SpatialWindow(0), Diagonal(0.5), Dense(), PooledTopP(0.6), TemporalWindow(1)]
+    out = sparse_site_attention(q, k, v, None, None, LAYOUT, heads, PatternContext(LAYOUT, 16, {}))
+    # one fused launch for the three order-keeping heads, one for the permuted temporal head
+    assert sorted(launches) == [1, 3]
+    ref = _per_head_reference(q, k, v, heads)
     assert float((out.double() - ref).norm() / ref.norm()) < 1e-5
 
 
-def test_heads_sharing_a_token_order_are_permuted_and_launched_together(monkeypatch) -> None:
+def test_heads_sharing_a_token_order_are_permuted_and_launched_together(launches) -> None:
     """Two temporal heads with different radii share the position-major order: one gather, one launch."""
-    from vdopt import attention
-
-    launches: list[int] = []
-    real = attention.block_sparse_attention
-
-    def counting(*args, **kwargs):
-        launches.append(len(kwargs["head_indices"]) if kwargs.get("head_indices") is not None else args[0].shape[1])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(attention, "block_sparse_attention", counting)
     q, k, v = _qk(2, 4, LAYOUT.video_tokens, 16, seed=4)
     heads = [TemporalWindow(0), TileWindow(1, 2, 2), TemporalWindow(1), SpatialWindow(1)]
     out = sparse_site_attention(q, k, v, None, None, LAYOUT, heads, PatternContext(LAYOUT, 16, {}))
     assert sorted(launches) == [1, 1, 2]  # spatial (native order), tile (tile order), both temporal heads
-    keep = torch.zeros(2, 4, LAYOUT.video_tokens, LAYOUT.video_tokens, dtype=torch.bool)
-    for h, strategy in enumerate(heads):
-        pattern = strategy.build(q[:, h:h + 1], k[:, h:h + 1], PatternContext(LAYOUT, 16, {}))
-        keep[:, h] = pattern.keep_rows(torch.arange(LAYOUT.video_tokens))[:, 0]
-    ref = _masked_reference(q, k, v, keep, LAYOUT)
+    ref = _per_head_reference(q, k, v, heads)
     assert float((out.double() - ref).norm() / ref.norm()) < 1e-5
