@@ -88,20 +88,17 @@ class OptimizedModel(nn.Module):
         self.forget_graphs()
         return super()._apply(fn, recurse)
 
-    def _graph_for(self, inputs: dict[str, Any]) -> fx.GraphModule:
+    def _graph_for(self, inputs: dict[str, Any], key: Any) -> fx.GraphModule:
+        """The rewritten graph for inputs of signature ``key``, captured on first use (it always has a clock)."""
         from vdopt.passes.insert_step_cache import insert_step_cache
-        from vdopt.passes.sparsify_attention import DenoisingClock, sparsify_attention
+        from vdopt.passes.sparsify_attention import sparsify_attention
 
-        key = input_signature(inputs)
         if key not in self._graphs:
             captured = capture(self.model, inputs, self.layout)
             plan = self._plan_for_this_rank(captured.sites)
             check_plan_sites(plan, captured.sites)
             gm = sparsify_attention(captured.graph_module, plan, captured.sites)
-            gm = insert_step_cache(gm, plan, captured.sites)
-            if not hasattr(gm, "vdopt_clock"):
-                gm.add_submodule("vdopt_clock", DenoisingClock())
-            self._graphs[key] = gm
+            self._graphs[key] = insert_step_cache(gm, plan, captured.sites)
         return self._graphs[key]
 
     def _plan_for_this_rank(self, sites: list[AttentionSite]) -> Plan:
@@ -117,7 +114,7 @@ class OptimizedModel(nn.Module):
         local = [local_site_plan(s, orders.get(s.site), layout) for s in self.plan.sites]
         return replace(self.plan, sites=local)
 
-    def _runner_for(self, inputs: dict[str, Any]) -> Any:
+    def _runner_for(self, key: Any, gm: fx.GraphModule) -> Any:
         """The callable that runs a captured graph: the graph itself, or with ``compile=True`` its torch.compile.
 
         Planned attention and step-cache decisions run outside the compiled graphs (they are
@@ -126,9 +123,7 @@ class OptimizedModel(nn.Module):
         """
         from vdopt.passes.insert_step_cache import StepCache
 
-        key = input_signature(inputs)
         if key not in self._runners:
-            gm = self._graph_for(inputs)
             if not self.compile:
                 self._runners[key] = gm
             else:
@@ -146,12 +141,13 @@ class OptimizedModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         inputs = forward_kwargs(self.model, args, kwargs)
         want_dict = bool(inputs.pop("return_dict", True)) and self._takes_return_dict
-        gm = self._graph_for(inputs)
+        key = input_signature(inputs)
+        gm = self._graph_for(inputs, key)
         if gm.vdopt_clock.advance(denoising_time(inputs, self.timestep_arg, self.plan.timestep_scale)):
             for cache in self.step_caches():
                 cache.reset()
         with torch.no_grad():
-            out = self._runner_for(inputs)(**export_kwargs(self.model, inputs))
+            out = self._runner_for(key, gm)(**export_kwargs(self.model, inputs))
         if want_dict:
             from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
