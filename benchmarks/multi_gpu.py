@@ -181,6 +181,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out_file
         torch.manual_seed(0)
     if rank == 0:
         Path(out_file).write_text(json.dumps(records))
+    dist.barrier()  # both ranks done before the group is torn down
     dist.destroy_process_group()
 
 

@@ -68,6 +68,7 @@ def _ulysses_worker(rank: int, world: int, port: int, plan_json: dict, out_path:
             out = opt(**kwargs)[0]
         if rank == 0:
             torch.save({"out": out, "head_order": getattr(model, "_vdopt_head_order", None)}, out_path)
+        dist.barrier()  # both ranks done before gloo tears down (a race there once aborted a rank)
     finally:
         dist.destroy_process_group()
 
