@@ -4,7 +4,8 @@ The node implements first-block residual reuse (the FirstBlockCache / TeaCache f
 relative change of its output since the last step that ran the rest is accumulated, and while that stays under the
 plan's threshold the rest of the blocks is skipped and replaced by the residual (output - input) they produced then.
 The threshold, the warm-up steps and the longest run of reuses are chosen offline (``vdopt.caching``) and stored in
-the plan. CFG branches called separately with the same timestep keep separate caches.
+the plan. Or, with a schedule plan (LeMiCa), the blocks are skipped on fixed step indices chosen offline. CFG
+branches called separately with the same timestep keep separate caches.
 """
 
 from __future__ import annotations
@@ -37,7 +38,10 @@ class CachePolicyState:
     previous_input: torch.Tensor | None = None
 
     def should_reuse(self, change: float, plan: StepCachePlan) -> bool:
-        """The criterion: past warm-up, under the run-length limit, accumulated change under the threshold."""
+        """The criterion: a scheduled step; or past warm-up, under the run-length limit, accumulated change under
+        the threshold."""
+        if plan.reuse_steps is not None:
+            return self.residual is not None and plan.reuses_step(self.steps)
         return (self.residual is not None and self.steps >= plan.warmup_steps
                 and self.consecutive_reuses < plan.max_consecutive_reuses and self.accumulated + change < plan.threshold)
 
@@ -95,8 +99,10 @@ class StepCache(nn.Module):
         hidden = args[self.input_index]
         key = (self.clock.branch, tuple(hidden.shape))
         state = self.states.setdefault(key, CachePolicyState())
-        change = 0.0 if state.previous_input is None else self.relative_change(hidden, state.previous_input)
-        state.previous_input = hidden.detach()
+        # A fixed schedule needs no measured change (which would synchronise with the device every step).
+        measure = self.cache_plan.reuse_steps is None or self.probe is not None
+        change = 0.0 if state.previous_input is None or not measure else self.relative_change(hidden, state.previous_input)
+        state.previous_input = hidden.detach() if measure else None
         if self.probe is None and state.should_reuse(change, self.cache_plan):
             state.record(change, reused=True)
             self.stats.reused += 1

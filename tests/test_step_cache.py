@@ -136,3 +136,65 @@ def test_cache_follows_a_new_resolution_and_batch_two() -> None:
             step = dict(bigger, timestep=torch.tensor([t, t]))
             assert relative_l2(opt(**step), no_cache(**step)) <= 1e-6
     assert len(opt._graphs) == 2 and len(opt.step_caches()) == 2
+
+
+def test_calibrated_schedule_meets_its_budget_and_round_trips() -> None:
+    """The schedule policy (LeMiCa): fixed reused steps, chosen as the fewest computed steps under the budget."""
+    from conftest import relative_l2
+
+    model, plan = _model_and_plan()
+    opt = vdopt.apply(model, plan)
+    budget = 0.1
+    chosen = calibrate_step_cache(opt, [lambda m, s=s: _sample(m, s) for s in range(2)], None,
+                                  CacheConfig(error_budget=budget, policy="schedule", max_consecutive_reuses=2))
+    assert chosen is not None and chosen.kind == "schedule" and chosen.schedule_steps == 12
+    assert chosen.predicted["max_hidden_rel_error"] <= budget
+    assert all(i >= 2 for i in chosen.reuse_steps)  # warm-up steps always compute
+    no_cache = vdopt.apply(model, Plan.from_json({**plan.to_json(), "cache": None}))
+    cached_video, reference = _sample(opt, 7), _sample(no_cache, 7)
+    (cache,) = opt.step_caches()
+    assert [i for i, (_, reused) in enumerate(cache.stats.history) if reused] == list(chosen.reuse_steps)
+    assert relative_l2(cached_video, reference) < budget
+    assert Plan.from_json(opt.plan.to_json()).cache == opt.plan.cache
+
+
+def test_schedule_is_the_fewest_computed_steps_under_the_budget() -> None:
+    """Against brute force over every reuse set on a small error table."""
+    import itertools
+
+    from vdopt.caching import _ScheduleProbe
+
+    g = torch.Generator().manual_seed(3)
+    probe = _ScheduleProbe(window=3)
+    n = 9
+    probe.steps = set(range(n))
+    probe.errors = {(j, k): float(torch.rand(1, generator=g)) * 0.2 for j in range(n) for k in range(j + 1, min(n, j + 3))}
+    config = CacheConfig(error_budget=0.1, max_consecutive_reuses=2, warmup_steps=1)
+    reused, errors = probe.best_schedule(config)
+
+    def feasible(subset: set[int]) -> bool:
+        last, run = 0, 0
+        for k in range(1, n):
+            if k in subset:
+                run += 1
+                if k < 1 or run > 2 or probe.errors.get((last, k), 1.0) > 0.1:
+                    return False
+            else:
+                last, run = k, 0
+        return True
+
+    best = max(len(c) for r in range(n) for c in itertools.combinations(range(1, n), r) if feasible(set(c)))
+    assert len(reused) == best and feasible(set(reused)) and max(errors) <= 0.1
+
+
+def test_schedule_resamples_to_another_step_count_and_rejects_bad_steps() -> None:
+    from vdopt.plan import PlanError
+
+    plan = StepCachePlan(reuse_steps=(3, 5, 7), schedule_steps=10)
+    assert plan.resampled(10) is plan
+    longer = plan.resampled(19)
+    assert longer.schedule_steps == 19 and set(longer.reuse_steps) == {6, 10, 14}
+    with pytest.raises(PlanError, match="outside"):
+        StepCachePlan(reuse_steps=(0, 3), schedule_steps=10)
+    with pytest.raises(PlanError, match="schedule_steps"):
+        StepCachePlan(reuse_steps=(3,))

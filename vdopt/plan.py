@@ -101,27 +101,69 @@ class SitePlan:
 
 @dataclass
 class StepCachePlan:
-    """First-block residual reuse across denoising steps (see passes/insert_step_cache.py).
+    """Reuse of blocks 1..L-1 across denoising steps (see passes/insert_step_cache.py), in one of two kinds.
 
-    The blocks after the first are skipped while the accumulated relative change of the first block's output stays
-    under ``threshold``, never in the first ``warmup_steps`` steps of a run, and never more than
-    ``max_consecutive_reuses`` steps in a row.
+    - ``first_block_residual`` (``reuse_steps`` None): the blocks after the first are skipped while the accumulated
+      relative change of the first block's output stays under ``threshold``, never in the first ``warmup_steps``
+      steps of a run, and never more than ``max_consecutive_reuses`` steps in a row (TeaCache / FirstBlockCache).
+    - ``schedule``: a fixed set of step indices of a ``schedule_steps``-step run on which the blocks are skipped,
+      chosen offline from calibration runs (LeMiCa): no run-time measurement, so no device synchronisation.
+      :meth:`resampled` maps it to a run of another length.
     """
 
-    threshold: float
+    threshold: float = 0.0
     warmup_steps: int = 2
     max_consecutive_reuses: int = 2
     predicted: dict[str, Any] = field(default_factory=dict)
+    reuse_steps: tuple[int, ...] | None = None
+    schedule_steps: int | None = None
 
     def __post_init__(self) -> None:
         if not self.threshold >= 0:
             raise PlanError(f"cache.threshold must be >= 0, got {self.threshold}")
         if self.warmup_steps < 0 or self.max_consecutive_reuses < 0:
             raise PlanError("cache.warmup_steps and cache.max_consecutive_reuses must be >= 0")
+        if self.reuse_steps is not None:
+            self.reuse_steps = tuple(sorted(set(int(i) for i in self.reuse_steps)))
+            if self.schedule_steps is None or self.schedule_steps < 1:
+                raise PlanError(f"cache.schedule_steps must be a step count >= 1 for a reuse schedule, got "
+                                f"{self.schedule_steps}")
+            bad = [i for i in self.reuse_steps if not 0 < i < self.schedule_steps]
+            if bad:
+                raise PlanError(f"cache.reuse_steps {bad} lie outside 1..{self.schedule_steps - 1} (step 0 always runs)")
+
+    @property
+    def kind(self) -> str:
+        return "first_block_residual" if self.reuse_steps is None else "schedule"
+
+    def reuses_step(self, step: int) -> bool:
+        """For a schedule: whether step ``step`` (0-based, counted per branch within a run) reuses the blocks."""
+        return self.reuse_steps is not None and step in self.reuse_steps
+
+    def resampled(self, steps: int) -> StepCachePlan:
+        """The same schedule for a ``steps``-step run: step i reuses when the schedule's step at the same fraction of
+        the run does. A threshold plan is returned unchanged (it does not depend on the run length)."""
+        if self.reuse_steps is None or steps == self.schedule_steps:
+            return self
+        n = self.schedule_steps or 1
+        mapped = {i for i in range(1, steps) if round(i * (n - 1) / max(steps - 1, 1)) in self.reuse_steps}
+        return StepCachePlan(self.threshold, self.warmup_steps, self.max_consecutive_reuses,
+                             {**self.predicted, "resampled_from_steps": n}, tuple(sorted(mapped)), steps)
+
+    def describe(self) -> str:
+        """One line for plan summaries."""
+        if self.reuse_steps is not None:
+            return (f"step cache: fixed schedule, blocks 1..L-1 reused on {len(self.reuse_steps)} of "
+                    f"{self.schedule_steps} steps (steps {list(self.reuse_steps)})")
+        return (f"step cache: reuse blocks 1..L-1 while first-block change < {self.threshold:.3g} (after "
+                f"{self.warmup_steps} steps, at most {self.max_consecutive_reuses} in a row)")
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": "first_block_residual", "threshold": self.threshold, "warmup_steps": self.warmup_steps,
-                "max_consecutive_reuses": self.max_consecutive_reuses, "predicted": _jsonable(self.predicted)}
+        entry: dict[str, Any] = {"kind": self.kind, "threshold": self.threshold, "warmup_steps": self.warmup_steps,
+                                 "max_consecutive_reuses": self.max_consecutive_reuses}
+        if self.reuse_steps is not None:
+            entry.update(reuse_steps=list(self.reuse_steps), schedule_steps=self.schedule_steps)
+        return {**entry, "predicted": _jsonable(self.predicted)}
 
 
 @dataclass
@@ -244,11 +286,17 @@ class Plan:
         cache = None
         if data.get("cache") is not None:
             entry = need(data, "cache", dict, "")
-            if entry.get("kind") != "first_block_residual":
-                raise PlanError(f"{source}: field cache.kind {entry.get('kind')!r} is unknown; vdopt knows 'first_block_residual'")
+            kind = entry.get("kind")
+            if kind not in ("first_block_residual", "schedule"):
+                raise PlanError(f"{source}: field cache.kind {kind!r} is unknown; vdopt knows 'first_block_residual' "
+                                "and 'schedule'")
+            reuse = None
+            if kind == "schedule":
+                reuse = tuple(need(entry, "reuse_steps", list, "cache."))
             cache = StepCachePlan(float(need(entry, "threshold", (int, float), "cache.")),
                                   need(entry, "warmup_steps", int, "cache."),
-                                  need(entry, "max_consecutive_reuses", int, "cache."), dict(entry.get("predicted", {})))
+                                  need(entry, "max_consecutive_reuses", int, "cache."), dict(entry.get("predicted", {})),
+                                  reuse, entry.get("schedule_steps") if kind == "schedule" else None)
         parallel = data.get("parallel")
         if parallel is not None:
             degree = need(parallel, "ulysses_degree", int, "parallel.")
@@ -287,13 +335,8 @@ class Plan:
              f"optimality gap <= {num('optimality_gap', '.1%')}"),
         ]
         if self.cache is not None:
-            c = self.cache
-            skip = c.predicted.get("reused_fraction")
-            lines.append(
-                f"step cache: reuse blocks 1..L-1 while first-block change < {c.threshold:.3g} (after {c.warmup_steps} "
-                f"steps, at most {c.max_consecutive_reuses} in a row)"
-                + (f"; predicted {skip:.0%} of steps reused" if isinstance(skip, float) else "")
-            )
+            skip = self.cache.predicted.get("reused_fraction")
+            lines.append(self.cache.describe() + (f"; predicted {skip:.0%} of steps reused" if isinstance(skip, float) else ""))
         rows = [("site", "t range", "density", "speedup", "error", "heads")]
         for site in self.sites:
             for r in site.schedule:
