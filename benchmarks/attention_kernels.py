@@ -6,10 +6,13 @@ self-attention shapes on the same random per-head block masks:
   cudnn_dense   torch SDPA, cuDNN backend, dense (the reference rate)
   flex          torch.compile(flex_attention) with BlockMask.from_kv_blocks of the same 128-token block lists
   triton        vdopt's Triton kernel called directly (block_sparse_attention_triton)
-  op            torch.ops.vdopt.block_sparse_attention as dispatched (backend="auto"; op overhead included)
+  fa4           FlashAttention-4's block-sparse forward through vdopt's adapter (block_sparse_attention_fa4, list
+                conversion included), where flash_attn.cute imports in this run (benchmarks/device_env.sh)
+  op            torch.ops.vdopt.block_sparse_attention as dispatched (backend="auto", so FA4 where it runs, else
+                Triton; op overhead included); the record names the backend that ran
   cluster       vdopt's variable-size cluster kernel on random cluster sizes, at (close to) equal kept FLOPs
-Peers that need wheels this run does not carry (FlashAttention-4, FlashInfer, FastVideo) are not run; their
-H100 figures from shared/measurements/peer-kernels-h100.txt are recorded as such.
+FA4, when it runs, is also recorded as a measured peer. Peers this run cannot run (FlashInfer always, FA4 when not
+installed) keep their H100 figures from shared/measurements/peer-kernels-h100.txt, labelled as such.
 TFLOP/s are counted on kept blocks only: 4 * D * sum over (batch, head, query block) of rows * kept key tokens.
 
 Usage: python benchmarks/attention_kernels.py [--mode full|sweep|smoke] [--shapes wan1.3b,...] [--deadline S]
@@ -32,6 +35,7 @@ import torch
 import triton
 from vdopt.kernels import block_sparse_attention as bsa
 from vdopt.kernels import cluster_sparse_attention as csa
+from vdopt.kernels import fa4_backend
 from vdopt.kernels.reference import (
     block_sparse_attention_reference,
     cluster_sparse_attention_reference,
@@ -58,6 +62,8 @@ PEER_TFLOPS = {
         "flashinfer_var_fa3_128": {0.5: 521.5, 0.25: 509.5, 0.15: 490.5, 0.1: 469, 0.05: 428},
     },
 }
+PEER_FILE_SOURCE = "not run here, from shared/measurements/peer-kernels-h100.txt (N=32768)"
+MEASURED_SOURCE = "measured in this run"
 T0 = time.time()
 
 
@@ -194,6 +200,36 @@ def flex_runner(q, k, v, idx, cnt, block):
     return lambda: _FLEX["fn"](q, k, v, block_mask=mask)
 
 
+def fa4_version() -> str:
+    """flash-attn-4's installed version, or why FA4 does not import."""
+    import importlib.metadata
+
+    error = fa4_backend.fa4_import_error()
+    if error is not None:
+        return f"not importable: {error}"
+    try:
+        return importlib.metadata.version("flash-attn-4")
+    except importlib.metadata.PackageNotFoundError:
+        return "importable, version unknown (no package metadata)"
+
+
+def record_peers(rec: dict, model: str, density: float, flops: float) -> None:
+    """Peer figures of one cell: FA4 as measured in this run where it ran, else (and FlashInfer always) the peer
+    file's rate at the same density, converted to ms at this cell's kept FLOPs; each labelled with its source."""
+    tflops = {p: rates[density] for p, rates in PEER_TFLOPS.get(model, {}).items()}
+    sources = dict.fromkeys(tflops, PEER_FILE_SOURCE)
+    ms = {p: flops / tf / 1e9 for p, tf in tflops.items()}
+    if "fa4_ms" in rec:
+        tflops["fa4_128"], sources["fa4_128"], ms["fa4_128"] = rec["fa4_effective_tflops"], MEASURED_SOURCE, rec["fa4_ms"]
+    if not tflops:
+        rec["best_peer"], rec["best_peer_ms"] = None, None
+        rec["best_peer_source"] = "no peer measured at this shape"
+        return
+    best = min(ms, key=ms.get)
+    rec["best_peer"], rec["best_peer_ms"], rec["best_peer_source"] = best, ms[best], sources[best]
+    rec["peer_tflops"], rec["peer_sources"] = tflops, sources
+
+
 # ----------------------------------------------------------------------------------------------- modes
 SWEEP_BLOCK = {  # name: (config (BLOCK_M, BLOCK_N, stages, warps), use_tma, ragged mode)
     "tma_128x64_s2_w4_br": ((128, 64, 2, 4), True, 2),
@@ -302,7 +338,7 @@ def full(args) -> None:
     date = datetime.date.today().isoformat()
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "date": date,
-            "command": " ".join(sys.argv)}
+            "command": " ".join(sys.argv), "flash_attn_4": fa4_version()}
     log("== correctness vs reference (bf16, fresh random inputs)")
     checks = {
         "triton": check_block(bsa.block_sparse_attention_triton, "triton", device),
@@ -310,6 +346,18 @@ def full(args) -> None:
         "triton_fp16": check_block(bsa.block_sparse_attention_triton, "triton_fp16", device, dtype=torch.float16),
         "cluster": check_cluster("cluster", device),
     }
+    # FA4 is timed only where it imports and matched the reference.
+    run_fa4 = fa4_backend.fa4_available()
+    if run_fa4:
+        try:
+            checks["fa4"] = check_block(fa4_backend.block_sparse_attention_fa4, "fa4", device)
+            checks["fa4_fp16"] = check_block(fa4_backend.block_sparse_attention_fa4, "fa4_fp16", device,
+                                             dtype=torch.float16)
+        except Exception as e:  # noqa: BLE001 -- reported; Triton and the rest still run
+            log(f"  check fa4: ERROR {type(e).__name__}: {str(e)[:400]}")
+            checks["fa4"] = float("inf")
+        run_fa4 = all(math.isfinite(checks[c]) for c in ("fa4", "fa4_fp16") if c in checks)
+        meta["fa4_timed"] = run_fa4
     records = []
     for shape_name in args.shapes.split(","):
         batch, heads, tokens, head_dim = SHAPES[shape_name]
@@ -340,7 +388,15 @@ def full(args) -> None:
             rec["spot_rel_l2"] = rel_l2(out[:1, :1, rows], ref)
             rec["triton_ms"] = bench(partial(bsa.block_sparse_attention_triton, q, k, v, idx, cnt, 128, 128), rep)
             rec["triton_effective_tflops"] = flops / rec["triton_ms"] / 1e9
-            rec["vdopt_ms"] = bench(partial(bsa.block_sparse_attention, q, k, v, idx, cnt, 128, 128), rep)
+            fa4_reason = fa4_backend.fa4_applicable(q, k, v, 128, 128) if run_fa4 else None
+            if fa4_reason is not None:
+                rec["fa4_error"] = fa4_reason
+            elif run_fa4:
+                out, _ = fa4_backend.block_sparse_attention_fa4(q, k, v, idx, cnt, 128, 128)
+                rec["fa4_spot_rel_l2"] = rel_l2(out[:1, :1, rows], ref)
+                rec["fa4_ms"] = bench(partial(fa4_backend.block_sparse_attention_fa4, q, k, v, idx, cnt, 128, 128), rep)
+                rec["fa4_effective_tflops"] = flops / rec["fa4_ms"] / 1e9
+            rec["vdopt_ms"] = bench(partial(bsa.block_sparse_attention, q, k, v, idx, cnt, 128, 128, backend="auto"), rep)
             rec["vdopt_backend"] = bsa.last_backend()
             rec["effective_tflops"] = flops / rec["vdopt_ms"] / 1e9
             try:
@@ -360,32 +416,30 @@ def full(args) -> None:
             # Rate on the tiles it computes, padding included: separates tile waste from kernel speed.
             rec["cluster_tile_tflops"] = computed_flops_clusters(q_off, kv_off, cidx, ccnt, head_dim) / rec["cluster_ms"] / 1e9
             rec["triton_config"] = str(getattr(bsa._block_sparse_fwd_autotuned, "best_config", None))
-            peers = PEER_TFLOPS.get(model, {})
-            if peers:
-                best = max(peers, key=lambda p: peers[p][density])
-                rec["best_peer"] = best
-                rec["best_peer_ms"] = flops / peers[best][density] / 1e9
-                rec["best_peer_source"] = "not run here, from shared/measurements/peer-kernels-h100.txt (N=32768)"
-                rec["peer_tflops"] = {p: peers[p][density] for p in peers}
-            else:
-                rec["best_peer"], rec["best_peer_ms"] = None, None
-                rec["best_peer_source"] = "no peer measured at this shape"
+            record_peers(rec, model, density, flops)
             records.append(rec)
-            log(f"  d={density:<5} triton {rec['triton_ms']:.3f} ms {rec['triton_effective_tflops']:.0f} TF | op "
-                f"{rec['vdopt_ms']:.3f} ms {rec['effective_tflops']:.0f} TF | flex {rec.get('flex_ms', float('nan')):.3f}"
-                f" | cluster {rec['cluster_effective_tflops']:.0f} TF | spot {rec['spot_rel_l2']:.1e}")
+            log(f"  d={density:<5} triton {rec['triton_ms']:.3f} ms {rec['triton_effective_tflops']:.0f} TF | fa4 "
+                f"{rec.get('fa4_ms', float('nan')):.3f} ms {rec.get('fa4_effective_tflops', float('nan')):.0f} TF | op "
+                f"({rec['vdopt_backend']}) {rec['vdopt_ms']:.3f} ms {rec['effective_tflops']:.0f} TF | flex "
+                f"{rec.get('flex_ms', float('nan')):.3f} | cluster {rec['cluster_effective_tflops']:.0f} TF | spot "
+                f"{rec['spot_rel_l2']:.1e}")
         del q, k, v
         torch.cuda.empty_cache()
     with open(os.path.join(OUT, "attention_kernels.json"), "w") as f:
         json.dump({"meta": meta, "checks_worst_rel_l2": checks, "records": records}, f, indent=1)
     plot(records, os.path.join(OUT, "attention_kernels.png"))
-    log("== summary: TFLOP/s on kept blocks (x = speedup vs cuDNN dense)")
-    log(f"{'shape':16s} {'dens':>5} {'cudnn':>6} {'triton':>6} {'op':>6} {'flex':>6} {'cluster':>7} {'best peer (file)':>18}")
+    log("== summary: TFLOP/s on kept blocks (x = speedup of the op vs cuDNN dense; peer* = from the peer file)")
+    log(f"{'shape':16s} {'dens':>5} {'cudnn':>6} {'triton':>6} {'fa4':>6} {'op':>6} {'op ran':>7} {'flex':>6} "
+        f"{'cluster':>7} {'best peer':>20}")
     for r in records:
-        peer = f"{r['best_peer']}:{r['peer_tflops'][r['best_peer']]:.0f}" if r.get("best_peer") else "-"
+        peer = "-"
+        if r.get("best_peer"):
+            mark = "" if r["best_peer_source"] == MEASURED_SOURCE else "*"
+            peer = f"{r['best_peer']}{mark}:{r['peer_tflops'][r['best_peer']]:.0f}"
         log(f"{r['shape']:16s} {r['density']:5.2f} {r['cudnn_dense_tflops']:6.0f} {r['triton_effective_tflops']:6.0f} "
-            f"{r['effective_tflops']:6.0f} {r.get('flex_effective_tflops', float('nan')):6.0f} "
-            f"{r['cluster_effective_tflops']:7.0f} {peer:>18s}  x{r['cudnn_dense_ms'] / r['vdopt_ms']:.2f}")
+            f"{r.get('fa4_effective_tflops', float('nan')):6.0f} {r['effective_tflops']:6.0f} {r['vdopt_backend']:>7s} "
+            f"{r.get('flex_effective_tflops', float('nan')):6.0f} {r['cluster_effective_tflops']:7.0f} {peer:>20s}  "
+            f"x{r['cudnn_dense_ms'] / r['vdopt_ms']:.2f}")
 
 
 def plot(records, path) -> None:
@@ -402,14 +456,19 @@ def plot(records, path) -> None:
         rs = [r for r in records if r["shape"] == shape]
         d = [r["density"] for r in rs]
         ax.plot(d, [1 / x for x in d], "k--", label="ideal 1/density")
-        ax.plot(d, [r["cudnn_dense_ms"] / r["vdopt_ms"] for r in rs], "o-", label="vdopt op (auto)")
+        ran = "/".join(sorted({r["vdopt_backend"] for r in rs}))
+        ax.plot(d, [r["cudnn_dense_ms"] / r["vdopt_ms"] for r in rs], "o-", label=f"vdopt op (auto: {ran})")
         ax.plot(d, [r["cudnn_dense_ms"] / r["triton_ms"] for r in rs], "s-", label="vdopt triton")
+        if all("fa4_ms" in r for r in rs):
+            ax.plot(d, [r["cudnn_dense_ms"] / r["fa4_ms"] for r in rs], "d-", label="FA4 via vdopt (run here)")
         ax.plot(d, [r["cudnn_dense_ms"] * r["cluster_effective_tflops"] * 1e9 / (r["kept_tflop"] * 1e12)
                     for r in rs], "^-", label="vdopt cluster (same kept FLOPs)")
         if all("flex_ms" in r for r in rs):
             ax.plot(d, [r["cudnn_dense_ms"] / r["flex_ms"] for r in rs], "x-", label="FlexAttention")
-        if all(r.get("best_peer_ms") for r in rs):
-            ax.plot(d, [r["cudnn_dense_ms"] / r["best_peer_ms"] for r in rs], ":", label="FA4 (peer file, not run here)")
+        if all(r.get("best_peer_ms") and r["best_peer_source"] == PEER_FILE_SOURCE for r in rs):
+            best = "/".join(sorted({r["best_peer"] for r in rs}))
+            ax.plot(d, [r["cudnn_dense_ms"] / r["best_peer_ms"] for r in rs], ":",
+                    label=f"best peer {best} (peer file, not run here)")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("density (kept blocks)")
@@ -426,6 +485,12 @@ def smoke(args) -> None:
     """CPU run of the code paths (TRITON_INTERPRET=1) at tiny sizes: catches errors before device time is spent."""
     log("checks:", check_block(bsa.block_sparse_attention_triton, "triton", "cpu", shapes=((1, 1, 300, 64),)))
     log("cluster:", check_cluster("cluster", "cpu"))
+    idx, cnt = random_block_lists(1, 2, 3, 3, 2, 0, "cpu")
+    lists = fa4_backend.to_fa4_block_sparse(idx, cnt, 300, 128)
+    log("fa4:", fa4_version(), "| lists", tuple(lists.full_block_idx.shape))
+    rec = {"fa4_ms": 1.0, "fa4_effective_tflops": 600.0}
+    record_peers(rec, "wan1.3b", 0.1, 6e14)
+    log("peers:", rec["best_peer"], rec["best_peer_source"])
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from vdopt.kernels import _backends
+from vdopt.kernels import _backends, fa4_backend
 from vdopt.kernels.reference import block_sparse_attention_reference, validate_kv_block_list
 
 _LOG2E = 1.4426950408889634
@@ -361,7 +361,11 @@ def _block_sparse_attention_impl(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     check_attention_inputs(_OP, q, k, v)
     _check_block_lists(q, k, kv_block_indices, kv_block_counts, block_m, block_n, head_indices)
-    chosen = _backends.resolve_backend(_OP, backend, q.device)
+
+    def why_not(name: str) -> str | None:
+        return fa4_backend.fa4_applicable(q, k, v, block_m, block_n, head_indices) if name == "fa4" else None
+
+    chosen = _backends.resolve_backend(_OP, backend, q.device, why_not)
     _backends.record_backend(_OP, chosen)
     if chosen == "reference":
         return block_sparse_attention_reference(
@@ -374,6 +378,10 @@ def _block_sparse_attention_impl(
             int(head_indices.min()) < 0 or int(head_indices.max()) >= q.shape[1]
         ):
             raise ValueError(f"{_OP}: head_indices must lie in [0, {q.shape[1]}), got {head_indices.tolist()}")
+    if chosen == "fa4":
+        return fa4_backend.block_sparse_attention_fa4(
+            q, k, v, kv_block_indices, kv_block_counts, block_m, block_n, scale, head_indices
+        )
     return block_sparse_attention_triton(
         q, k, v, kv_block_indices, kv_block_counts, block_m, block_n, scale, head_indices
     )
@@ -434,10 +442,13 @@ def block_sparse_attention(
 
     q: [B, H, Nq, D]; k, v: [B, H, Nk, D] (any strides); kv_block_indices: int32 [B, G, ceil(Nq/block_m),
     max_kept]; kv_block_counts: int32 [B, G, ceil(Nq/block_m)], where G = H, or len(head_indices) for a
-    head-group launch that reads only those heads (no copy). scale defaults to D**-0.5.
-    backend: "auto" (CUDA: fastest measured backend, see ``_backends.MEASURED_ORDER``; CPU: "reference"),
-    "triton" or "reference"; ``last_backend()`` names the one that ran. validate: check index lists for
-    range and duplicates (None: on CPU only, since it synchronises the GPU).
+    head-group launch that reads only those heads (no copy; FA4 takes a group only as evenly spaced ascending
+    heads in a CPU tensor, "auto" runs other groups with Triton). scale defaults to D**-0.5.
+    backend: "auto" (CUDA: the fastest measured backend that can run the call, see
+    ``_backends.MEASURED_ORDER`` -- FA4 where flash-attn-4 is installed and applicable, see
+    ``fa4_backend.fa4_applicable``, else Triton; CPU: "reference"), "fa4", "triton" or "reference";
+    ``last_backend()`` names the one that ran. validate: check index lists for range and duplicates (None: on CPU
+    only, since it synchronises the GPU).
     Returns (out [B, G, Nq, D] in q's dtype and memory order, lse float32 [B, G, Nq], natural log).
     """
     return torch.ops.vdopt.block_sparse_attention(
@@ -446,5 +457,5 @@ def block_sparse_attention(
 
 
 def last_backend() -> str | None:
-    """Backend that ran the latest block_sparse_attention call in this process ("triton" or "reference")."""
+    """Backend that ran the latest block_sparse_attention call in this process ("fa4", "triton" or "reference")."""
     return _backends.last_backend(_OP)
