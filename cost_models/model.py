@@ -6,9 +6,10 @@ For a kernel of ``flops`` FLOPs, ``hbm`` compulsory bytes and ``traffic`` bytes 
     predicted = ideal / efficiency(kernel, shape, density) + launches * launch_overhead
 
 Efficiencies come from ``efficiency_<target>.json`` (written by ``vdopt-search profile`` on that GPU); kernel kinds
-a target's table lacks, and targets with no table, use ``default_efficiency.json`` (derived from H100 measurements,
-see its ``sources``) with a warning. A fused launch runs every head of a site that shares a kernel: its launch and
-its tail (half a program's time, on average, while the last wave drains) are paid once per group, not per head.
+a target's table lacks, kinds whose formula changed since the table was written (``formulas.KERNEL_REVISIONS``),
+and targets with no table, use ``default_efficiency.json`` (derived from H100 measurements, see its ``sources``)
+with a warning. A fused launch runs every head of a site that shares a kernel: its launch and its tail (half a
+program's time, on average, while the last wave drains) are paid once per group, not per head.
 """
 
 from __future__ import annotations
@@ -46,11 +47,13 @@ class AttentionShape:
     text_tokens: int = 0
     block_size: int = 128
     element_bytes: int = 2
+    cluster_tile: tuple[int, int] = f.CLUSTER_TILE
 
     def subs(self, heads: int | None = None) -> dict[sp.Symbol, float]:
         """Symbol values for the formulas (``heads`` overrides the head count, e.g. 1 for a per-head share)."""
         return {f.B: self.batch, f.H: self.heads if heads is None else heads, f.N: self.tokens,
-                f.T: self.text_tokens, f.D: self.head_dim, f.S: self.block_size, f.E: self.element_bytes}
+                f.T: self.text_tokens, f.D: self.head_dim, f.S: self.block_size, f.E: self.element_bytes,
+                f.Sq: self.cluster_tile[0], f.Sk: self.cluster_tile[1]}
 
 
 @cache
@@ -82,12 +85,35 @@ def attention_kernel(strategy: Strategy) -> str:
     return "cluster_sparse" if isinstance(strategy, SemanticKMeans) else "block_sparse"
 
 
+def cluster_values(strategy: Strategy, tokens: int) -> dict[sp.Symbol, float]:
+    """``Cq``/``Ck`` of a k-means strategy at ``tokens`` video tokens (no more clusters than tokens); else empty."""
+    if not isinstance(strategy, SemanticKMeans):
+        return {}
+    return {f.Cq: min(strategy.q_clusters, tokens), f.Ck: min(strategy.kv_clusters, tokens)}
+
+
+def efficiency_key(batch_heads: int, tokens: int, head_dim: int,
+                   values: dict[sp.Symbol, float] | None = None) -> dict[str, float]:
+    """The shape an efficiency is looked up (and profiled) at: batch*heads, tokens, head dim and, where the kernel
+    has clusters, ``clusters`` (``C``, else ``Ck``) and the mean query/key cluster sizes in tokens."""
+    key: dict[str, float] = {"batch_heads": batch_heads, "tokens": tokens, "head_dim": head_dim}
+    values = values or {}
+    clusters = values.get(f.C, values.get(f.Ck))
+    if clusters is not None:
+        key["clusters"] = clusters
+    if f.Cq in values and f.Ck in values:
+        key["q_cluster_tokens"] = tokens / values[f.Cq]
+        key["kv_cluster_tokens"] = tokens / values[f.Ck]
+    return key
+
+
 @dataclass(frozen=True)
 class EfficiencyTable:
     """Measured efficiency (ideal roofline time / measured time) per kernel kind, at measured shapes and densities.
 
-    Lookup: the measured shape nearest in log space (batch*heads, tokens, head_dim, clusters), then linear in
-    density between that shape's points (clamped at the ends).
+    Lookup: the measured shape nearest in log space (the keys of :func:`efficiency_key` both sides have: batch*heads,
+    tokens, head_dim, clusters, mean cluster sizes), then linear in density between that shape's points (clamped
+    at the ends).
     """
 
     kernels: dict[str, list[dict[str, Any]]]
@@ -95,6 +121,8 @@ class EfficiencyTable:
 
     @classmethod
     def load(cls, path: Path) -> EfficiencyTable:
+        """Read a table; kernel kinds whose formula changed after the table's ``formulas_version`` (1 if absent)
+        are dropped with a warning, so their lookups fall back to the defaults."""
         data = json.loads(path.read_text())
         kernels = data.get("kernels")
         if not isinstance(kernels, dict):
@@ -104,6 +132,16 @@ class EfficiencyTable:
                 eff = point.get("efficiency")
                 if not isinstance(eff, (int, float)) or not 0 < eff <= 1.5:
                     raise ValueError(f"{path}: kernels.{kind}[{i}].efficiency must be in (0, 1.5], got {eff!r}")
+        version = data.get("formulas_version", 1)
+        stale = sorted(k for k, revision in f.KERNEL_REVISIONS.items() if revision > version and kernels.get(k))
+        if stale:
+            warnings.warn(
+                f"{path}: efficiencies of {', '.join(stale)} were measured against cost formulas version {version}, "
+                f"and these formulas are version {f.VERSION}; they are ignored (default efficiencies used instead). "
+                f"Run `vdopt-search profile --target {data.get('target', '<target>')}` again to measure them",
+                stacklevel=2,
+            )
+            kernels = {k: v for k, v in kernels.items() if k not in stale}
         return cls(kernels, str(data.get("device", path.name)))
 
     def lookup(self, kernel: str, shape: dict[str, float], density: float | None) -> float | None:
@@ -197,10 +235,7 @@ class CostModel:
 
     def efficiency(self, kernel: str, shape: AttentionShape, density: float | None,
                    values: dict[sp.Symbol, float] | None = None) -> float:
-        key = {"batch_heads": shape.batch * shape.heads, "tokens": shape.tokens, "head_dim": shape.head_dim}
-        clusters = (values or {}).get(f.C, (values or {}).get(f.Ck))
-        if clusters is not None:
-            key["clusters"] = clusters
+        key = efficiency_key(shape.batch * shape.heads, shape.tokens, shape.head_dim, values)
         found = self.table.lookup(kernel, key, density)
         if found is None:
             found = self.defaults.lookup(kernel, key, density)
@@ -214,10 +249,11 @@ class CostModel:
         values = {**shape.subs(heads), f.rho: max(density or 1.0, 1e-6), **(extra or {})}
         return self.ideal_seconds(kernel, values) / self.efficiency(kernel, shape, density, extra)
 
-    def tail_seconds(self, kernel: str, shape: AttentionShape, density: float) -> float:
+    def tail_seconds(self, kernel: str, shape: AttentionShape, density: float,
+                     extra: dict[sp.Symbol, float] | None = None) -> float:
         """Expected idle time of a launch's last wave: half of one program's time on one SM."""
-        values = {**shape.subs(1), f.rho: max(density, 1e-6)}
-        per_sm = self.bf16_tflops * 1e12 / self.sms * self.efficiency(kernel, shape, density)
+        values = {**shape.subs(1), f.rho: max(density, 1e-6), **(extra or {})}
+        per_sm = self.bf16_tflops * 1e12 / self.sms * self.efficiency(kernel, shape, density, extra)
         return 0.5 * _evaluate(_program_lambda(kernel), values) / per_sm
 
     # -- one strategy ---------------------------------------------------------------------------------------------
@@ -235,18 +271,16 @@ class CostModel:
             per_head = self.kernel_seconds("dense", shape, 1.0, heads=1)
             tail = self.tail_seconds("dense", shape, 1.0)
             return StrategyCost(per_head, {"kernel:dense": launch + tail}, {"dense": per_head})
-        breakdown = {kernel: self.kernel_seconds(kernel, shape, density, heads=1)}
-        tail = self.tail_seconds(kernel, shape, density if tail_density is None else tail_density)
-        groups = {f"kernel:{kernel}": launch + tail}
+        extra = cluster_values(strategy, shape.tokens)
+        breakdown = {kernel: self.kernel_seconds(kernel, shape, density, heads=1, extra=extra)}
+        tail = self.tail_seconds(kernel, shape, density if tail_density is None else tail_density, extra)
+        group = f"kernel:{kernel}" if not extra else f"kernel:{kernel}:{strategy.q_clusters},{strategy.kv_clusters}"
+        groups = {group: f.ATTENTION_LAUNCHES[kernel] * launch + tail}
         if shape.text_tokens:
             breakdown["text"] = self.kernel_seconds("text", shape, None, heads=1)
             groups["kernel:text"] = 2 * launch
         kind = strategy_kind(strategy)
         iterations = strategy.iterations if isinstance(strategy, SemanticKMeans) else 0
-        extra: dict[sp.Symbol, float] = {}
-        if isinstance(strategy, SemanticKMeans):
-            cq, ck = min(strategy.q_clusters, shape.tokens), min(strategy.kv_clusters, shape.tokens)
-            extra = {f.Cq: cq, f.Ck: ck}
         for overhead, launches, subs in f.overhead_kernels(kind, iterations):
             values = {**extra, **{k: float(v.subs(extra)) if isinstance(v, sp.Expr) else v for k, v in subs.items()}}
             seconds = launches * self.kernel_seconds(overhead, shape, None, heads=1, extra=values)

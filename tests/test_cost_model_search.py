@@ -226,7 +226,16 @@ def test_profile_runs_its_kernels_end_to_end_on_cpu() -> None:
         fn()
         return (time.perf_counter() - start) * 1e3
 
-    table = run_profile("cpu", "cpu", {"tiny": (1, 2, 256, 32)}, (0.25,), (8,), timer, block_size=32, dtype=torch.float32)
+    table = run_profile("cpu", "cpu", {"tiny": (1, 2, 256, 32)}, (0.25,), ((8, 16),), timer, block_size=32,
+                        dtype=torch.float32, seed=3)
     loaded = EfficiencyTable(table["kernels"], table["device"])
     assert {k for k, v in table["kernels"].items() if v} == set(f.KERNELS) - {"text"}
     assert loaded.lookup("block_sparse", {"batch_heads": 2, "tokens": 256, "head_dim": 32}, 0.25) > 0
+    assert table["formulas_version"] == f.VERSION
+    assert table["profile"]["seed"] == 3 and table["profile"]["cluster_configs"] == [[8, 16]]
+    cluster = table["kernels"]["cluster_sparse"][0]
+    assert cluster["shape"]["q_cluster_tokens"] == 32 and cluster["shape"]["kv_cluster_tokens"] == 16
+    assert cluster["tile_pairs"] > 0
+    # The selections are priced by their marginal time in front of the attention they feed.
+    for kind in ("block_select", "cluster_select"):
+        assert {"path_ms", "attention_ms", "strategy"} <= set(table["kernels"][kind][0])
