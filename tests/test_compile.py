@@ -66,3 +66,27 @@ def test_compiled_model_at_a_new_resolution_and_batch_two() -> None:
         for t in (900, 300):
             step = dict(bigger, timestep=torch.tensor([t, t]))
             assert relative_l2(compiled(**step)[0], eager(**step)[0]) <= 1e-5
+
+
+def test_compiled_segments_share_one_compilation_per_block_structure() -> None:
+    """compile=True splits the graph at planned attention; the stretches between blocks have identical code after
+    canonical renaming, so inductor's FX-graph cache compiles one and reuses it (misses <= distinct structures)."""
+    from conftest import LocalAttentionDiT, local_dit_inputs
+
+    torch.manual_seed(0)
+    model = LocalAttentionDiT(layers=5).eval()
+    inputs = local_dit_inputs(0)
+    sites = [s for s in capture(model, inputs).sites if s.sparsifiable]
+    plan = Plan(ModelFingerprint.of(model), "h100",
+                [SitePlan(s.name, s.heads, 32, [StepRange(1.0, 0.0, [vdopt.TileWindow(1, 2, 2)] * s.heads)]) for s in sites])
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = vdopt.apply(model, plan, compile=True, compile_backend="inductor")
+    with torch.no_grad():
+        out = compiled(**inputs)
+        ref = vdopt.apply(model, plan)(**inputs)
+    assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
+    graphs = counters["stats"]["unique_graphs"]
+    misses = counters["inductor"]["fxgraph_cache_miss"]
+    assert graphs == len(sites) + 1  # one per stretch between planned attention calls, no recompiles
+    assert misses <= 3, f"{misses} of {graphs} stretches compiled anew; identical blocks should share one"

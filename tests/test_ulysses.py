@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import random
@@ -138,7 +139,10 @@ def test_plan_records_balance_with_cost_model_costs() -> None:
         costs = head_costs(site_plan, sites[site_plan.site], "h100")
         order = plan.parallel["head_order"][site_plan.site]
         assert order == balance_heads(costs, 2)
-        assert max(rank_loads(costs, order, 2)) < max(rank_loads(costs, [0, 1, 2, 3], 2))
+        # the balanced order is as good as the best split of the four heads over two ranks (brute force)
+        best = min(max(rank_loads(costs, list(p), 2)) for p in itertools.permutations(range(4)))
+        assert max(rank_loads(costs, order, 2)) <= best + 1e-12
+        assert max(rank_loads(costs, order, 2)) <= max(rank_loads(costs, [0, 1, 2, 3], 2))
 
 
 def test_uneven_heads_and_ring_are_refused() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import replace
 from typing import Any
@@ -48,6 +49,62 @@ def check_plan_sites(plan: Plan, sites: list[AttentionSite]) -> None:
             raise PlanError(f"plan site {site_plan.site!r} has {site_plan.heads} heads but the model's has {site.heads}")
         if not site.sparsifiable and not site_plan.is_dense:
             raise PlanError(f"plan gives sparse heads to {site.name}, which must stay dense: {site.unsupported_reason}")
+
+
+def _is_boundary(module: nn.Module) -> bool:
+    from vdopt.passes.insert_step_cache import StepCache
+    from vdopt.passes.sparsify_attention import PlannedAttention
+
+    return isinstance(module, (PlannedAttention, StepCache))
+
+
+def canonicalize_names(gm: fx.GraphModule) -> fx.GraphModule:
+    """Rename every node of ``gm`` by its position (``a0, a1, ...``), in place.
+
+    Structurally identical segments (one per transformer block) then have identical code, so torch.compile's
+    FX-graph cache compiles the first and reuses it for the rest, instead of compiling every block anew.
+    """
+    for i, node in enumerate(gm.graph.nodes):
+        if node.op != "output":
+            node._rename(f"a{i}")
+    gm.recompile()
+    return gm
+
+
+def compile_segments(gm: fx.GraphModule, backend: str = "inductor") -> fx.GraphModule:
+    """``gm`` split at its planned-attention and step-cache nodes, each stretch in between ``torch.compile``-d.
+
+    The top level runs eagerly: it calls the compiled stretches and the eager nodes in order. A step cache's blocks
+    are split and compiled the same way. Outputs equal ``gm``'s; ``gm`` itself is left unchanged.
+    """
+    from torch.fx.passes.split_module import split_module
+
+    from vdopt.passes.insert_step_cache import StepCache
+
+    boundary = {n for n in gm.graph.nodes if n.op == "call_module" and _is_boundary(gm.get_submodule(n.target))}
+    if not boundary:
+        return torch.compile(gm, backend=backend, dynamic=False)
+    part, index = {}, 0
+    for node in gm.graph.nodes:
+        if node in boundary:
+            index += 1
+            part[node] = index
+            index += 1
+        else:
+            part[node] = index
+    split = split_module(gm, gm, lambda n: part[n], keep_original_order=True)
+    split.graph._codegen = copy.deepcopy(gm.graph._codegen)
+    split.recompile()
+    for name, child in list(split.named_children()):
+        if not isinstance(child, fx.GraphModule):
+            continue
+        inner = [m for m in child.modules() if _is_boundary(m)]
+        if inner:
+            for cache in (m for m in inner if isinstance(m, StepCache)):
+                cache.blocks = compile_segments(cache.blocks, backend)
+            continue
+        setattr(split, name, torch.compile(canonicalize_names(child), backend=backend, dynamic=False))
+    return split
 
 
 class OptimizedModel(nn.Module):
@@ -115,21 +172,14 @@ class OptimizedModel(nn.Module):
         return replace(self.plan, sites=local)
 
     def _runner_for(self, key: Any, gm: fx.GraphModule) -> Any:
-        """The callable that runs a captured graph: the graph itself, or with ``compile=True`` its torch.compile.
+        """The callable that runs a captured graph: the graph itself, or with ``compile=True`` its compiled segments.
 
-        Planned attention and step-cache decisions run outside the compiled graphs (they are
-        ``torch.compiler.disable``-d), so the dense parts between them (norms, RoPE, modulation, MLP) compile once
-        per input signature and are not recompiled as the denoising time moves; the cached blocks compile apart.
+        Planned attention and step-cache decisions run eagerly (they read the denoising clock and build
+        data-dependent patterns); every stretch of the graph between them (norms, RoPE, modulation, MLP) is compiled
+        once per input signature and is not recompiled as the denoising time moves (see :func:`compile_segments`).
         """
-        from vdopt.passes.insert_step_cache import StepCache
-
         if key not in self._runners:
-            if not self.compile:
-                self._runners[key] = gm
-            else:
-                for cache in (m for m in gm.modules() if isinstance(m, StepCache)):
-                    cache.blocks = torch.compile(cache.blocks, backend=self.compile_backend, dynamic=False)
-                self._runners[key] = torch.compile(gm, backend=self.compile_backend, dynamic=False)
+            self._runners[key] = compile_segments(gm, self.compile_backend) if self.compile else gm
         return self._runners[key]
 
     def step_caches(self) -> list[nn.Module]:
