@@ -2,14 +2,19 @@
 
 At the Wan2.1-1.3B self-attention shape (B1 H12 N32760 D128, bf16) it times, with triton.testing.do_bench
 (median after warm-up):
-- dynamic block selection (DraftAttention / AdaSpa): pooled block scores + top-p selection, blocks of 128 and 64;
+- dynamic block selection (DraftAttention / AdaSpa): pooled block scores + top-p selection, blocks of 128 and 64,
+  unfused (pooled_block_scores + select_blocks_top_p: a sort, a scatter and a host sync for the list width) beside
+  fused (pooled_block_means of Q and K + one pooled_select_top_p launch, what PooledTopP runs), and the same for
+  the vertical stripes (VerticalStripe: pooled_select_vertical_stripes);
 - semantic permutation (Sparse VideoGen2): warm-started k-means of Q and K (1 and 3 iterations, C = 64/128/256),
   the permutations from the labels, cluster-level top-p selection, gathering Q, K, V and scattering the output back;
 and writes ``strategy_overheads.json`` (device, date, versions, every component and each strategy's total) into
 ``--out`` (default ``$OUT``, else benchmarks/results). Each Triton kernel is first checked against its reference
-at the full shape. Acceptance (issue 9): each strategy's total <= 5% of dense attention.
+at the full shape (the fused selections: rows whose kept set differs from the reference's). Acceptance
+(issue 9): each strategy's total <= 5% of dense attention.
 
     python benchmarks/strategy_overheads.py --out /tmp/results
+    python benchmarks/strategy_overheads.py --smoke --out /tmp    # CPU check of the script: tiny shape, wall clock
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -26,6 +33,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from vdopt.kernels import kmeans as km
 from vdopt.kernels import selection
+from vdopt.kernels.reference import kv_block_list_from_mask, kv_block_mask
 
 TOP_P = 0.9
 ACCEPTANCE_PCT = 5.0
@@ -34,6 +42,22 @@ ACCEPTANCE_PCT = 5.0
 def _bench(fn) -> float:
     """Median milliseconds of ``fn`` after warm-up (do_bench times with CUDA events, flushing L2 between runs)."""
     return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def _bench_wall_clock(fn) -> float:
+    """Median wall-clock milliseconds of 3 runs after one warm-up (the --smoke check of the script on CPU)."""
+    fn()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def _rows_differing(got: tuple[torch.Tensor, torch.Tensor], expected: tuple[torch.Tensor, torch.Tensor], blocks: int) -> int:
+    """Query blocks whose kept key-block set differs between two block lists."""
+    return int((kv_block_mask(*got, blocks) != kv_block_mask(*expected, blocks)).any(-1).sum())
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -69,15 +93,25 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--tokens", type=int, default=32760)
     parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument(
+        "--smoke", action="store_true", help="CPU check of the script: tiny shape, selection sections, wall clock"
+    )
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("strategy_overheads.py times GPU kernels; run it on a CUDA machine")
+    if not torch.cuda.is_available() and not args.smoke:
+        raise SystemExit("strategy_overheads.py times GPU kernels; run it on a CUDA machine (or --smoke on CPU)")
+    if args.smoke:
+        args.heads, args.tokens, args.head_dim = 2, 1000, 32
+    device = "cpu" if args.smoke else "cuda"
+    bench = _bench_wall_clock if args.smoke else _bench
 
     torch.manual_seed(0)
     shape = (1, args.heads, args.tokens, args.head_dim)
-    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        dense_ms = _bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    q, k, v = (torch.randn(shape, device=device, dtype=torch.bfloat16) for _ in range(3))
+    if args.smoke:
+        dense_ms = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    else:
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            dense_ms = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
     def pct(ms: float) -> float:
@@ -86,21 +120,21 @@ def main() -> None:
     checks: dict[str, float] = {}
     result: dict = {
         "benchmark": "strategy_overheads",
-        "device": torch.cuda.get_device_name(),
+        "device": "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": {
             "torch": torch.__version__,
             "triton": triton.__version__,
             "cuda": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version(),
+            "cudnn": None if args.smoke else torch.backends.cudnn.version(),
             "vdopt_commit": _git_commit(),
         },
         "shape": {"batch": 1, "heads": args.heads, "tokens": args.tokens, "head_dim": args.head_dim},
         "dtype": "bfloat16",
-        "timing": "triton.testing.do_bench median, warmup 25 ms, rep 100 ms",
+        "timing": "wall clock (smoke)" if args.smoke else "triton.testing.do_bench median, warmup 25 ms, rep 100 ms",
         "top_p": TOP_P,
         "dense_sdpa_ms": dense_ms,
-        "dense_sdpa_backend": "cudnn",
+        "dense_sdpa_backend": "default (smoke)" if args.smoke else "cudnn",
         "checks": checks,
         "draft_selection": [],
         "kmeans": [],
@@ -125,32 +159,96 @@ def main() -> None:
             (scores - selection.pooled_block_scores_reference(q, k, block, block)).abs().max()
         )
         _, counts = selection.select_blocks_top_p(scores, TOP_P)
+        q_means, k_means = means, selection.pooled_block_means(k, block)
+        fused_args = (q_means, k_means, args.tokens, block, TOP_P)
+        diagonal = torch.eye(*scores.shape[2:], dtype=torch.bool, device=scores.device).expand_as(scores)
+        blocks = scores.shape[-1]
+        fused = selection.pooled_select_top_p(*fused_args)
+        checks[f"fused_top_p_rows_differing_block{block}"] = _rows_differing(
+            fused, selection.pooled_select_top_p_reference(*fused_args), blocks
+        )
+        checks[f"fused_vs_unfused_top_p_rows_differing_block{block}"] = _rows_differing(
+            fused, selection.select_blocks_top_p(scores, TOP_P, always_keep=diagonal), blocks
+        )
+        stripes = selection.pooled_select_vertical_stripes(*fused_args)
+        checks[f"fused_stripes_rows_differing_block{block}"] = _rows_differing(
+            stripes, selection.pooled_select_vertical_stripes_reference(*fused_args), blocks
+        )
+
+        def unfused_top_p(b=block):
+            # What PooledTopP ran before the fused op: scores, sort-based top-p with the diagonal, list.
+            s = selection.pooled_block_scores(q, k, b, b)
+            return selection.select_blocks_top_p(s, TOP_P, always_keep=diagonal)
+
+        def unfused_stripes(b=block):
+            # What VerticalStripe ran before: scores, column mass, top-p of it, union with the diagonal, list.
+            s = selection.pooled_block_scores(q, k, b, b)
+            column = s.mean(2, keepdim=True)
+            shared = kv_block_mask(*selection.select_blocks_top_p(column / column.sum(-1, keepdim=True), TOP_P), blocks)
+            return kv_block_list_from_mask(shared.expand_as(s) | diagonal)
+
+        def fused_path(select, b=block):
+            q_means = selection.pooled_block_means(q, b)
+            k_means = selection.pooled_block_means(k, b)
+            return select(q_means, k_means, args.tokens, b, TOP_P)
+
         row = {
             "block": block,
-            "pooled_means_q_ms": _bench(lambda b=block: selection.pooled_block_means(q, b)),
-            "pooled_means_q_reference_ms": _bench(
+            "pooled_means_q_ms": bench(lambda b=block: selection.pooled_block_means(q, b)),
+            "pooled_means_q_reference_ms": bench(
                 lambda b=block: selection.pooled_block_means_reference(q, b)
             ),
-            "scores_ms": _bench(lambda b=block: selection.pooled_block_scores(q, k, b, b)),
-            "select_top_p_ms": _bench(lambda s=scores: selection.select_blocks_top_p(s, TOP_P)),
-            "total_ms": _bench(
+            "scores_ms": bench(lambda b=block: selection.pooled_block_scores(q, k, b, b)),
+            "select_top_p_ms": bench(lambda s=scores: selection.select_blocks_top_p(s, TOP_P)),
+            "total_ms": bench(
                 lambda b=block: selection.select_blocks_top_p(
                     selection.pooled_block_scores(q, k, b, b), TOP_P
                 )
             ),
             "kept_density": float(counts.float().mean() / scores.shape[-1]),
+            "pooled_top_p_unfused_ms": bench(unfused_top_p),
+            "fused_select_top_p_ms": bench(lambda: selection.pooled_select_top_p(*fused_args)),
+            "pooled_top_p_fused_ms": bench(lambda: fused_path(selection.pooled_select_top_p)),
+            "pooled_top_p_kept_density": float(fused[1].float().mean() / blocks),
+            "vertical_stripe_unfused_ms": bench(unfused_stripes),
+            "fused_select_stripes_ms": bench(lambda: selection.pooled_select_vertical_stripes(*fused_args)),
+            "vertical_stripe_fused_ms": bench(lambda: fused_path(selection.pooled_select_vertical_stripes)),
+            "vertical_stripe_kept_density": float(stripes[1].float().mean() / blocks),
         }
         row["total_pct_of_dense"] = pct(row["total_ms"])
         result["draft_selection"].append(row)
-        result["strategies"].append(
-            {
-                "strategy": f"draft_selection_block{block}",
-                "components": "pooled Q/K means + block scores + top-p selection",
-                "ms": row["total_ms"],
-                "pct_of_dense": row["total_pct_of_dense"],
-                "meets_5pct": row["total_pct_of_dense"] <= ACCEPTANCE_PCT,
-            }
-        )
+        for name, key, components in (
+            (f"draft_selection_block{block}", "total_ms", "pooled Q/K means + block scores + top-p selection"),
+            (
+                f"pooled_top_p_unfused_block{block}",
+                "pooled_top_p_unfused_ms",
+                "pooled_block_scores + select_blocks_top_p with the diagonal (PooledTopP before the fused op)",
+            ),
+            (
+                f"pooled_top_p_fused_block{block}",
+                "pooled_top_p_fused_ms",
+                "pooled_block_means of Q and K + pooled_select_top_p (PooledTopP)",
+            ),
+            (
+                f"vertical_stripe_unfused_block{block}",
+                "vertical_stripe_unfused_ms",
+                "pooled_block_scores + column top-p + diagonal + list (VerticalStripe before the fused op)",
+            ),
+            (
+                f"vertical_stripe_fused_block{block}",
+                "vertical_stripe_fused_ms",
+                "pooled_block_means of Q and K + pooled_select_vertical_stripes (VerticalStripe)",
+            ),
+        ):
+            result["strategies"].append(
+                {
+                    "strategy": name,
+                    "components": components,
+                    "ms": row[key],
+                    "pct_of_dense": pct(row[key]),
+                    "meets_5pct": pct(row[key]) <= ACCEPTANCE_PCT,
+                }
+            )
 
     def semantic_permutation(clusters: int) -> None:
         # Centroids of a converged run stand in for the previous denoising step's (the warm start).
@@ -177,19 +275,19 @@ def main() -> None:
 
         row = {
             "clusters": clusters,
-            "assign_ms": _bench(lambda c=centroids_q: km._assign_triton(q, c)),
-            "sort_offsets_ms": _bench(lambda lab=labels_q, c=clusters: km._sorted_order(lab, c)),
-            "update_ms": _bench(lambda lab=labels_q, c=centroids_q: km._update_triton(q, lab, c)),
-            "kmeans_reference_1iter_ms": _bench(
+            "assign_ms": bench(lambda c=centroids_q: km._assign_triton(q, c)),
+            "sort_offsets_ms": bench(lambda lab=labels_q, c=clusters: km._sorted_order(lab, c)),
+            "update_ms": bench(lambda lab=labels_q, c=centroids_q: km._update_triton(q, lab, c)),
+            "kmeans_reference_1iter_ms": bench(
                 lambda c=centroids_q, n=clusters: km.kmeans(q, n, 1, init_centroids=c, backend="reference")
             ),
-            "permutation_from_labels_ms": _bench(
+            "permutation_from_labels_ms": bench(
                 lambda lab=labels_q, c=clusters: km.permutation_from_labels(lab, c)
             ),
-            "gather_one_tensor_ms": _bench(lambda p=perm_q: km.gather_tokens(q, p)),
-            "gather_one_tensor_reference_ms": _bench(lambda p=perm_q: km.gather_tokens_reference(q, p)),
-            "scatter_out_ms": _bench(lambda p=perm_q: km.scatter_tokens(out, p)),
-            "cluster_select_ms": _bench(
+            "gather_one_tensor_ms": bench(lambda p=perm_q: km.gather_tokens(q, p)),
+            "gather_one_tensor_reference_ms": bench(lambda p=perm_q: km.gather_tokens_reference(q, p)),
+            "scatter_out_ms": bench(lambda p=perm_q: km.scatter_tokens(out, p)),
+            "cluster_select_ms": bench(
                 lambda a=centroids_q, b=centroids_k, o=offsets_k: selection.select_blocks_top_p(
                     _cluster_scores(a, b, o), TOP_P
                 )
@@ -197,7 +295,7 @@ def main() -> None:
             "cluster_kept_density": float(cluster_counts.float().mean() / clusters),
         }
         for iterations in (1, 3):
-            row[f"kmeans_qk_{iterations}iter_ms"] = _bench(
+            row[f"kmeans_qk_{iterations}iter_ms"] = bench(
                 lambda c=clusters, a=centroids_q, b=centroids_k, it=iterations: (
                     km.kmeans(q, c, it, init_centroids=a),
                     km.kmeans(k, c, it, init_centroids=b),
@@ -214,7 +312,7 @@ def main() -> None:
                 km.gather_tokens(q, pq), km.gather_tokens(k, pk), km.gather_tokens(v, pk)
                 return km.scatter_tokens(out, pq)
 
-            total = _bench(step)
+            total = bench(step)
             row[f"strategy_total_{iterations}iter_ms"] = total
             result["strategies"].append(
                 {
@@ -228,8 +326,9 @@ def main() -> None:
         result["kmeans"].append(row)
 
     # --- run each section; an error is recorded and the others still run (one device call) ---------------
-    sections = [(f"draft_selection_block{b}", draft_selection, b) for b in (128, 64)]
-    sections += [(f"semantic_permutation_C{c}", semantic_permutation, c) for c in (64, 128, 256)]
+    sections = [(f"draft_selection_block{b}", draft_selection, b) for b in ((128, 64) if not args.smoke else (64, 48))]
+    if not args.smoke:  # the k-means sections time Triton kernels directly: GPU only
+        sections += [(f"semantic_permutation_C{c}", semantic_permutation, c) for c in (64, 128, 256)]
     for name, section, value in sections:
         try:
             section(value)
@@ -247,6 +346,12 @@ def main() -> None:
             f"draft block {row['block']:>3}: means(q) {row['pooled_means_q_ms']:.3f} (torch "
             f"{row['pooled_means_q_reference_ms']:.3f})  scores {row['scores_ms']:.3f}  select {row['select_top_p_ms']:.3f}"
             f"  total {row['total_ms']:.3f} ms  density {row['kept_density']:.3f}"
+        )
+        print(
+            f"  PooledTopP unfused {row['pooled_top_p_unfused_ms']:.3f} -> fused {row['pooled_top_p_fused_ms']:.3f} ms"
+            f" (select {row['fused_select_top_p_ms']:.3f})  VerticalStripe unfused "
+            f"{row['vertical_stripe_unfused_ms']:.3f} -> fused {row['vertical_stripe_fused_ms']:.3f} ms (select "
+            f"{row['fused_select_stripes_ms']:.3f})"
         )
     for row in result["kmeans"]:
         print(

@@ -10,9 +10,12 @@ Triton on CUDA tensors and the reference elsewhere; ``backend="triton"`` forces 
 function is a ``torch.library`` op (namespace ``vdopt``) with a fake implementation, so torch.compile and
 torch.export keep each as one node.
 
-Only the pooling has a Triton kernel. Scores are a [q_blocks, head_dim] x [head_dim, kv_blocks] product plus a
-softmax, and selection a sort + cumsum, over at most a few hundred blocks a row: a few small launches of tensors of
-a few MB at the Wan2.1 shape, measured in benchmarks/strategy_overheads.py against dense attention.
+The pooling has a Triton kernel, and so has the fused selection the strategies run: :func:`pooled_select_top_p`
+(and :func:`pooled_select_vertical_stripes`) go from the block means to a fixed-width key-block list in one launch
+(two for the stripes), with no host sync, so torch.compile sees static shapes. The unfused
+:func:`pooled_block_scores` + :func:`select_blocks_top_p` (a torch sort + cumsum + scatter, and a list as wide as
+the largest count, which needs a device-to-host sync) stay for other callers such as the k-means clusters' top-p.
+benchmarks/strategy_overheads.py times both against dense attention.
 """
 
 from __future__ import annotations
@@ -392,3 +395,563 @@ def select_blocks_top_k(
     blocks keeps them all.
     """
     return _select_blocks_top_k_op(scores, k, always_keep)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fused pooled selection: block scores + top-p + diagonal + fixed-width list, one kernel
+# ---------------------------------------------------------------------------------------------------------------
+
+# Largest key-block count the fused kernels hold as one register row (a program sorts the whole padded row);
+# longer rows run the reference. 16384 blocks is 1M tokens at block 64, far past any video model's sequence.
+MAX_FUSED_KV_BLOCKS = 16384
+# Elements of the [rows, key blocks, head_dim chunk] product a program forms at once when it scores its rows.
+_PRODUCT_ELEMENTS = 8192
+
+
+def fused_selection_width(
+    num_kv_blocks: int, min_blocks: int = 1, max_blocks: int | None = None, keep_diagonal: bool = True
+) -> int:
+    """Last dim of the fused selections' index lists: the most blocks a row can keep, known before the scores.
+
+    ``num_kv_blocks`` without ``max_blocks``; else ``min(num_kv_blocks, max_blocks + 1)`` with the diagonal
+    (``max_blocks`` without it).
+    """
+    if max_blocks is None:
+        return num_kv_blocks
+    return min(num_kv_blocks, max_blocks + int(keep_diagonal))
+
+
+def _fixed_width_block_list(keep: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``bool [B, H, nQB, nKB]`` -> ``(int32 [B, H, nQB, width] ascending indices, int32 counts)``, no host sync.
+
+    Like :func:`kv_block_list_from_mask` but ``width`` is given (it must be >= every row's count); padding
+    repeats the row's last kept index (0 for an empty row).
+    """
+    counts = keep.sum(-1).to(torch.int32)
+    # Stable descending sort of the 0/1 mask puts kept blocks first, in ascending index order.
+    order = torch.sort(keep.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :width]
+    used = torch.arange(width, device=keep.device) < counts[..., None]
+    last = order.gather(-1, (counts.long() - 1).clamp(min=0)[..., None])
+    return torch.where(used, order, last).to(torch.int32).contiguous(), counts.contiguous()
+
+
+def _check_means(q_means: torch.Tensor, k_means: torch.Tensor, kv_tokens: int, block_n: int) -> None:
+    if q_means.dim() != 4 or k_means.dim() != 4:
+        raise ValueError(
+            "q_means and k_means must be [batch, heads, blocks, head_dim] (pooled_block_means output); got "
+            f"{tuple(q_means.shape)} and {tuple(k_means.shape)}"
+        )
+    if q_means.shape[:2] != k_means.shape[:2] or q_means.shape[3] != k_means.shape[3]:
+        raise ValueError(
+            f"q_means {tuple(q_means.shape)} and k_means {tuple(k_means.shape)} must agree on batch, heads and "
+            "head_dim"
+        )
+    if not q_means.is_floating_point() or not k_means.is_floating_point():
+        raise ValueError(f"block means must be floating point; got {q_means.dtype} and {k_means.dtype}")
+    if block_n < 1 or _num_blocks(kv_tokens, block_n) != k_means.shape[2] or kv_tokens < 1:
+        raise ValueError(
+            f"k_means has {k_means.shape[2]} key blocks but kv_tokens={kv_tokens} in blocks of {block_n} make "
+            f"{_num_blocks(kv_tokens, block_n) if block_n >= 1 else 'no'}; pass the key token count and block size "
+            "the means were pooled with"
+        )
+
+
+def _column_scores(scores: torch.Tensor) -> torch.Tensor:
+    """Mass each key block draws from all query blocks: ``[B, H, nQB, nKB]`` -> ``[B, H, 1, nKB]``, sums to 1."""
+    column = scores.mean(2, keepdim=True)
+    return column / column.sum(-1, keepdim=True)
+
+
+def _fused_selection_reference(
+    q_means: torch.Tensor,
+    k_means: torch.Tensor,
+    kv_tokens: int,
+    block_n: int,
+    top_p: float,
+    scale: float | None,
+    min_blocks: int,
+    max_blocks: int | None,
+    keep_diagonal: bool,
+    shared_columns: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_means(q_means, k_means, kv_tokens, block_n)
+    _check_selection_args(top_p, min_blocks, max_blocks)
+    scale = q_means.shape[-1] ** -0.5 if scale is None else scale
+    scores = _scores_from_means(q_means.float(), k_means.float(), kv_tokens, block_n, scale)
+    ranked = _column_scores(scores) if shared_columns else scores
+    keep = _rank_keep(ranked, _top_p_counts(ranked, top_p, min_blocks, max_blocks)).expand_as(scores)
+    if keep_diagonal:
+        keep = keep | torch.eye(*scores.shape[2:], dtype=torch.bool, device=scores.device)
+    width = fused_selection_width(scores.shape[-1], min_blocks, max_blocks, keep_diagonal)
+    return _fixed_width_block_list(keep, width)
+
+
+def pooled_select_top_p_reference(
+    q_means: torch.Tensor,
+    k_means: torch.Tensor,
+    kv_tokens: int,
+    block_n: int,
+    top_p: float,
+    *,
+    scale: float | None = None,
+    min_blocks: int = 1,
+    max_blocks: int | None = None,
+    keep_diagonal: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch definition of :func:`pooled_select_top_p`: the scores of :func:`pooled_block_scores`, the kept
+    set of :func:`select_blocks_top_p_reference` with the diagonal as ``always_keep``, in a fixed width."""
+    return _fused_selection_reference(
+        q_means, k_means, kv_tokens, block_n, top_p, scale, min_blocks, max_blocks, keep_diagonal, False
+    )
+
+
+def pooled_select_vertical_stripes_reference(
+    q_means: torch.Tensor,
+    k_means: torch.Tensor,
+    kv_tokens: int,
+    block_n: int,
+    top_p: float,
+    *,
+    scale: float | None = None,
+    min_blocks: int = 1,
+    max_blocks: int | None = None,
+    keep_diagonal: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch definition of :func:`pooled_select_vertical_stripes`."""
+    return _fused_selection_reference(
+        q_means, k_means, kv_tokens, block_n, top_p, scale, min_blocks, max_blocks, keep_diagonal, True
+    )
+
+
+if triton is not None:
+
+    @triton.jit
+    def _softmax_block_scores(
+        q_base,
+        k_base,
+        rows,
+        row_ok,
+        cols,
+        col_ok,
+        stride_qm,
+        stride_qd,
+        stride_kn,
+        stride_kd,
+        head_dim,
+        kv_tokens,
+        block_n,
+        scale,
+        D_CHUNK: tl.constexpr,
+    ):
+        # float32 [ROWS, KV_PAD]: softmax_j(scale * q̄_i · k̄_j + log n_j) over the real key blocks, 0 past them.
+        logits = tl.zeros([rows.shape[0], cols.shape[0]], dtype=tl.float32)
+        for d_start in range(0, head_dim, D_CHUNK):
+            d = d_start + tl.arange(0, D_CHUNK)
+            d_ok = d < head_dim
+            q_tile = tl.load(
+                q_base + rows[:, None] * stride_qm + d[None, :] * stride_qd,
+                mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            k_tile = tl.load(
+                k_base + cols[:, None] * stride_kn + d[None, :] * stride_kd,
+                mask=col_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            logits += tl.sum(q_tile[:, None, :] * k_tile[None, :, :], axis=2)
+        sizes = tl.maximum(tl.minimum(kv_tokens - cols * block_n, block_n), 1).to(tl.float32)
+        logits = logits * scale + tl.log(sizes)[None, :]
+        logits = tl.where(col_ok[None, :], logits, float("-inf"))
+        peak = tl.max(logits, axis=1)
+        weights = tl.exp(logits - peak[:, None])
+        return weights / tl.sum(weights, axis=1)[:, None]
+
+    @triton.jit
+    def _top_p_keep(scores, cols, num_kv_blocks, top_p, min_count, max_count, ALL_BLOCKS: tl.constexpr):
+        # bool [ROWS, KV_PAD]: per row the `count` highest scores (ties: lower block index), where `count` is
+        # the fewest top blocks whose mass reaches top_p of the row total, clamped to [min_count, max_count].
+        col_ok = (cols < num_kv_blocks)[None, :]
+        ranked = tl.where(col_ok, scores, -1.0)  # padding sorts after every real score (scores are >= 0)
+        ordered = tl.sort(ranked, dim=1, descending=True)
+        positions = cols[None, :]
+        if ALL_BLOCKS:
+            count = tl.zeros([scores.shape[0]], dtype=tl.int32) + num_kv_blocks
+        else:
+            mass = tl.maximum(ordered, 0.0)
+            inclusive = tl.cumsum(mass, axis=1)
+            target = top_p * tl.max(inclusive, axis=1)  # the running sum only grows: its max is the total
+            # A block is needed while the mass of the blocks ranked above it is still short of the target.
+            needed = ((inclusive - mass) < target[:, None]) & (positions < num_kv_blocks)
+            count = tl.sum(needed.to(tl.int32), axis=1)
+        count = tl.minimum(tl.maximum(count, min_count), max_count)
+        # The count-th highest score is the threshold: keep every score above it, and of the scores equal to
+        # it the lowest-indexed ones until the count is met.
+        threshold = tl.max(tl.where(positions == count[:, None] - 1, ordered, -2.0), axis=1)
+        above = (ranked > threshold[:, None]) & col_ok
+        tied = (ranked == threshold[:, None]) & col_ok
+        tie_rank = tl.cumsum(tied.to(tl.int32), axis=1)
+        room = count - tl.sum(above.to(tl.int32), axis=1)
+        keep = above | (tied & (tie_rank <= room[:, None]))
+        return keep & (count[:, None] > 0)
+
+    @triton.jit
+    def _store_block_list(keep, rows, row_ok, cols, idx_base, cnt_base, width):
+        # Ascending kept indices at slots [0, count) of each row, the last kept index (0: none) in [count, width).
+        kept = keep.to(tl.int32)
+        slot = tl.cumsum(kept, axis=1) - 1
+        count = tl.sum(kept, axis=1)
+        last = tl.max(tl.where(keep, cols[None, :], 0), axis=1)
+        row_ptr = idx_base + rows.to(tl.int64)[:, None] * width
+        tl.store(row_ptr + slot, tl.broadcast_to(cols[None, :], keep.shape), mask=keep & row_ok[:, None])
+        padding = (cols[None, :] >= count[:, None]) & (cols[None, :] < width) & row_ok[:, None]
+        tl.store(row_ptr + cols[None, :], tl.broadcast_to(last[:, None], keep.shape), mask=padding)
+        tl.store(cnt_base + rows, count, mask=row_ok)
+
+    @triton.jit
+    def _pooled_select_top_p_kernel(
+        q_ptr,
+        k_ptr,
+        idx_ptr,
+        cnt_ptr,
+        heads,
+        num_q_blocks,
+        num_kv_blocks,
+        kv_tokens,
+        block_n,
+        head_dim,
+        width,
+        stride_qb,
+        stride_qh,
+        stride_qm,
+        stride_qd,
+        stride_kb,
+        stride_kh,
+        stride_kn,
+        stride_kd,
+        scale,
+        top_p,
+        min_count,
+        max_count,
+        ROWS: tl.constexpr,
+        KV_PAD: tl.constexpr,
+        D_CHUNK: tl.constexpr,
+        ALL_BLOCKS: tl.constexpr,
+        KEEP_DIAGONAL: tl.constexpr,
+    ):
+        # One program per (batch * head, ROWS query blocks): score the rows against every key block, select,
+        # write the rows' lists. The whole padded row of KV_PAD key blocks lives in registers.
+        pid_bh = tl.program_id(0)
+        rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < num_q_blocks
+        cols = tl.arange(0, KV_PAD)
+        col_ok = cols < num_kv_blocks
+        b = pid_bh // heads
+        h = pid_bh % heads
+        q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        k_base = k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+        scores = _softmax_block_scores(
+            q_base, k_base, rows, row_ok, cols, col_ok, stride_qm, stride_qd, stride_kn, stride_kd,
+            head_dim, kv_tokens, block_n, scale, D_CHUNK,
+        )
+        keep = _top_p_keep(scores, cols, num_kv_blocks, top_p, min_count, max_count, ALL_BLOCKS)
+        if KEEP_DIAGONAL:
+            keep = keep | ((cols[None, :] == rows[:, None]) & col_ok[None, :])
+        row_base = pid_bh.to(tl.int64) * num_q_blocks
+        _store_block_list(keep, rows, row_ok, cols, idx_ptr + row_base * width, cnt_ptr + row_base, width)
+
+    @triton.jit
+    def _pooled_column_mass_kernel(
+        q_ptr,
+        k_ptr,
+        partial_ptr,
+        heads,
+        num_q_blocks,
+        num_kv_blocks,
+        kv_tokens,
+        block_n,
+        head_dim,
+        stride_qb,
+        stride_qh,
+        stride_qm,
+        stride_qd,
+        stride_kb,
+        stride_kh,
+        stride_kn,
+        stride_kd,
+        scale,
+        ROWS: tl.constexpr,
+        STEPS: tl.constexpr,
+        KV_PAD: tl.constexpr,
+        D_CHUNK: tl.constexpr,
+    ):
+        # One program per (batch * head, ROWS * STEPS query blocks): the column sums of those rows' scores.
+        pid_bh = tl.program_id(0)
+        tile = tl.program_id(1)
+        cols = tl.arange(0, KV_PAD)
+        col_ok = cols < num_kv_blocks
+        b = pid_bh // heads
+        h = pid_bh % heads
+        q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        k_base = k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+        column = tl.zeros([KV_PAD], dtype=tl.float32)
+        for step in tl.static_range(STEPS):
+            rows = (tile * STEPS + step) * ROWS + tl.arange(0, ROWS)
+            row_ok = rows < num_q_blocks
+            scores = _softmax_block_scores(
+                q_base, k_base, rows, row_ok, cols, col_ok, stride_qm, stride_qd, stride_kn, stride_kd,
+                head_dim, kv_tokens, block_n, scale, D_CHUNK,
+            )
+            column += tl.sum(tl.where(row_ok[:, None], scores, 0.0), axis=0)
+        out = partial_ptr + (pid_bh.to(tl.int64) * tl.num_programs(1) + tile) * num_kv_blocks + cols
+        tl.store(out, column, mask=col_ok)
+
+    @triton.jit
+    def _vertical_stripes_kernel(
+        partial_ptr,
+        idx_ptr,
+        cnt_ptr,
+        num_tiles,
+        num_q_blocks,
+        num_kv_blocks,
+        width,
+        top_p,
+        min_count,
+        max_count,
+        ROWS: tl.constexpr,
+        KV_PAD: tl.constexpr,
+        ALL_BLOCKS: tl.constexpr,
+        KEEP_DIAGONAL: tl.constexpr,
+    ):
+        # One program per (batch * head, ROWS query blocks): the shared stripes from the column sums (every
+        # program of a head recomputes the same few-KB selection), plus each row's diagonal block.
+        pid_bh = tl.program_id(0)
+        rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < num_q_blocks
+        cols = tl.arange(0, KV_PAD)
+        col_ok = cols < num_kv_blocks
+        column = tl.zeros([KV_PAD], dtype=tl.float32)
+        partial = partial_ptr + pid_bh.to(tl.int64) * num_tiles * num_kv_blocks + cols
+        for tile in range(num_tiles):
+            column += tl.load(partial + tile * num_kv_blocks, mask=col_ok, other=0.0)
+        column = column / num_q_blocks
+        column = column / tl.sum(column, axis=0)
+        shared = _top_p_keep(column[None, :], cols, num_kv_blocks, top_p, min_count, max_count, ALL_BLOCKS)
+        keep = tl.broadcast_to(shared, [ROWS, KV_PAD])
+        if KEEP_DIAGONAL:
+            keep = keep | ((cols[None, :] == rows[:, None]) & col_ok[None, :])
+        row_base = pid_bh.to(tl.int64) * num_q_blocks
+        _store_block_list(keep, rows, row_ok, cols, idx_ptr + row_base * width, cnt_ptr + row_base, width)
+
+
+def _fused_launch_shape(num_kv_blocks: int, head_dim: int) -> tuple[int, int, int, int]:
+    """(padded row, query blocks per program, head_dim chunk, warps) of the fused kernels."""
+    kv_pad = triton.next_power_of_2(num_kv_blocks)
+    rows = max(1, min(4, 1024 // kv_pad))
+    d_chunk = max(1, min(triton.next_power_of_2(head_dim), _PRODUCT_ELEMENTS // (rows * kv_pad)))
+    num_warps = 4 if kv_pad <= 1024 else 8
+    return kv_pad, rows, d_chunk, num_warps
+
+
+def _fused_selection_triton(
+    q_means: torch.Tensor,
+    k_means: torch.Tensor,
+    kv_tokens: int,
+    block_n: int,
+    top_p: float,
+    scale: float | None,
+    min_blocks: int,
+    max_blocks: int | None,
+    keep_diagonal: bool,
+    shared_columns: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_means(q_means, k_means, kv_tokens, block_n)
+    _check_selection_args(top_p, min_blocks, max_blocks)
+    batch, heads, num_q_blocks, head_dim = q_means.shape
+    num_kv_blocks = k_means.shape[2]
+    scale = head_dim**-0.5 if scale is None else scale
+    upper = num_kv_blocks if max_blocks is None else min(max_blocks, num_kv_blocks)
+    width = fused_selection_width(num_kv_blocks, min_blocks, max_blocks, keep_diagonal)
+    indices = torch.empty(batch, heads, num_q_blocks, width, dtype=torch.int32, device=q_means.device)
+    counts = torch.empty(batch, heads, num_q_blocks, dtype=torch.int32, device=q_means.device)
+    kv_pad, rows, d_chunk, num_warps = _fused_launch_shape(num_kv_blocks, head_dim)
+    select = {"top_p": top_p, "min_count": min(min_blocks, upper), "max_count": upper}
+    flags = {"ALL_BLOCKS": top_p >= 1.0, "KEEP_DIAGONAL": keep_diagonal, "KV_PAD": kv_pad}
+    shape = (heads, num_q_blocks, num_kv_blocks, kv_tokens, block_n, head_dim)
+    if not shared_columns:
+        _pooled_select_top_p_kernel[(batch * heads, triton.cdiv(num_q_blocks, rows))](
+            q_means, k_means, indices, counts, *shape, width, *q_means.stride(), *k_means.stride(), scale,
+            **select, ROWS=rows, D_CHUNK=d_chunk, **flags, num_warps=num_warps,
+        )
+        return indices, counts
+    steps = max(1, min(16 // rows, triton.cdiv(num_q_blocks, rows)))  # query blocks per program: rows * steps
+    num_tiles = triton.cdiv(num_q_blocks, rows * steps)
+    partial = torch.empty(batch * heads, num_tiles, num_kv_blocks, dtype=torch.float32, device=q_means.device)
+    _pooled_column_mass_kernel[(batch * heads, num_tiles)](
+        q_means, k_means, partial, *shape, *q_means.stride(), *k_means.stride(), scale,
+        ROWS=rows, STEPS=steps, KV_PAD=kv_pad, D_CHUNK=d_chunk, num_warps=num_warps,
+    )
+    write_rows = max(1, min(16, 4096 // kv_pad))
+    _vertical_stripes_kernel[(batch * heads, triton.cdiv(num_q_blocks, write_rows))](
+        partial, indices, counts, num_tiles, num_q_blocks, num_kv_blocks, width, **select,
+        ROWS=write_rows, **flags, num_warps=num_warps,
+    )
+    return indices, counts
+
+
+def _fused_selection(
+    q_means: torch.Tensor,
+    k_means: torch.Tensor,
+    kv_tokens: int,
+    block_n: int,
+    top_p: float,
+    scale: float | None,
+    min_blocks: int,
+    max_blocks: int | None,
+    keep_diagonal: bool,
+    shared_columns: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    args = (q_means, k_means, kv_tokens, block_n, top_p, scale, min_blocks, max_blocks, keep_diagonal, shared_columns)
+    if not _use_triton(q_means, backend):
+        return _fused_selection_reference(*args)
+    if k_means.shape[2] > MAX_FUSED_KV_BLOCKS:
+        if backend == "triton":
+            raise ValueError(
+                f"{k_means.shape[2]} key blocks exceed the fused kernel's row of {MAX_FUSED_KV_BLOCKS} (one "
+                "program sorts a whole row in registers); use larger blocks or backend='reference'"
+            )
+        return _fused_selection_reference(*args)
+    return _fused_selection_triton(*args)
+
+
+def _fused_selection_fake(
+    q_means: torch.Tensor, k_means: torch.Tensor, min_blocks: int, max_blocks: int | None, keep_diagonal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    width = fused_selection_width(k_means.shape[2], min_blocks, max_blocks, keep_diagonal)
+    rows = q_means.shape[:3]
+    return q_means.new_empty(*rows, width, dtype=torch.int32), q_means.new_empty(rows, dtype=torch.int32)
+
+
+@torch.library.custom_op("vdopt::pooled_select_top_p", mutates_args=())
+def _pooled_select_top_p_op(
+    q_means: torch.Tensor,
+    k_means: torch.Tensor,
+    kv_tokens: int,
+    block_n: int,
+    top_p: float,
+    scale: float | None,
+    min_blocks: int,
+    max_blocks: int | None,
+    keep_diagonal: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fused_selection(
+        q_means, k_means, kv_tokens, block_n, top_p, scale, min_blocks, max_blocks, keep_diagonal, False, backend
+    )
+
+
+@_pooled_select_top_p_op.register_fake
+def _(
+    q_means: torch.Tensor,
+    k_means: torch.Tensor,
+    kv_tokens: int,
+    block_n: int,
+    top_p: float,
+    scale: float | None,
+    min_blocks: int,
+    max_blocks: int | None,
+    keep_diagonal: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fused_selection_fake(q_means, k_means, min_blocks, max_blocks, keep_diagonal)
+
+
+def pooled_select_top_p(
+    q_means: torch.Tensor,
+    k_means: torch.Tensor,
+    kv_tokens: int,
+    block_n: int,
+    top_p: float,
+    *,
+    scale: float | None = None,
+    min_blocks: int = 1,
+    max_blocks: int | None = None,
+    keep_diagonal: bool = True,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query block, the key blocks holding ``top_p`` of the pooled attention mass, plus the diagonal block.
+
+    ``q_means: [B, H, nQB, D]`` and ``k_means: [B, H, nKB, D]`` are block means (:func:`pooled_block_means`,
+    any float dtype, read as float32); ``kv_tokens`` and ``block_n`` are the key token count and block size
+    they were pooled with (they give the ragged last block its ``log n_j`` weight). The kept set equals
+    ``select_blocks_top_p(pooled_block_scores(...), top_p, min_blocks, max_blocks, always_keep=diagonal)``
+    (the diagonal is key block ``i`` for query block ``i``; ``keep_diagonal=False`` drops it), computed in one
+    Triton launch with no host sync. Returns ``(kv_block_indices int32 [B, H, nQB, W], kv_block_counts int32
+    [B, H, nQB])``: ascending indices in the first ``count`` slots, then the row's last kept index as padding
+    (never read by the attention kernels). The width ``W`` is fixed by the arguments alone
+    (:func:`fused_selection_width`: ``nKB``, or ``min(nKB, max_blocks + 1)``), so the op has static shapes
+    under torch.compile and torch.export. Rows of more than :data:`MAX_FUSED_KV_BLOCKS` key blocks run the
+    reference.
+    """
+    return _pooled_select_top_p_op(
+        q_means, k_means, kv_tokens, block_n, top_p, scale, min_blocks, max_blocks, keep_diagonal, backend
+    )
+
+
+@torch.library.custom_op("vdopt::pooled_select_vertical_stripes", mutates_args=())
+def _pooled_select_vertical_stripes_op(
+    q_means: torch.Tensor,
+    k_means: torch.Tensor,
+    kv_tokens: int,
+    block_n: int,
+    top_p: float,
+    scale: float | None,
+    min_blocks: int,
+    max_blocks: int | None,
+    keep_diagonal: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fused_selection(
+        q_means, k_means, kv_tokens, block_n, top_p, scale, min_blocks, max_blocks, keep_diagonal, True, backend
+    )
+
+
+@_pooled_select_vertical_stripes_op.register_fake
+def _(
+    q_means: torch.Tensor,
+    k_means: torch.Tensor,
+    kv_tokens: int,
+    block_n: int,
+    top_p: float,
+    scale: float | None,
+    min_blocks: int,
+    max_blocks: int | None,
+    keep_diagonal: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fused_selection_fake(q_means, k_means, min_blocks, max_blocks, keep_diagonal)
+
+
+def pooled_select_vertical_stripes(
+    q_means: torch.Tensor,
+    k_means: torch.Tensor,
+    kv_tokens: int,
+    block_n: int,
+    top_p: float,
+    *,
+    scale: float | None = None,
+    min_blocks: int = 1,
+    max_blocks: int | None = None,
+    keep_diagonal: bool = True,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key blocks shared by every query block of a head (vertical stripes), plus each query block's diagonal.
+
+    The stripes are the top-p selection (same tie rule and clamps as :func:`select_blocks_top_p`) of the
+    column mass: the pooled block scores of :func:`pooled_block_scores` averaged over query blocks and
+    renormalised. Arguments, output layout and width as :func:`pooled_select_top_p`; two Triton launches
+    (per-tile column sums, then select and write), no host sync.
+    """
+    return _pooled_select_vertical_stripes_op(
+        q_means, k_means, kv_tokens, block_n, top_p, scale, min_blocks, max_blocks, keep_diagonal, backend
+    )

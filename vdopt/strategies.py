@@ -358,8 +358,11 @@ class MultiDiagonal(Strategy):
         return _static_pattern(mask, q, ctx.block_size, lay.video_tokens, None)
 
 
-def _always_keep_diagonal(q_blocks: int, kv_blocks: int, device: torch.device) -> torch.Tensor:
-    return torch.eye(q_blocks, kv_blocks, dtype=torch.bool, device=device)
+def _pooled_means(q: torch.Tensor, k: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 block means of q and k (the pooled "draft" tokens the dynamic selections score)."""
+    from vdopt.kernels.selection import pooled_block_means
+
+    return pooled_block_means(q, block_size), pooled_block_means(k, block_size)
 
 
 @dataclass(frozen=True)
@@ -372,15 +375,10 @@ class VerticalStripe(Strategy):
     top_p: float = 0.9
 
     def build(self, q: torch.Tensor, k: torch.Tensor, ctx: PatternContext) -> SparsePattern:
-        from vdopt.kernels.selection import pooled_block_scores, select_blocks_top_p
+        from vdopt.kernels.selection import pooled_select_vertical_stripes
 
-        scores = pooled_block_scores(q, k, ctx.block_size, ctx.block_size)
-        column = scores.mean(2, keepdim=True)  # [B, G, 1, kv_blocks]: mass each key block draws from all queries
-        column = column / column.sum(-1, keepdim=True)
-        indices, counts = select_blocks_top_p(column, self.top_p)
-        shared = kv_block_mask(indices, counts, scores.shape[-1])
-        mask = shared.expand_as(scores) | _always_keep_diagonal(scores.shape[2], scores.shape[3], q.device)
-        indices, counts = kv_block_list_from_mask(mask)
+        q_means, k_means = _pooled_means(q, k, ctx.block_size)
+        indices, counts = pooled_select_vertical_stripes(q_means, k_means, k.shape[2], ctx.block_size, self.top_p)
         return SparsePattern(indices, counts, ctx.block_size, ctx.layout.video_tokens)
 
 
@@ -394,11 +392,10 @@ class PooledTopP(Strategy):
     top_p: float = 0.9
 
     def build(self, q: torch.Tensor, k: torch.Tensor, ctx: PatternContext) -> SparsePattern:
-        from vdopt.kernels.selection import pooled_block_scores, select_blocks_top_p
+        from vdopt.kernels.selection import pooled_select_top_p
 
-        scores = pooled_block_scores(q, k, ctx.block_size, ctx.block_size)
-        diagonal = _always_keep_diagonal(scores.shape[2], scores.shape[3], q.device)
-        indices, counts = select_blocks_top_p(scores, self.top_p, always_keep=diagonal.expand_as(scores))
+        q_means, k_means = _pooled_means(q, k, ctx.block_size)
+        indices, counts = pooled_select_top_p(q_means, k_means, k.shape[2], ctx.block_size, self.top_p)
         return SparsePattern(indices, counts, ctx.block_size, ctx.layout.video_tokens)
 
 
