@@ -91,7 +91,7 @@ def test_calibrated_threshold_meets_its_budget_on_a_new_video() -> None:
     opt = vdopt.apply(model, plan)
     budget = 0.1
     chosen = calibrate_step_cache(opt, [lambda m, s=s: _sample(m, s) for s in range(2)], None,
-                                  CacheConfig(error_budget=budget))
+                                  CacheConfig(error_budget=budget, policy="threshold"))
     assert chosen is not None and opt.plan.cache is chosen
     assert chosen.predicted["max_hidden_rel_error"] <= budget
     assert 0 < chosen.predicted["reused_fraction"] < 1
@@ -194,6 +194,13 @@ def test_schedule_resamples_to_another_step_count_and_rejects_bad_steps() -> Non
     assert plan.resampled(10) is plan
     longer = plan.resampled(19)
     assert longer.schedule_steps == 19 and set(longer.reuse_steps) == {6, 10, 14}
+    # stretched runs of reuses stay within max_consecutive_reuses
+    dense_runs = StepCachePlan(reuse_steps=(4, 5, 7, 8, 10, 11), schedule_steps=13, max_consecutive_reuses=2).resampled(40)
+    runs, run = [], 0
+    for i in range(40):
+        run = run + 1 if i in dense_runs.reuse_steps else 0
+        runs.append(run)
+    assert max(runs) <= 2 and len(dense_runs.reuse_steps) >= 6
     with pytest.raises(PlanError, match="outside"):
         StepCachePlan(reuse_steps=(0, 3), schedule_steps=10)
     with pytest.raises(PlanError, match="schedule_steps"):

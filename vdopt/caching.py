@@ -27,11 +27,12 @@ from vdopt.plan import StepCachePlan
 @dataclass(frozen=True)
 class CacheConfig:
     """Step caching options. ``error_budget``: worst relative L2 error of the hidden state after the cached blocks
-    on any reused calibration step; ``policy``: "threshold" (decide at run time from the first block's change) or
-    "schedule" (fixed reused steps); ``thresholds``: candidate limits on the accumulated first-block change."""
+    on any reused calibration step; ``policy``: "schedule" (fixed reused steps; the default: on the proxy it reuses
+    more steps at better quality, benchmarks/results/step_cache.json) or "threshold" (decided at run time from the
+    first block's change); ``thresholds``: candidate limits on the accumulated first-block change."""
 
     error_budget: float = 0.05
-    policy: str = "threshold"
+    policy: str = "schedule"
     warmup_steps: int = 2
     max_consecutive_reuses: int = 2
     thresholds: tuple[float, ...] = (0.01, 0.02, 0.04, 0.06, 0.08, 0.12, 0.16, 0.24, 0.32)

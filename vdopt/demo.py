@@ -77,7 +77,7 @@ def run_demo(out: Path, device: str = "cpu", steps: int = 10, recall_budget: flo
         "predicted": opt.plan.predictions,
         "seconds_dense": dense_s, "seconds_vdopt": sparse_s,
         "step_cache": None if opt.plan.cache is None else {
-            "threshold": opt.plan.cache.threshold,
+            "policy": opt.plan.cache.describe(),
             "steps_reused": sum(c.stats.reused for c in opt.step_caches()),
             "steps_computed": sum(c.stats.computed for c in opt.step_caches()),
         },

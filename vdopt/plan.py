@@ -142,13 +142,21 @@ class StepCachePlan:
 
     def resampled(self, steps: int) -> StepCachePlan:
         """The same schedule for a ``steps``-step run: step i reuses when the schedule's step at the same fraction of
-        the run does. A threshold plan is returned unchanged (it does not depend on the run length)."""
+        the run does, with runs of reuses capped at ``max_consecutive_reuses``. A threshold plan is returned
+        unchanged (it does not depend on the run length)."""
         if self.reuse_steps is None or steps == self.schedule_steps:
             return self
         n = self.schedule_steps or 1
-        mapped = {i for i in range(1, steps) if round(i * (n - 1) / max(steps - 1, 1)) in self.reuse_steps}
+        mapped, run = [], 0
+        for i in range(1, steps):
+            # Stretching a schedule lengthens its runs of reuses; cap them at the calibrated limit.
+            run = run + 1 if round(i * (n - 1) / max(steps - 1, 1)) in self.reuse_steps else 0
+            if run > self.max_consecutive_reuses:
+                run = 0
+            elif run:
+                mapped.append(i)
         return StepCachePlan(self.threshold, self.warmup_steps, self.max_consecutive_reuses,
-                             {**self.predicted, "resampled_from_steps": n}, tuple(sorted(mapped)), steps)
+                             {**self.predicted, "resampled_from_steps": n}, tuple(mapped), steps)
 
     def describe(self) -> str:
         """One line for plan summaries."""
