@@ -12,7 +12,7 @@ torch.export keep each as one node.
 
 The pooling has a Triton kernel, and so has the fused selection the strategies run: :func:`pooled_select_top_p`
 (and :func:`pooled_select_vertical_stripes`) go from the block means to a fixed-width key-block list in one launch
-(two for the stripes), with no host sync, so torch.compile sees static shapes. The unfused
+(two for the stripes), with no sort and no host sync, so torch.compile sees static shapes. The unfused
 :func:`pooled_block_scores` + :func:`select_blocks_top_p` (a torch sort + cumsum + scatter, and a list as wide as
 the largest count, which needs a device-to-host sync) stay for other callers such as the k-means clusters' top-p.
 benchmarks/strategy_overheads.py times both against dense attention.
@@ -401,11 +401,12 @@ def select_blocks_top_k(
 # Fused pooled selection: block scores + top-p + diagonal + fixed-width list, one kernel
 # ---------------------------------------------------------------------------------------------------------------
 
-# Largest key-block count the fused kernels hold as one register row (a program sorts the whole padded row);
-# longer rows run the reference. 16384 blocks is 1M tokens at block 64, far past any video model's sequence.
-MAX_FUSED_KV_BLOCKS = 16384
-# Elements of the [rows, key blocks, head_dim chunk] product a program forms at once when it scores its rows.
-_PRODUCT_ELEMENTS = 8192
+# Largest key-block count the fused kernels take: a program holds a [16, next_pow2(nKB)] float32 tile of scores in
+# registers (64 KB at 1024 blocks), and past 4096 blocks it would spill to local memory. Longer rows run the
+# reference under backend="auto". 4096 blocks are 524k tokens at block 128.
+MAX_FUSED_KV_BLOCKS = 4096
+# Query blocks per program of the fused kernels: the smallest M of tl.dot, and 16 rows share each key-mean load.
+_FUSED_ROWS = 16
 
 
 def fused_selection_width(
@@ -544,6 +545,7 @@ if triton is not None:
         D_CHUNK: tl.constexpr,
     ):
         # float32 [ROWS, KV_PAD]: softmax_j(scale * q̄_i · k̄_j + log n_j) over the real key blocks, 0 past them.
+        # The product runs as an IEEE float32 dot (no TF32 rounding), head_dim in chunks of D_CHUNK.
         logits = tl.zeros([rows.shape[0], cols.shape[0]], dtype=tl.float32)
         for d_start in range(0, head_dim, D_CHUNK):
             d = d_start + tl.arange(0, D_CHUNK)
@@ -554,11 +556,11 @@ if triton is not None:
                 other=0.0,
             ).to(tl.float32)
             k_tile = tl.load(
-                k_base + cols[:, None] * stride_kn + d[None, :] * stride_kd,
-                mask=col_ok[:, None] & d_ok[None, :],
+                k_base + cols[None, :] * stride_kn + d[:, None] * stride_kd,
+                mask=col_ok[None, :] & d_ok[:, None],
                 other=0.0,
             ).to(tl.float32)
-            logits += tl.sum(q_tile[:, None, :] * k_tile[None, :, :], axis=2)
+            logits = tl.dot(q_tile, k_tile, logits, input_precision="ieee")
         sizes = tl.maximum(tl.minimum(kv_tokens - cols * block_n, block_n), 1).to(tl.float32)
         logits = logits * scale + tl.log(sizes)[None, :]
         logits = tl.where(col_ok[None, :], logits, float("-inf"))
@@ -567,32 +569,55 @@ if triton is not None:
         return weights / tl.sum(weights, axis=1)[:, None]
 
     @triton.jit
+    def _score_above_count(bits, count):
+        # Per row, the bit pattern of the count-th highest score: the smallest t with fewer than `count` scores
+        # above it (bisection over the order-preserving int32 patterns of non-negative floats; padding is -1).
+        lo = tl.zeros([bits.shape[0]], dtype=tl.int32)
+        hi = lo + 0x7F800000
+        for _ in range(31):  # 0x7F800000 (+inf) < 2**31
+            mid = lo + (hi - lo) // 2
+            fewer = tl.sum((bits > mid[:, None]).to(tl.int32), axis=1) < count
+            hi = tl.where(fewer, mid, hi)
+            lo = tl.where(fewer, lo, mid + 1)
+        return lo
+
+    @triton.jit
     def _top_p_keep(scores, cols, num_kv_blocks, top_p, min_count, max_count, ALL_BLOCKS: tl.constexpr):
         # bool [ROWS, KV_PAD]: per row the `count` highest scores (ties: lower block index), where `count` is
         # the fewest top blocks whose mass reaches top_p of the row total, clamped to [min_count, max_count].
+        # No sort: bisections over the scores' bit patterns find the cut, each step one masked row reduction.
         col_ok = (cols < num_kv_blocks)[None, :]
-        ranked = tl.where(col_ok, scores, -1.0)  # padding sorts after every real score (scores are >= 0)
-        ordered = tl.sort(ranked, dim=1, descending=True)
-        positions = cols[None, :]
+        mass = tl.where(col_ok, scores, 0.0)
+        bits = tl.where(col_ok, mass.to(tl.int32, bitcast=True), -1)
         if ALL_BLOCKS:
             count = tl.zeros([scores.shape[0]], dtype=tl.int32) + num_kv_blocks
         else:
-            mass = tl.maximum(ordered, 0.0)
-            inclusive = tl.cumsum(mass, axis=1)
-            target = top_p * tl.max(inclusive, axis=1)  # the running sum only grows: its max is the total
-            # A block is needed while the mass of the blocks ranked above it is still short of the target.
-            needed = ((inclusive - mass) < target[:, None]) & (positions < num_kv_blocks)
-            count = tl.sum(needed.to(tl.int32), axis=1)
+            target = top_p * tl.sum(mass, axis=1)
+            # The cut score t: the smallest score whose strictly higher scores still hold less than the target.
+            # Every block above t is needed, none below it; of the blocks tied at t (ranked by index) those whose
+            # mass ranked above them is still short of the target.
+            lo = tl.zeros([scores.shape[0]], dtype=tl.int32)
+            hi = lo + 0x7F800000
+            for _ in range(31):
+                mid = lo + (hi - lo) // 2
+                short = tl.sum(tl.where(bits > mid[:, None], mass, 0.0), axis=1) < target
+                hi = tl.where(short, mid, hi)
+                lo = tl.where(short, lo, mid + 1)
+            above = bits > lo[:, None]
+            mass_above = tl.sum(tl.where(above, mass, 0.0), axis=1)
+            tied = tl.sum((bits == lo[:, None]).to(tl.int32), axis=1)
+            cut = lo.to(tl.float32, bitcast=True)
+            nth = cols[None, :].to(tl.float32)
+            tied_needed = (mass_above[:, None] + nth * cut[:, None] < target[:, None]) & (nth < tied[:, None])
+            count = tl.sum(above.to(tl.int32), axis=1) + tl.sum(tied_needed.to(tl.int32), axis=1)
         count = tl.minimum(tl.maximum(count, min_count), max_count)
-        # The count-th highest score is the threshold: keep every score above it, and of the scores equal to
-        # it the lowest-indexed ones until the count is met.
-        threshold = tl.max(tl.where(positions == count[:, None] - 1, ordered, -2.0), axis=1)
-        above = (ranked > threshold[:, None]) & col_ok
-        tied = (ranked == threshold[:, None]) & col_ok
+        # Keep every score above the count-th highest, and of the scores equal to it the lowest-indexed ones.
+        threshold = _score_above_count(bits, count)
+        above = bits > threshold[:, None]
+        tied = bits == threshold[:, None]
         tie_rank = tl.cumsum(tied.to(tl.int32), axis=1)
         room = count - tl.sum(above.to(tl.int32), axis=1)
-        keep = above | (tied & (tie_rank <= room[:, None]))
-        return keep & (count[:, None] > 0)
+        return above | (tied & (tie_rank <= room[:, None]))
 
     @triton.jit
     def _store_block_list(keep, rows, row_ok, cols, idx_base, cnt_base, width):
@@ -743,13 +768,13 @@ if triton is not None:
         _store_block_list(keep, rows, row_ok, cols, idx_ptr + row_base * width, cnt_ptr + row_base, width)
 
 
-def _fused_launch_shape(num_kv_blocks: int, head_dim: int) -> tuple[int, int, int, int]:
-    """(padded row, query blocks per program, head_dim chunk, warps) of the fused kernels."""
-    kv_pad = triton.next_power_of_2(num_kv_blocks)
-    rows = max(1, min(4, 1024 // kv_pad))
-    d_chunk = max(1, min(triton.next_power_of_2(head_dim), _PRODUCT_ELEMENTS // (rows * kv_pad)))
-    num_warps = 4 if kv_pad <= 1024 else 8
-    return kv_pad, rows, d_chunk, num_warps
+def _fused_launch_shape(num_kv_blocks: int, head_dim: int) -> tuple[int, int, int]:
+    """(padded row, head_dim chunk, warps) of the fused kernels' [16, padded row] tiles."""
+    kv_pad = max(16, triton.next_power_of_2(num_kv_blocks))
+    d_chunk = max(16, min(64, triton.next_power_of_2(head_dim), 8192 // kv_pad))  # key tile: 8k floats up to 512
+    # About 32 floats per thread for each [16, kv_pad] tile the selection keeps live.
+    num_warps = 4 if kv_pad <= 256 else 8 if kv_pad <= 512 else 16
+    return kv_pad, d_chunk, num_warps
 
 
 def _fused_selection_triton(
@@ -773,7 +798,8 @@ def _fused_selection_triton(
     width = fused_selection_width(num_kv_blocks, min_blocks, max_blocks, keep_diagonal)
     indices = torch.empty(batch, heads, num_q_blocks, width, dtype=torch.int32, device=q_means.device)
     counts = torch.empty(batch, heads, num_q_blocks, dtype=torch.int32, device=q_means.device)
-    kv_pad, rows, d_chunk, num_warps = _fused_launch_shape(num_kv_blocks, head_dim)
+    kv_pad, d_chunk, num_warps = _fused_launch_shape(num_kv_blocks, head_dim)
+    rows = _FUSED_ROWS
     select = {"top_p": top_p, "min_count": min(min_blocks, upper), "max_count": upper}
     flags = {"ALL_BLOCKS": top_p >= 1.0, "KEEP_DIAGONAL": keep_diagonal, "KV_PAD": kv_pad}
     shape = (heads, num_q_blocks, num_kv_blocks, kv_tokens, block_n, head_dim)
@@ -783,17 +809,17 @@ def _fused_selection_triton(
             **select, ROWS=rows, D_CHUNK=d_chunk, **flags, num_warps=num_warps,
         )
         return indices, counts
-    steps = max(1, min(16 // rows, triton.cdiv(num_q_blocks, rows)))  # query blocks per program: rows * steps
+    # Column sums of up to 4 row tiles per program, so the select-and-write programs read few partial rows.
+    steps = min(4, triton.cdiv(num_q_blocks, rows))
     num_tiles = triton.cdiv(num_q_blocks, rows * steps)
     partial = torch.empty(batch * heads, num_tiles, num_kv_blocks, dtype=torch.float32, device=q_means.device)
     _pooled_column_mass_kernel[(batch * heads, num_tiles)](
         q_means, k_means, partial, *shape, *q_means.stride(), *k_means.stride(), scale,
         ROWS=rows, STEPS=steps, KV_PAD=kv_pad, D_CHUNK=d_chunk, num_warps=num_warps,
     )
-    write_rows = max(1, min(16, 4096 // kv_pad))
-    _vertical_stripes_kernel[(batch * heads, triton.cdiv(num_q_blocks, write_rows))](
+    _vertical_stripes_kernel[(batch * heads, triton.cdiv(num_q_blocks, rows))](
         partial, indices, counts, num_tiles, num_q_blocks, num_kv_blocks, width, **select,
-        ROWS=write_rows, **flags, num_warps=num_warps,
+        ROWS=rows, **flags, num_warps=num_warps,
     )
     return indices, counts
 
