@@ -274,7 +274,8 @@ def block_sparse_attention_triton(
     kv_block_indices = kv_block_indices if kv_block_indices.stride(-1) == 1 else kv_block_indices.contiguous()
     if kv_block_counts.stride(-1) != 1:
         kv_block_counts = kv_block_counts.contiguous()
-    head_arg = head_indices.to(device=q.device) if head_indices is not None else kv_block_counts
+    # A blocking copy from host memory would wait for the GPU to finish its queue; this one is staged and returns.
+    head_arg = head_indices.to(device=q.device, non_blocking=True) if head_indices is not None else kv_block_counts
     common = {
         "HEAD_DIM": head_dim,
         "LAYOUT_BLOCK_M": block_m,
@@ -378,10 +379,8 @@ def _block_sparse_attention_impl(
             int(head_indices.min()) < 0 or int(head_indices.max()) >= q.shape[1]
         ):
             raise ValueError(f"{_OP}: head_indices must lie in [0, {q.shape[1]}), got {head_indices.tolist()}")
-    if chosen == "fa4":
-        return fa4_backend.block_sparse_attention_fa4(
-            q, k, v, kv_block_indices, kv_block_counts, block_m, block_n, scale, head_indices
-        )
+    if chosen == "fa4":  # resolve_backend chose FA4 only after why_not("fa4") found nothing against it
+        return fa4_backend.launch_fa4(q, k, v, kv_block_indices, kv_block_counts, block_m, block_n, scale, head_indices)
     return block_sparse_attention_triton(
         q, k, v, kv_block_indices, kv_block_counts, block_m, block_n, scale, head_indices
     )

@@ -94,6 +94,134 @@ def test_conversion_of_empty_lists():
     assert lists.full_block_idx.shape == (1, 2, 3, 1) and (lists.full_block_cnt == 0).all()
 
 
+def assert_same_lists(got, expected):
+    """Equal values, int32, contiguous: what FA4 reads is the same."""
+    for name, a, b in zip(fa4_backend.Fa4BlockSparse._fields, got, expected):
+        assert a.dtype == torch.int32 and a.is_contiguous(), name
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("kv_tokens", [1100, 1152], ids=["ragged", "exact"])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("layout", ["ascending", "shuffled", "wide", "strided", "empty"])
+def test_fast_conversion_equals_reference(kv_tokens, dtype, layout):
+    """to_fa4_block_sparse (a Triton sort under the interpreter where the last key block is ragged) gives exactly
+    the reference's tensors, batch 2, empty rows, a row holding only the ragged block."""
+    kv_blocks = 9
+    indices, counts = random_lists(2, 3, 8, kv_blocks, density=0.4, empty_rows=[(1, 2, 3)], seed=5)
+    indices[0, 1, 2, 0], counts[0, 1, 2] = kv_blocks - 1, 1
+    if layout == "shuffled":
+        indices = shuffle_used(indices, counts, seed=1)
+    elif layout == "wide":  # junk padding past the key-block count
+        indices = torch.cat([indices, torch.full((2, 3, 8, 4), 77, dtype=torch.int32)], dim=-1)
+    elif layout == "strided":  # [B, Q, H, W] storage viewed as [B, H, Q, W]
+        indices = indices.transpose(1, 2).contiguous().transpose(1, 2)
+        counts = counts.transpose(1, 2).contiguous().transpose(1, 2)
+    elif layout == "empty":
+        indices, counts = indices[..., :0], torch.zeros_like(counts)
+    indices, counts = indices.to(dtype), counts.to(dtype)
+    expected = fa4_backend.to_fa4_block_sparse_reference(indices, counts, kv_tokens, 128)
+    assert_same_lists(fa4_backend.to_fa4_block_sparse(indices, counts, kv_tokens, 128), expected)
+    assert_same_lists(fa4_backend.to_fa4_block_sparse(indices, counts, kv_tokens, 128), expected)  # the memo
+
+
+def test_ragged_sort_kernel_at_a_wide_row():
+    """Rows wider than one 16-column tile and a list of Wan2.1's 256 key blocks, all orders, under the interpreter."""
+    gen = torch.Generator().manual_seed(3)
+    order = torch.rand(1, 2, 5, 256, generator=gen).argsort(-1)
+    counts = torch.tensor([[[0, 1, 37, 255, 256], [256, 200, 3, 2, 128]]], dtype=torch.int32)
+    expected = fa4_backend._sorted_block_list_reference(order, counts, 256)
+    assert torch.equal(fa4_backend._sorted_block_list(order, counts, 256), expected)
+
+
+def test_lists_fa4_reads_as_they_are_pass_through():
+    indices, counts = random_lists(1, 2, 9, 9, seed=2)
+    lists = fa4_backend.to_fa4_block_sparse(indices, counts, 1152, 128)
+    assert lists.full_block_idx is indices and lists.full_block_cnt is counts
+    again = fa4_backend.to_fa4_block_sparse(indices, counts, 1152, 128)
+    assert again.mask_block_cnt is lists.mask_block_cnt  # one zero tensor per shape, not one per call
+    assert again.mask_block_idx.shape == (1, 2, 9, 1) and not again.mask_block_cnt.any()
+
+
+def test_memo_reuses_a_conversion_until_a_list_changes_in_place():
+    indices, counts = random_lists(1, 2, 9, 9, density=0.5, seed=4)
+    indices = shuffle_used(indices, counts, seed=2)
+    first = fa4_backend.to_fa4_block_sparse(indices, counts, 1100, 128)
+    assert fa4_backend.to_fa4_block_sparse(indices, counts, 1100, 128).full_block_idx is first.full_block_idx
+    # The same lists at another key length are another conversion.
+    assert fa4_backend.to_fa4_block_sparse(indices, counts, 1152, 128).full_block_idx is indices
+
+    def check(idx, cnt):
+        got = fa4_backend.to_fa4_block_sparse(idx, cnt, 1100, 128)
+        assert_same_lists(got, fa4_backend.to_fa4_block_sparse_reference(idx, cnt, 1100, 128))
+        return got
+
+    row = int((counts[0, 0] > 0).nonzero()[0])
+    indices[0, 0, row, 0] = 8 if int(indices[0, 0, row, 0]) != 8 else 0  # one entry rewritten in place
+    indices[0, 0, row, : counts[0, 0, row]] = indices[0, 0, row, : counts[0, 0, row]].flip(-1)
+    check(indices, counts)
+    counts[0, 1, 3] = 0  # the counts, in place
+    check(indices, counts)
+    indices.view(-1)[:5].fill_(0)  # through a view of the indices
+    counts.view(-1)[:5].fill_(1)
+    check(indices, counts)
+    check(indices, counts.clone())  # other counts with the same indices
+    torch.autograd.graph.increment_version(indices)  # what a write PyTorch does not see must be followed by
+    assert check(indices, counts).full_block_idx is not first.full_block_idx
+
+
+def test_memo_keeps_no_list_alive_and_skips_inference_tensors():
+    import gc
+    import weakref
+
+    indices, counts = random_lists(1, 2, 9, 9, seed=6)
+    indices = indices.long()
+    fa4_backend.to_fa4_block_sparse(indices, counts, 1100, 128)
+    alive = weakref.ref(indices), weakref.ref(counts)
+    assert indices in fa4_backend._CONVERTED
+    del indices, counts
+    gc.collect()
+    assert alive[0]() is None and alive[1]() is None
+    with torch.inference_mode():
+        indices, counts = random_lists(1, 2, 9, 9, seed=7)
+        indices = shuffle_used(indices, counts)
+        lists = fa4_backend.to_fa4_block_sparse(indices, counts, 1100, 128)
+        assert indices not in fa4_backend._CONVERTED  # no version counter: a conversion could not be invalidated
+        indices[0, 0].zero_()
+        counts[0, 0] = 1
+        assert_same_lists(fa4_backend.to_fa4_block_sparse(indices, counts, 1100, 128),
+                          fa4_backend.to_fa4_block_sparse_reference(indices, counts, 1100, 128))
+    assert not torch.equal(lists.full_block_idx[0, 0], indices[0, 0])
+
+
+def test_op_dispatched_to_fa4_checks_once_and_reuses_the_lists(monkeypatch):
+    """The op as dispatched to (a stand-in for) FA4 on CPU tensors: one applicability check per call, the caller's
+    list tensors reach the conversion (so its memo serves a static pattern every step), no work on the lists after
+    the first call."""
+    calls = {"applicable": 0, "lists": []}
+
+    def applicable(*args) -> None:
+        calls["applicable"] += 1
+
+    def flash_attn_fwd(q, k, v, *, block_sparse_tensors, out, lse, **kwargs):
+        calls["lists"].append(block_sparse_tensors)
+        out.zero_()
+        lse.fill_(float("-inf"))
+
+    monkeypatch.setattr(fa4_backend, "fa4_applicable", applicable)
+    monkeypatch.setattr(fa4_backend, "_import_fa4", lambda: (lambda *lists, block_size: lists, flash_attn_fwd))
+    q, k, v = (torch.randn(1, 2, 1100, 64, dtype=torch.bfloat16) for _ in range(3))
+    indices, counts = random_lists(1, 2, 9, 9, density=0.5, seed=8)
+    indices = shuffle_used(indices, counts, seed=3)
+    for _ in range(2):
+        out, lse = bsa.block_sparse_attention(q, k, v, indices, counts, 128, 128, backend="fa4")
+        assert bsa.last_backend() == "fa4" and out.shape == q.shape and lse.shape == q.shape[:3]
+    assert calls["applicable"] == 2
+    first, second = calls["lists"]
+    assert all(a is b for a, b in zip(first, second))
+    assert_same_lists(first, fa4_backend.to_fa4_block_sparse_reference(indices, counts, 1100, 128))
+
+
 def test_auto_on_cpu_is_reference_and_never_imports_fa4():
     fa4_backend._import_fa4.cache_clear()
     q, k, v = (torch.randn(1, 2, 300, 64) for _ in range(3))
@@ -251,3 +379,16 @@ def test_gpu_fa4_at_wan_length(fa4_gpu):
     out, lse = bsa.block_sparse_attention(q, k, v, idx, cnt, 128, 128, backend="fa4")
     ref, ref_lse = block_sparse_attention_reference(q, k, v, idx, cnt, 128, 128)
     assert_matches(out, lse, ref, ref_lse, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kv_tokens", [32760, 119056])  # Wan2.1 (256 key blocks), HunyuanVideo (931), both ragged
+def test_gpu_list_conversion_equals_reference(kv_tokens):
+    """The Triton sort of ragged lists on the GPU (no FA4 needed): exactly the reference's lists, rows in any order."""
+    kv_blocks = -(-kv_tokens // 128)
+    gen = torch.Generator(device="cuda").manual_seed(kv_blocks)
+    order = torch.rand(1, 3, kv_blocks, kv_blocks, generator=gen, device="cuda").argsort(-1).to(torch.int32)
+    counts = torch.randint(0, kv_blocks + 1, (1, 3, kv_blocks), generator=gen, device="cuda", dtype=torch.int32)
+    expected = fa4_backend.to_fa4_block_sparse_reference(order, counts, kv_tokens, 128)
+    assert_same_lists(fa4_backend.to_fa4_block_sparse(order, counts, kv_tokens, 128), expected)
