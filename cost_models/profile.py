@@ -8,11 +8,17 @@ attention_kernels.json) into ``default_efficiency.json``.
 Efficiency of a measurement = ideal roofline seconds on the target's spec / (measured seconds - launches x launch
 gap), the launch part floored at half the measurement so a latency-bound kernel keeps a positive work time.
 
-Kernels that run on the GPU alone are timed alone. The dynamic strategies' selections end by reading the kept
-width on the host (the GPU then idles until the host has issued the attention launch), so their cost depends on
-what follows them: ``block_select`` and ``cluster_select`` are timed as the marginal time of the strategy's own
-``build`` in front of the attention it feeds (vdopt/attention.py ``pattern_attention``), minus the kernels of that
-build that are timed alone (block means; k-means assignments, updates and sorts).
+Kernels that run on the GPU alone are timed alone. The selections are priced by their marginal time as the
+strategies run them:
+- ``block_select``: the fused pooled selections (kernels/selection.py ``pooled_select_top_p`` for PooledTopP,
+  ``pooled_select_vertical_stripes`` for VerticalStripe, the two strategies this kernel kind prices): the
+  strategy's own ``build`` (block means of q and k, then the selection) minus the two block means. The fused
+  selection has no host sync, so this is also its marginal time in front of the attention it feeds; each point
+  records that path's marginal time (``path_marginal_ms``) as a check.
+- ``cluster_select``: the k-means path's cluster top-p ends by reading the kept width on the host (the GPU then
+  idles until the host has issued the attention launch), so it is timed as the marginal time of the strategy's
+  ``build`` in front of its attention (vdopt/attention.py ``pattern_attention``), minus the k-means kernels of that
+  build, which are timed alone (assignments, updates and sorts).
 """
 
 from __future__ import annotations
@@ -66,8 +72,10 @@ def default_table(overheads: dict[str, Any], attention: dict[str, Any]) -> dict[
     """``default_efficiency.json`` from the committed H100 records: strategy_overheads.json (helper kernels) and
     attention_kernels.json (cuDNN dense, vdopt's block-sparse op as dispatched, the cluster kernel).
 
-    These helpers were timed alone, so the selections' host round trip in front of attention is not in them (see
-    the module docstring); a profiled table measures it."""
+    ``block_select`` comes from the fused selections' paths (``pooled_top_p_fused_ms`` and
+    ``vertical_stripe_fused_ms`` less two block means) where the records have them, else from the unfused
+    scores + top-p that older records time. These helpers were timed alone, so the k-means path's host round trip
+    in front of attention is not in ``cluster_select`` (see the module docstring); a profiled table measures it."""
     cost = CostModel.from_spec("h100", json.loads((Path(__file__).parent / "specs.json").read_text())["h100"])
     s = overheads["shape"]
     shape = AttentionShape(s["batch"], s["heads"], s["tokens"], s["head_dim"], block_size=128)
@@ -92,9 +100,14 @@ def default_table(overheads: dict[str, Any], attention: dict[str, Any]) -> dict[
     draft = next(r for r in overheads["draft_selection"] if r["block"] == shape.block_size)
     means = draft["pooled_means_q_ms"]
     kernels["pool_means"].append(efficiency_point(cost, "pool_means", shape, means, source="pooled_means_q_ms"))
-    kernels["block_select"].append(efficiency_point(
-        cost, "block_select", shape, draft["scores_ms"] - 2 * means + draft["select_top_p_ms"],
-        source="scores_ms - 2 x pooled_means_q_ms + select_top_p_ms"))
+    if "pooled_top_p_fused_ms" in draft:  # the fused selections the strategies run, after the two block means
+        for key in ("pooled_top_p_fused_ms", "vertical_stripe_fused_ms"):
+            kernels["block_select"].append(efficiency_point(cost, "block_select", shape, draft[key] - 2 * means,
+                                                            source=f"{key} - 2 x pooled_means_q_ms"))
+    else:  # records from before the fused selection: scores and the sort-based top-p
+        kernels["block_select"].append(efficiency_point(
+            cost, "block_select", shape, draft["scores_ms"] - 2 * means + draft["select_top_p_ms"],
+            source="scores_ms - 2 x pooled_means_q_ms + select_top_p_ms"))
     for row in overheads["kmeans"]:
         c = row["clusters"]
         one = {f.C: c}
@@ -219,7 +232,7 @@ def run_profile(target: str, device: str = "cuda", shapes: dict[str, tuple[int, 
 
     from vdopt.attention import pattern_attention
     from vdopt.sites import TokenLayout
-    from vdopt.strategies import PatternContext, PooledTopP, SemanticKMeans
+    from vdopt.strategies import PatternContext, PooledTopP, SemanticKMeans, VerticalStripe
 
     cuda = device.startswith("cuda")
     # The attention ops dispatch as at run time (the fastest installed backend on CUDA); the k-means helpers are
@@ -291,12 +304,16 @@ def run_profile(target: str, device: str = "cuda", shapes: dict[str, tuple[int, 
         means_ms = timer(lambda: selection.pooled_block_means(q, block_size, backend=backend))
         kernels["pool_means"].append(efficiency_point(cost, "pool_means", shape, means_ms, case=name))
         for density in path_densities:
-            strategy = PooledTopP(top_p=density)
-            path_ms, attention_ms, kept = path_times(strategy)
-            select_ms = max(path_ms - attention_ms - 2 * means_ms, _MIN_MARGINAL_MS)
-            kernels["block_select"].append(efficiency_point(
-                cost, "block_select", shape, select_ms, kept, case=name, strategy=strategy.label(),
-                path_ms=path_ms, attention_ms=attention_ms, source="path_ms - attention_ms - 2 x pool_means"))
+            for strategy in (PooledTopP(top_p=density), VerticalStripe(top_p=density)):
+                note(f"{name}: {strategy.label()}")
+                ctx = context()
+                build_ms = timer(lambda s=strategy, c=ctx: s.build(q, k, c))
+                path_ms, attention_ms, kept = path_times(strategy)
+                kernels["block_select"].append(efficiency_point(
+                    cost, "block_select", shape, max(build_ms - 2 * means_ms, _MIN_MARGINAL_MS), kept, case=name,
+                    strategy=strategy.label(), build_ms=build_ms, path_ms=path_ms, attention_ms=attention_ms,
+                    path_marginal_ms=path_ms - attention_ms - 2 * means_ms,
+                    source="build_ms - 2 x pool_means (the fused selection after the block means)"))
         kmeans_ms: dict[int, float] = {}
         for c in sorted({c for config in configs for c in config}):
             note(f"{name}: k-means C={c}")

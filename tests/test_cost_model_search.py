@@ -236,6 +236,36 @@ def test_profile_runs_its_kernels_end_to_end_on_cpu() -> None:
     cluster = table["kernels"]["cluster_sparse"][0]
     assert cluster["shape"]["q_cluster_tokens"] == 32 and cluster["shape"]["kv_cluster_tokens"] == 16
     assert cluster["tile_pairs"] > 0
-    # The selections are priced by their marginal time in front of the attention they feed.
-    for kind in ("block_select", "cluster_select"):
-        assert {"path_ms", "attention_ms", "strategy"} <= set(table["kernels"][kind][0])
+    # The k-means selection is priced by its marginal time in front of the attention it feeds; the fused pooled
+    # selections of both strategies that block_select prices by their build less the block means, with the path's
+    # marginal time beside it.
+    assert {"path_ms", "attention_ms", "strategy"} <= set(table["kernels"]["cluster_select"][0])
+    pooled = table["kernels"]["block_select"]
+    assert sorted(p["strategy"].split("(")[0] for p in pooled) == ["pooled_top_p", "vertical_stripe"]
+    for point in pooled:
+        assert {"build_ms", "path_ms", "attention_ms", "path_marginal_ms"} <= set(point)
+        assert point["measured_ms"] == pytest.approx(max(point["build_ms"] - 2 * table["kernels"]["pool_means"][0]["measured_ms"], 1e-3))
+
+
+def test_default_table_prices_the_fused_selection_where_recorded() -> None:
+    """block_select of the default table comes from the fused selections' paths when the overheads record them
+    (less two block means), and from the unfused scores + top-p in older records."""
+    from pathlib import Path
+
+    from vdopt.cost_models.profile import default_table
+
+    results = Path(__file__).parent.parent / "benchmarks" / "results"
+    overheads = json.loads((results / "strategy_overheads.json").read_text())
+    attention = json.loads((results / "attention_kernels.json").read_text())
+    draft = next(r for r in overheads["draft_selection"] if r["block"] == 128)
+    draft.pop("pooled_top_p_fused_ms", None)
+    draft.pop("vertical_stripe_fused_ms", None)
+    unfused = default_table(overheads, attention)["kernels"]["block_select"]
+    expected = draft["scores_ms"] - 2 * draft["pooled_means_q_ms"] + draft["select_top_p_ms"]
+    assert [p["measured_ms"] for p in unfused] == pytest.approx([expected])
+    draft.update(pooled_top_p_fused_ms=0.395, vertical_stripe_fused_ms=0.557)
+    fused = default_table(overheads, attention)["kernels"]["block_select"]
+    means = draft["pooled_means_q_ms"]
+    assert [p["measured_ms"] for p in fused] == pytest.approx([0.395 - 2 * means, 0.557 - 2 * means])
+    assert [p["source"] for p in fused] == ["pooled_top_p_fused_ms - 2 x pooled_means_q_ms",
+                                            "vertical_stripe_fused_ms - 2 x pooled_means_q_ms"]
