@@ -1,4 +1,4 @@
-"""vdopt's sparse-attention kernels vs cuDNN dense and FlexAttention on one GPU (issue 9's benchmark).
+"""vdopt's sparse-attention kernels vs cuDNN dense, FlexAttention and FlashAttention-4 on one GPU (issue 9).
 
 One process: first every kernel is checked against the PyTorch reference on small shapes with fresh random inputs
 (ragged token counts, head dims 64 and 128), then each is timed (triton.testing.do_bench, median) at video-model
@@ -6,17 +6,30 @@ self-attention shapes on the same random per-head block masks:
   cudnn_dense   torch SDPA, cuDNN backend, dense (the reference rate)
   flex          torch.compile(flex_attention) with BlockMask.from_kv_blocks of the same 128-token block lists
   triton        vdopt's Triton kernel called directly (block_sparse_attention_triton)
-  fa4           FlashAttention-4's block-sparse forward through vdopt's adapter (block_sparse_attention_fa4, list
-                conversion included), where flash_attn.cute imports in this run (benchmarks/device_env.sh)
-  op            torch.ops.vdopt.block_sparse_attention as dispatched (backend="auto", so FA4 where it runs, else
-                Triton; op overhead included); the record names the backend that ran
+  fa4           FlashAttention-4's block-sparse forward called directly, as a peer would: flash_attn.cute's
+                _flash_attn_fwd with its block-sparse tensors built once before timing and its output and
+                log-sum-exp preallocated (vdopt's adapter not involved), where flash_attn.cute imports in this run
+                (benchmarks/device_env.sh)
+  op            torch.ops.vdopt.block_sparse_attention as dispatched (backend="auto": FA4 where it runs, else
+                Triton; op overhead included) on the same list tensors every call, as a static pattern is passed
+                every denoising step; the record names the backend that ran
+  op_unmemoized the op with the lists' version counter bumped before every call, so its conversion of the lists
+                for FA4 runs every time (what freshly built lists, e.g. a dynamic selection's, cost)
   cluster       vdopt's variable-size cluster kernel on random cluster sizes, at (close to) equal kept FLOPs
-FA4, when it runs, is also recorded as a measured peer. Peers this run cannot run (FlashInfer always, FA4 when not
-installed) keep their H100 figures from shared/measurements/peer-kernels-h100.txt, labelled as such.
+FA4 and the op are timed in alternating rounds (``--rounds``, the median kept; ``vdopt_vs_fa4`` is the median of
+the rounds' ratios), so drift of the GPU's clocks between them does not read as op overhead. Host time per call
+(``*_host_us``: enqueueing 10 calls, no synchronisation) is recorded beside, to show how far the host runs ahead.
+FA4, when it runs, is also recorded as the measured peer. Peers this run cannot run (FlashInfer always, FA4 when
+not installed) keep their H100 figures from shared/measurements/peer-kernels-h100.txt, labelled as such.
 TFLOP/s are counted on kept blocks only: 4 * D * sum over (batch, head, query block) of rows * kept key tokens.
 
-Usage: python benchmarks/attention_kernels.py [--mode full|sweep|smoke] [--shapes wan1.3b,...] [--deadline S]
-Writes $OUT/attention_kernels.json (+ .png), or $OUT/attention_sweep.json in sweep mode.
+Usage: python benchmarks/attention_kernels.py [--mode full|sweep|smoke] [--shapes wan1.3b_n32760,...]
+       [--densities 0.05,...] [--deadline S] [--rounds R] [--out DIR]
+Writes DIR/attention_kernels.json after every (shape, density) cell, so a run cut short keeps what it measured,
+and DIR/attention_kernels.png at the end (DIR: --out, else $OUT, else .); DIR/attention_sweep.json in sweep mode.
+Cells not started by --deadline seconds after the start are skipped and listed under "skipped". ``--mode smoke``
+runs the full mode's code on CPU at tiny shapes (set TRITON_INTERPRET=1), FA4's interface served by a stand-in
+that computes with the PyTorch reference, wall-clock timings: a check of the script, not a measurement.
 """
 
 from __future__ import annotations
@@ -26,16 +39,19 @@ import datetime
 import json
 import math
 import os
+import statistics
 import sys
 import time
 import traceback
 from functools import partial
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 import triton
+from vdopt.kernels import _backends, fa4_backend
 from vdopt.kernels import block_sparse_attention as bsa
 from vdopt.kernels import cluster_sparse_attention as csa
-from vdopt.kernels import fa4_backend
 from vdopt.kernels.reference import (
     block_sparse_attention_reference,
     cluster_sparse_attention_reference,
@@ -43,12 +59,16 @@ from vdopt.kernels.reference import (
 
 OUT = os.environ.get("OUT", ".")
 DENSITIES = (0.05, 0.1, 0.15, 0.25, 0.5)
+SWEEP_DENSITIES = (0.05, 0.1, 0.5)
 SHAPES = {  # name: (batch, heads, tokens, head_dim)
     "wan1.3b_n32760": (1, 12, 32760, 128),
     "wan1.3b_n32768": (1, 12, 32768, 128),
     "wan14b_n32760": (1, 40, 32760, 128),
     "hunyuan_n119056": (1, 24, 119056, 128),
 }
+# --mode smoke: the same code on CPU, one ragged and one exact token count, batch 2 on the second.
+SMOKE_SHAPES = {"smoke_n1000": (1, 2, 1000, 64), "smoke_n1024": (2, 2, 1024, 64)}
+SMOKE_DENSITIES = (0.25, 0.5)
 # Peers measured on the same kind of H100 (shared/measurements/peer-kernels-h100.txt, 2026-11-25, N=32768,
 # TFLOP/s on kept blocks: FA4 = median of its four timings, FlashInfer variable-block fa3-128 per-head masks =
 # mean of two runs). Not run here; converted to ms at each shape's kept FLOPs, assuming the same rate.
@@ -73,6 +93,39 @@ def log(*args: object) -> None:
 
 def bench(fn, rep_ms: float = 200) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
+
+
+class Clock(NamedTuple):
+    """How the full mode times: do_bench on the GPU; wall clock on CPU (--mode smoke, a check of the script)."""
+
+    cuda: bool
+
+    def ms(self, fn, rep_ms: float = 200) -> float:
+        if self.cuda:
+            return bench(fn, rep_ms)
+        fn()
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - start))
+        return statistics.median(times)
+
+    def host_us(self, fn, calls: int = 10) -> float:
+        """Microseconds the host spends per call enqueueing ``calls`` back-to-back calls (no sync between them;
+        few enough that the launch queue never fills, so the GPU's pace does not enter)."""
+        fn()
+        self.sync()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        host = (time.perf_counter() - start) / calls * 1e6
+        self.sync()
+        return host
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
 
 
 def random_qkv(batch: int, heads: int, tokens: int, head_dim: int, dtype: torch.dtype, device: str):
@@ -154,9 +207,9 @@ def check_block(fn, name, device, dtype=torch.bfloat16, shapes=((1, 2, 4000, 128
     return worst
 
 
-def check_cluster(name, device, dtype=torch.bfloat16, **kw):
+def check_cluster(name, device, dtype=torch.bfloat16, shapes=((1, 2, 3000, 128, 24), (2, 2, 777, 64, 9)), **kw):
     worst = 0.0
-    for seed, (batch, heads, tokens, head_dim, clusters) in enumerate(((1, 2, 3000, 128, 24), (2, 2, 777, 64, 9))):
+    for seed, (batch, heads, tokens, head_dim, clusters) in enumerate(shapes):
         torch.manual_seed(2000 + seed)
         q, k, v = random_qkv(batch, heads, tokens, head_dim, dtype, device)
         q_off = random_clusters(batch, heads, tokens, clusters, seed, device, spread=0.9)
@@ -175,10 +228,12 @@ def check_cluster(name, device, dtype=torch.bfloat16, **kw):
 
 
 # ----------------------------------------------------------------------------------------------- timers
-def cudnn_dense_ms(q, k, v) -> float:
+def cudnn_dense_ms(q, k, v, clock: Clock | None = None) -> float:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    if clock is not None and not clock.cuda:
+        return clock.ms(partial(F.scaled_dot_product_attention, q, k, v))
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         return bench(partial(F.scaled_dot_product_attention, q, k, v))
 
@@ -190,7 +245,8 @@ def flex_runner(q, k, v, idx, cnt, block):
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
     if "fn" not in _FLEX:
-        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+        # Compiled on the GPU (what FlexAttention is for); eager on CPU (smoke), where it only checks the script.
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False) if q.is_cuda else flex_attention
     tokens = q.shape[2]
     nk = -(-k.shape[2] // block)
     # Pad the lists to all key blocks so every density reuses one compiled graph.
@@ -198,6 +254,60 @@ def flex_runner(q, k, v, idx, cnt, block):
     full[..., : idx.shape[-1]] = idx
     mask = BlockMask.from_kv_blocks(cnt, full, BLOCK_SIZE=block, seq_lengths=(tokens, k.shape[2]))
     return lambda: _FLEX["fn"](q, k, v, block_mask=mask)
+
+
+def fa4_direct_runner(q, k, v, idx, cnt, block):
+    """FA4's block-sparse forward called directly, as a peer: block-sparse tensors built once here (from vdopt's
+    lists by the reference conversion), output and log-sum-exp allocated once and written by every call.
+    Returns (run, out [B, H, N, D] view, lse)."""
+    block_sparse_tensors_cls, flash_attn_fwd = fa4_backend._import_fa4()
+    lists = fa4_backend.to_fa4_block_sparse_reference(idx, cnt, k.shape[2], block)
+    tensors = block_sparse_tensors_cls(*lists, block_size=(block, block))
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    out = torch.empty_like(qt)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+
+    def run():
+        flash_attn_fwd(qt, kt, vt, softmax_scale=None, causal=False, block_sparse_tensors=tensors, return_lse=True,
+                       out=out, lse=lse)
+
+    return run, out.transpose(1, 2), lse
+
+
+class _StandInBlockSparseTensors(NamedTuple):
+    mask_block_cnt: torch.Tensor
+    mask_block_idx: torch.Tensor
+    full_block_cnt: torch.Tensor
+    full_block_idx: torch.Tensor
+    block_size: tuple[int, int]
+
+
+def _stand_in_fa4_forward(q, k, v, softmax_scale=None, causal=False, block_sparse_tensors=None, return_lse=True,
+                          out=None, lse=None):
+    """FA4's ``_flash_attn_fwd`` as vdopt calls it ([B, N, H, D] views, full blocks only, out and lse given),
+    computed by the PyTorch reference; like FA4 it needs a ragged last key block to be listed last."""
+    lists = block_sparse_tensors
+    block_m, block_n = lists.block_size
+    kv_blocks = -(-k.shape[1] // block_n)
+    if k.shape[1] % block_n:
+        counts = lists.full_block_cnt.long()
+        used = torch.arange(lists.full_block_idx.shape[-1]) < counts[..., None]
+        listed = used & (lists.full_block_idx == kv_blocks - 1)
+        last = listed.gather(-1, (counts - 1).clamp(min=0)[..., None])[..., 0] & (counts > 0)
+        if not torch.equal(listed.any(-1), last):
+            raise AssertionError("the ragged last key block is listed before the end of a row: FA4 would read past the keys")
+    ref, ref_lse = block_sparse_attention_reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                    lists.full_block_idx, lists.full_block_cnt, block_m, block_n,
+                                                    softmax_scale)
+    out.copy_(ref.transpose(1, 2))
+    lse.copy_(ref_lse)
+
+
+def use_stand_in_fa4() -> None:
+    """--mode smoke: FA4's interface served by :func:`_stand_in_fa4_forward` on CPU, so this script's FA4 paths (the
+    direct calls, the op's dispatch to FA4, the conversion of the lists) run without a GPU."""
+    fa4_backend._import_fa4 = lambda: (_StandInBlockSparseTensors, _stand_in_fa4_forward)
+    fa4_backend.fa4_applicable = lambda *args, **kwargs: None
 
 
 def fa4_version() -> str:
@@ -320,7 +430,8 @@ def sweep(args) -> None:
                     results.append({"shape": shape_name, "density": density, "kernel": "cluster_" + name,
                                     "ms": ms, "tflops": tf})
                     log(f"  d={density:<5} {'cluster_' + name:24s} {ms:8.3f} ms {tf:6.0f} TF")
-    with open(os.path.join(OUT, "attention_sweep.json"), "w") as f:
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "attention_sweep.json"), "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                    "triton": triton.__version__, "results": results, "failed": sorted(bad)}, f, indent=1)
     log("== summary (TFLOP/s on kept blocks)")
@@ -333,43 +444,82 @@ def sweep(args) -> None:
             log(f"  {kname:28s} " + " ".join(f"{cells.get((kname, d), float('nan')):6.0f}" for d in dens))
 
 
+def paired_rounds(clock: Clock, runners: dict[str, Any], rounds: int, rep_ms: float) -> dict[str, list[float]]:
+    """Time each runner once per round, the runners alternating within a round: ``{name: [ms per round]}``."""
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, fn in runners.items():
+            times[name].append(clock.ms(fn, rep_ms))
+    return times
+
+
 def full(args) -> None:
-    device = "cuda"
+    smoke = args.mode == "smoke"
+    clock = Clock(cuda=not smoke)
+    device = "cuda" if clock.cuda else "cpu"
+    shape_table = SMOKE_SHAPES if smoke else SHAPES
+    shapes = list(shape_table) if smoke else args.shapes.split(",")
+    densities = SMOKE_DENSITIES if smoke else tuple(float(d) for d in (args.densities or ",".join(map(str, DENSITIES))).split(","))
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
     date = datetime.date.today().isoformat()
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "date": date,
-            "command": " ".join(sys.argv), "flash_attn_4": fa4_version()}
+    if smoke:
+        use_stand_in_fa4()
+    meta = {"device": torch.cuda.get_device_name() if clock.cuda else "cpu (smoke: wall clock, not a measurement)",
+            "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if clock.cuda else None, "date": date,
+            "command": " ".join(sys.argv), "flash_attn_4": fa4_version() if not smoke else "stand-in (smoke)",
+            "deadline_s": args.deadline, "rounds": args.rounds,
+            "timing": ("triton.testing.do_bench median (L2 flushed between calls); fa4, op and op_unmemoized in "
+                       f"{args.rounds} alternating rounds, median of the rounds" if clock.cuda else "wall clock")}
+    check_shapes = ((1, 2, 4000, 128), (2, 3, 1000, 64)) if clock.cuda else ((1, 1, 300, 64), (2, 1, 260, 32))
     log("== correctness vs reference (bf16, fresh random inputs)")
     checks = {
-        "triton": check_block(bsa.block_sparse_attention_triton, "triton", device),
-        "op": check_block(lambda *a: bsa.block_sparse_attention(*a, backend="auto", validate=True), "op", device),
-        "triton_fp16": check_block(bsa.block_sparse_attention_triton, "triton_fp16", device, dtype=torch.float16),
-        "cluster": check_cluster("cluster", device),
+        "triton": check_block(bsa.block_sparse_attention_triton, "triton", device, shapes=check_shapes),
+        "op": check_block(lambda *a: bsa.block_sparse_attention(*a, backend="auto", validate=True), "op", device,
+                          shapes=check_shapes),
+        "triton_fp16": check_block(bsa.block_sparse_attention_triton, "triton_fp16", device, dtype=torch.float16,
+                                   shapes=check_shapes),
+        "cluster": check_cluster("cluster", device) if clock.cuda else check_cluster(
+            "cluster", device, shapes=((1, 1, 300, 64, 5), (2, 1, 200, 32, 4))),
     }
     # FA4 is timed only where it imports and matched the reference.
     run_fa4 = fa4_backend.fa4_available()
     if run_fa4:
         try:
-            checks["fa4"] = check_block(fa4_backend.block_sparse_attention_fa4, "fa4", device)
+            checks["fa4"] = check_block(fa4_backend.block_sparse_attention_fa4, "fa4", device, shapes=check_shapes)
             checks["fa4_fp16"] = check_block(fa4_backend.block_sparse_attention_fa4, "fa4_fp16", device,
-                                             dtype=torch.float16)
+                                             dtype=torch.float16, shapes=check_shapes)
         except Exception as e:  # noqa: BLE001 -- reported; Triton and the rest still run
             log(f"  check fa4: ERROR {type(e).__name__}: {str(e)[:400]}")
             checks["fa4"] = float("inf")
         run_fa4 = all(math.isfinite(checks[c]) for c in ("fa4", "fa4_fp16") if c in checks)
         meta["fa4_timed"] = run_fa4
-    records = []
-    for shape_name in args.shapes.split(","):
-        batch, heads, tokens, head_dim = SHAPES[shape_name]
+    records: list[dict] = []
+    skipped: list[str] = []
+    result = {"meta": meta, "checks_worst_rel_l2": checks, "records": records, "skipped": skipped, "complete": False}
+    path = out_dir / "attention_kernels.json"
+
+    def save() -> None:
+        path.write_text(json.dumps(result, indent=1) + "\n")
+
+    save()
+    for shape_name in shapes:
+        if time.time() - T0 > args.deadline:
+            skipped.extend(f"{shape_name} d={d}" for d in densities)
+            log(f"{shape_name}: skipped, past the {args.deadline} s deadline")
+            continue
+        batch, heads, tokens, head_dim = shape_table[shape_name]
         model = shape_name.split("_")[0]
         q, k, v = random_qkv(batch, heads, tokens, head_dim, torch.bfloat16, device)
         nb = -(-tokens // 128)
         dense_flops = 4.0 * batch * heads * tokens * tokens * head_dim
         rep = 200 if tokens < 65536 else 1000
-        dense = cudnn_dense_ms(q, k, v)
+        dense = cudnn_dense_ms(q, k, v, clock)
         log(f"{shape_name}: cudnn dense {dense:.3f} ms = {dense_flops / dense / 1e9:.0f} TFLOP/s")
-        for density in DENSITIES:
+        for density in densities:
             if time.time() - T0 > args.deadline:
+                skipped.append(f"{shape_name} d={density}")
                 log(f"  d={density}: skipped, past the {args.deadline} s deadline")
                 continue
             kept = max(1, round(density * nb))
@@ -386,21 +536,41 @@ def full(args) -> None:
                 q[:1, :1, rows].float(), k[:1, :1].float(), v[:1, :1].float(),
                 idx[:1, :1, nb // 2: nb // 2 + 3], cnt[:1, :1, nb // 2: nb // 2 + 3], 128, 128)
             rec["spot_rel_l2"] = rel_l2(out[:1, :1, rows], ref)
-            rec["triton_ms"] = bench(partial(bsa.block_sparse_attention_triton, q, k, v, idx, cnt, 128, 128), rep)
+            rec["triton_ms"] = clock.ms(partial(bsa.block_sparse_attention_triton, q, k, v, idx, cnt, 128, 128), rep)
             rec["triton_effective_tflops"] = flops / rec["triton_ms"] / 1e9
+            # On CPU "auto" means the reference: the smoke run sends the op to the stand-in FA4 by name instead.
+            op = partial(bsa.block_sparse_attention, q, k, v, idx, cnt, 128, 128, backend="auto" if clock.cuda else "fa4")
+            out, _ = op()
+            rec["vdopt_backend"] = bsa.last_backend()
+            rec["vdopt_spot_rel_l2"] = rel_l2(out[:1, :1, rows], ref)
+
+            def op_unmemoized(op=op, idx=idx):
+                torch.autograd.graph.increment_version(idx)  # no device work; the op's memo no longer matches
+                return op()
+
+            runners = {"vdopt": op}
+            if rec["vdopt_backend"] == "fa4":
+                runners["vdopt_unmemoized"] = op_unmemoized
             fa4_reason = fa4_backend.fa4_applicable(q, k, v, 128, 128) if run_fa4 else None
             if fa4_reason is not None:
                 rec["fa4_error"] = fa4_reason
             elif run_fa4:
-                out, _ = fa4_backend.block_sparse_attention_fa4(q, k, v, idx, cnt, 128, 128)
-                rec["fa4_spot_rel_l2"] = rel_l2(out[:1, :1, rows], ref)
-                rec["fa4_ms"] = bench(partial(fa4_backend.block_sparse_attention_fa4, q, k, v, idx, cnt, 128, 128), rep)
-                rec["fa4_effective_tflops"] = flops / rec["fa4_ms"] / 1e9
-            rec["vdopt_ms"] = bench(partial(bsa.block_sparse_attention, q, k, v, idx, cnt, 128, 128, backend="auto"), rep)
-            rec["vdopt_backend"] = bsa.last_backend()
+                fa4_run, fa4_out, _ = fa4_direct_runner(q, k, v, idx, cnt, 128)
+                fa4_run()
+                rec["fa4_spot_rel_l2"] = rel_l2(fa4_out[:1, :1, rows], ref)
+                runners = {"fa4": fa4_run, **runners}
+            rounds = paired_rounds(clock, runners, args.rounds, rep / args.rounds)
+            for name, times in rounds.items():
+                rec[f"{name}_ms"] = statistics.median(times)
+                rec[f"{name}_rounds_ms"] = times
+                # Host time matters where a call is short; a few calls suffice at HunyuanVideo's length.
+                rec[f"{name}_host_us"] = clock.host_us(runners[name], calls=10 if tokens < 65536 else 3)
             rec["effective_tflops"] = flops / rec["vdopt_ms"] / 1e9
+            if "fa4" in rounds:
+                rec["fa4_effective_tflops"] = flops / rec["fa4_ms"] / 1e9
+                rec["vdopt_vs_fa4"] = statistics.median(o / f for o, f in zip(rounds["vdopt"], rounds["fa4"]))
             try:
-                rec["flex_ms"] = bench(flex_runner(q, k, v, idx, cnt, 128), rep)
+                rec["flex_ms"] = clock.ms(flex_runner(q, k, v, idx, cnt, 128), rep)
                 rec["flex_effective_tflops"] = flops / rec["flex_ms"] / 1e9
             except Exception as e:  # noqa: BLE001 -- recorded, the other kernels still run
                 rec["flex_error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -409,7 +579,7 @@ def full(args) -> None:
             kv_off = random_clusters(batch, heads, tokens, nb, 12, device)
             cidx, ccnt = random_block_lists(batch, heads, nb, nb, kept, 13, device)
             cflops = kept_flops_clusters(q_off, kv_off, cidx, ccnt, head_dim)
-            rec["cluster_ms"] = bench(partial(csa.cluster_sparse_attention, q, k, v, q_off, kv_off, cidx, ccnt), rep)
+            rec["cluster_ms"] = clock.ms(partial(csa.cluster_sparse_attention, q, k, v, q_off, kv_off, cidx, ccnt), rep)
             rec["cluster_kept_tflop"] = cflops / 1e12
             rec["cluster_effective_tflops"] = cflops / rec["cluster_ms"] / 1e9
             rec["cluster_vs_block_rate"] = rec["cluster_effective_tflops"] / rec["triton_effective_tflops"]
@@ -418,19 +588,25 @@ def full(args) -> None:
             rec["triton_config"] = str(getattr(bsa._block_sparse_fwd_autotuned, "best_config", None))
             record_peers(rec, model, density, flops)
             records.append(rec)
+            save()
             log(f"  d={density:<5} triton {rec['triton_ms']:.3f} ms {rec['triton_effective_tflops']:.0f} TF | fa4 "
                 f"{rec.get('fa4_ms', float('nan')):.3f} ms {rec.get('fa4_effective_tflops', float('nan')):.0f} TF | op "
-                f"({rec['vdopt_backend']}) {rec['vdopt_ms']:.3f} ms {rec['effective_tflops']:.0f} TF | flex "
+                f"({rec['vdopt_backend']}) {rec['vdopt_ms']:.3f} ms {rec['effective_tflops']:.0f} TF, x"
+                f"{rec.get('vdopt_vs_fa4', float('nan')):.3f} of fa4, unmemoized "
+                f"{rec.get('vdopt_unmemoized_ms', float('nan')):.3f} | host us fa4 "
+                f"{rec.get('fa4_host_us', float('nan')):.0f} op {rec['vdopt_host_us']:.0f} | flex "
                 f"{rec.get('flex_ms', float('nan')):.3f} | cluster {rec['cluster_effective_tflops']:.0f} TF | spot "
                 f"{rec['spot_rel_l2']:.1e}")
         del q, k, v
-        torch.cuda.empty_cache()
-    with open(os.path.join(OUT, "attention_kernels.json"), "w") as f:
-        json.dump({"meta": meta, "checks_worst_rel_l2": checks, "records": records}, f, indent=1)
-    plot(records, os.path.join(OUT, "attention_kernels.png"))
-    log("== summary: TFLOP/s on kept blocks (x = speedup of the op vs cuDNN dense; peer* = from the peer file)")
-    log(f"{'shape':16s} {'dens':>5} {'cudnn':>6} {'triton':>6} {'fa4':>6} {'op':>6} {'op ran':>7} {'flex':>6} "
-        f"{'cluster':>7} {'best peer':>20}")
+        if clock.cuda:
+            torch.cuda.empty_cache()
+    result["complete"] = not skipped
+    save()
+    plot(records, str(out_dir / "attention_kernels.png"))
+    log("== summary: TFLOP/s on kept blocks (x = speedup of the op vs cuDNN dense; op/fa4 = median ratio of the "
+        "rounds' times; peer* = from the peer file)")
+    log(f"{'shape':16s} {'dens':>5} {'cudnn':>6} {'triton':>6} {'fa4':>6} {'op':>6} {'op ran':>7} {'op/fa4':>7} "
+        f"{'flex':>6} {'cluster':>7} {'best peer':>20}")
     for r in records:
         peer = "-"
         if r.get("best_peer"):
@@ -438,8 +614,10 @@ def full(args) -> None:
             peer = f"{r['best_peer']}{mark}:{r['peer_tflops'][r['best_peer']]:.0f}"
         log(f"{r['shape']:16s} {r['density']:5.2f} {r['cudnn_dense_tflops']:6.0f} {r['triton_effective_tflops']:6.0f} "
             f"{r.get('fa4_effective_tflops', float('nan')):6.0f} {r['effective_tflops']:6.0f} {r['vdopt_backend']:>7s} "
-            f"{r.get('flex_effective_tflops', float('nan')):6.0f} {r['cluster_effective_tflops']:7.0f} {peer:>20s}  "
-            f"x{r['cudnn_dense_ms'] / r['vdopt_ms']:.2f}")
+            f"{r.get('vdopt_vs_fa4', float('nan')):7.3f} {r.get('flex_effective_tflops', float('nan')):6.0f} "
+            f"{r['cluster_effective_tflops']:7.0f} {peer:>20s}  x{r['cudnn_dense_ms'] / r['vdopt_ms']:.2f}")
+    if skipped:
+        log(f"skipped (deadline): {', '.join(skipped)}")
 
 
 def plot(records, path) -> None:
@@ -460,7 +638,7 @@ def plot(records, path) -> None:
         ax.plot(d, [r["cudnn_dense_ms"] / r["vdopt_ms"] for r in rs], "o-", label=f"vdopt op (auto: {ran})")
         ax.plot(d, [r["cudnn_dense_ms"] / r["triton_ms"] for r in rs], "s-", label="vdopt triton")
         if all("fa4_ms" in r for r in rs):
-            ax.plot(d, [r["cudnn_dense_ms"] / r["fa4_ms"] for r in rs], "d-", label="FA4 via vdopt (run here)")
+            ax.plot(d, [r["cudnn_dense_ms"] / r["fa4_ms"] for r in rs], "d-", label="FA4 called directly (run here)")
         ax.plot(d, [r["cudnn_dense_ms"] * r["cluster_effective_tflops"] * 1e9 / (r["kept_tflop"] * 1e12)
                     for r in rs], "^-", label="vdopt cluster (same kept FLOPs)")
         if all("flex_ms" in r for r in rs):
@@ -482,12 +660,11 @@ def plot(records, path) -> None:
 
 
 def smoke(args) -> None:
-    """CPU run of the code paths (TRITON_INTERPRET=1) at tiny sizes: catches errors before device time is spent."""
-    log("checks:", check_block(bsa.block_sparse_attention_triton, "triton", "cpu", shapes=((1, 1, 300, 64),)))
-    log("cluster:", check_cluster("cluster", "cpu"))
-    idx, cnt = random_block_lists(1, 2, 3, 3, 2, 0, "cpu")
-    lists = fa4_backend.to_fa4_block_sparse(idx, cnt, 300, 128)
-    log("fa4:", fa4_version(), "| lists", tuple(lists.full_block_idx.shape))
+    """CPU run of the full mode's code (TRITON_INTERPRET=1) at tiny sizes, then the sweep's peer bookkeeping:
+    catches errors before device time is spent."""
+    if not _backends.interpreting():
+        raise SystemExit("--mode smoke runs the Triton kernels on CPU: set TRITON_INTERPRET=1 before running it")
+    full(args)
     rec = {"fa4_ms": 1.0, "fa4_effective_tflops": 600.0}
     record_peers(rec, "wan1.3b", 0.1, 6e14)
     log("peers:", rec["best_peer"], rec["best_peer_source"])
@@ -496,10 +673,19 @@ def smoke(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mode", default="full", choices=("full", "sweep", "smoke"))
-    ap.add_argument("--shapes", default="wan1.3b_n32760,wan1.3b_n32768,wan14b_n32760,hunyuan_n119056")
-    ap.add_argument("--densities", default="0.05,0.1,0.5")
-    ap.add_argument("--deadline", type=float, default=420.0, help="seconds after start; later cells are skipped")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
+    ap.add_argument("--densities", default=None,
+                    help=f"comma-separated kept densities (full: {DENSITIES}; sweep: {SWEEP_DENSITIES})")
+    ap.add_argument("--deadline", type=float, default=420.0,
+                    help="seconds after the start; cells not started by then are skipped (one started may run on)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of fa4 / op timings (median kept)")
+    ap.add_argument("--out", default=OUT, help="folder for the JSON and the plot (default $OUT, else .)")
     args = ap.parse_args()
+    if args.mode == "sweep" and args.densities is None:
+        args.densities = ",".join(map(str, SWEEP_DENSITIES))
+    unknown = [name for name in args.shapes.split(",") if name not in SHAPES]
+    if unknown:
+        ap.error(f"--shapes: unknown {unknown}; use some of {', '.join(SHAPES)}")
     try:
         {"full": full, "sweep": sweep, "smoke": smoke}[args.mode](args)
     except Exception:

@@ -9,12 +9,15 @@ At the Wan2.1-1.3B self-attention shape (B1 H12 N32760 D128, bf16) it times, wit
 - semantic permutation (Sparse VideoGen2): warm-started k-means of Q and K (1 and 3 iterations, C = 64/128/256),
   the permutations from the labels, cluster-level top-p selection, gathering Q, K, V and scattering the output back;
 and writes ``strategy_overheads.json`` (device, date, versions, every component and each strategy's total) into
-``--out`` (default ``$OUT``, else benchmarks/results). Each Triton kernel is first checked against its reference
-at the full shape (the fused selections: rows whose kept set differs from the reference's). Acceptance
-(issue 9): each strategy's total <= 5% of dense attention.
+``--out`` (default ``$OUT``, else benchmarks/results) after every section. Each Triton kernel is first checked
+against its reference at the full shape (the fused selections: rows whose kept set differs from the reference's).
+Acceptance (issue 9): each strategy's total <= 5% of dense attention.
 
     python benchmarks/strategy_overheads.py --out /tmp/results
-    python benchmarks/strategy_overheads.py --smoke --out /tmp    # CPU check of the script: tiny shape, wall clock
+    TRITON_INTERPRET=1 python benchmarks/strategy_overheads.py --smoke --out /tmp   # CPU check of the script
+
+``--smoke`` runs every section at a tiny shape on CPU, timed by wall clock, with the helpers' Triton kernels in
+Triton's interpreter (TRITON_INTERPRET=1): a check of the script, not a measurement.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ from pathlib import Path
 import torch
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from vdopt.kernels import _backends, selection
 from vdopt.kernels import kmeans as km
-from vdopt.kernels import selection
 from vdopt.kernels.reference import kv_block_list_from_mask, kv_block_mask
 
 TOP_P = 0.9
@@ -94,7 +97,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32760)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument(
-        "--smoke", action="store_true", help="CPU check of the script: tiny shape, selection sections, wall clock"
+        "--smoke", action="store_true",
+        help="CPU check of the script (TRITON_INTERPRET=1): tiny shape, every section, wall clock"
     )
     args = parser.parse_args()
     if not torch.cuda.is_available() and not args.smoke:
@@ -103,6 +107,11 @@ def main() -> None:
         args.heads, args.tokens, args.head_dim = 2, 1000, 32
     device = "cpu" if args.smoke else "cuda"
     bench = _bench_wall_clock if args.smoke else _bench
+    if args.smoke and not _backends.interpreting():
+        raise SystemExit("--smoke runs the helpers' Triton kernels on CPU: set TRITON_INTERPRET=1 before running it")
+    # The helpers as the strategies call them ("auto": Triton on CUDA); on CPU "auto" would mean the references, so
+    # the smoke run names Triton.
+    backend = "triton" if args.smoke else "auto"
 
     torch.manual_seed(0)
     shape = (1, args.heads, args.tokens, args.head_dim)
@@ -132,6 +141,7 @@ def main() -> None:
         "shape": {"batch": 1, "heads": args.heads, "tokens": args.tokens, "head_dim": args.head_dim},
         "dtype": "bfloat16",
         "timing": "wall clock (smoke)" if args.smoke else "triton.testing.do_bench median, warmup 25 ms, rep 100 ms",
+        "helpers_backend": backend,
         "top_p": TOP_P,
         "dense_sdpa_ms": dense_ms,
         "dense_sdpa_backend": "default (smoke)" if args.smoke else "cudnn",
@@ -150,55 +160,56 @@ def main() -> None:
         (out_dir / "strategy_overheads.json").write_text(json.dumps(result, indent=2) + "\n")
 
     def draft_selection(block: int) -> None:
-        means = selection.pooled_block_means(q, block)
+        means = selection.pooled_block_means(q, block, backend=backend)
         checks[f"pooled_means_rel_err_block{block}"] = _rel_err(
             means, selection.pooled_block_means_reference(q, block)
         )
-        scores = selection.pooled_block_scores(q, k, block, block)
+        scores = selection.pooled_block_scores(q, k, block, block, backend=backend)
         checks[f"scores_max_abs_err_block{block}"] = float(
             (scores - selection.pooled_block_scores_reference(q, k, block, block)).abs().max()
         )
         _, counts = selection.select_blocks_top_p(scores, TOP_P)
-        q_means, k_means = means, selection.pooled_block_means(k, block)
+        q_means, k_means = means, selection.pooled_block_means(k, block, backend=backend)
         fused_args = (q_means, k_means, args.tokens, block, TOP_P)
         diagonal = torch.eye(*scores.shape[2:], dtype=torch.bool, device=scores.device).expand_as(scores)
         blocks = scores.shape[-1]
-        fused = selection.pooled_select_top_p(*fused_args)
+        fused = selection.pooled_select_top_p(*fused_args, backend=backend)
         checks[f"fused_top_p_rows_differing_block{block}"] = _rows_differing(
             fused, selection.pooled_select_top_p_reference(*fused_args), blocks
         )
         checks[f"fused_vs_unfused_top_p_rows_differing_block{block}"] = _rows_differing(
             fused, selection.select_blocks_top_p(scores, TOP_P, always_keep=diagonal), blocks
         )
-        stripes = selection.pooled_select_vertical_stripes(*fused_args)
+        stripes = selection.pooled_select_vertical_stripes(*fused_args, backend=backend)
         checks[f"fused_stripes_rows_differing_block{block}"] = _rows_differing(
             stripes, selection.pooled_select_vertical_stripes_reference(*fused_args), blocks
         )
 
         def unfused_top_p(b=block):
             # What PooledTopP ran before the fused op: scores, sort-based top-p with the diagonal, list.
-            s = selection.pooled_block_scores(q, k, b, b)
+            s = selection.pooled_block_scores(q, k, b, b, backend=backend)
             return selection.select_blocks_top_p(s, TOP_P, always_keep=diagonal)
 
         def unfused_stripes(b=block):
             # What VerticalStripe ran before: scores, column mass, top-p of it, union with the diagonal, list.
-            s = selection.pooled_block_scores(q, k, b, b)
+            s = selection.pooled_block_scores(q, k, b, b, backend=backend)
             column = s.mean(2, keepdim=True)
-            shared = kv_block_mask(*selection.select_blocks_top_p(column / column.sum(-1, keepdim=True), TOP_P), blocks)
+            column_lists = selection.select_blocks_top_p(column / column.sum(-1, keepdim=True), TOP_P)
+            shared = kv_block_mask(*column_lists, blocks)
             return kv_block_list_from_mask(shared.expand_as(s) | diagonal)
 
         def fused_path(select, b=block):
-            q_means = selection.pooled_block_means(q, b)
-            k_means = selection.pooled_block_means(k, b)
-            return select(q_means, k_means, args.tokens, b, TOP_P)
+            q_means = selection.pooled_block_means(q, b, backend=backend)
+            k_means = selection.pooled_block_means(k, b, backend=backend)
+            return select(q_means, k_means, args.tokens, b, TOP_P, backend=backend)
 
         row = {
             "block": block,
-            "pooled_means_q_ms": bench(lambda b=block: selection.pooled_block_means(q, b)),
+            "pooled_means_q_ms": bench(lambda b=block: selection.pooled_block_means(q, b, backend=backend)),
             "pooled_means_q_reference_ms": bench(
                 lambda b=block: selection.pooled_block_means_reference(q, b)
             ),
-            "scores_ms": bench(lambda b=block: selection.pooled_block_scores(q, k, b, b)),
+            "scores_ms": bench(lambda b=block: selection.pooled_block_scores(q, k, b, b, backend=backend)),
             "select_top_p_ms": bench(lambda s=scores: selection.select_blocks_top_p(s, TOP_P)),
             "total_ms": bench(
                 lambda b=block: selection.select_blocks_top_p(
@@ -207,11 +218,11 @@ def main() -> None:
             ),
             "kept_density": float(counts.float().mean() / scores.shape[-1]),
             "pooled_top_p_unfused_ms": bench(unfused_top_p),
-            "fused_select_top_p_ms": bench(lambda: selection.pooled_select_top_p(*fused_args)),
+            "fused_select_top_p_ms": bench(lambda: selection.pooled_select_top_p(*fused_args, backend=backend)),
             "pooled_top_p_fused_ms": bench(lambda: fused_path(selection.pooled_select_top_p)),
             "pooled_top_p_kept_density": float(fused[1].float().mean() / blocks),
             "vertical_stripe_unfused_ms": bench(unfused_stripes),
-            "fused_select_stripes_ms": bench(lambda: selection.pooled_select_vertical_stripes(*fused_args)),
+            "fused_select_stripes_ms": bench(lambda: selection.pooled_select_vertical_stripes(*fused_args, backend=backend)),
             "vertical_stripe_fused_ms": bench(lambda: fused_path(selection.pooled_select_vertical_stripes)),
             "vertical_stripe_kept_density": float(stripes[1].float().mean() / blocks),
         }
@@ -252,8 +263,8 @@ def main() -> None:
 
     def semantic_permutation(clusters: int) -> None:
         # Centroids of a converged run stand in for the previous denoising step's (the warm start).
-        labels_q, centroids_q = km.kmeans(q, clusters, iterations=5)
-        labels_k, centroids_k = km.kmeans(k, clusters, iterations=5)
+        labels_q, centroids_q = km.kmeans(q, clusters, iterations=5, backend=backend)
+        labels_k, centroids_k = km.kmeans(k, clusters, iterations=5, backend=backend)
         ref_labels = km._assign_reference(q.float(), centroids_q)
         fast_labels = km._assign_triton(q, centroids_q)
         checks[f"assign_label_agreement_C{clusters}"] = float((ref_labels == fast_labels).float().mean())
@@ -263,12 +274,12 @@ def main() -> None:
         )
         perm_q, _, _ = km.permutation_from_labels(labels_q, clusters)
         _, _, offsets_k = km.permutation_from_labels(labels_k, clusters)
-        permuted = km.gather_tokens(q, perm_q)
+        permuted = km.gather_tokens(q, perm_q, backend=backend)
         checks[f"gather_exact_C{clusters}"] = float(
             torch.equal(permuted, km.gather_tokens_reference(q, perm_q))
         )
         checks[f"scatter_round_trip_exact_C{clusters}"] = float(
-            torch.equal(km.scatter_tokens(permuted, perm_q), q)
+            torch.equal(km.scatter_tokens(permuted, perm_q, backend=backend), q)
         )
         cluster_scores = _cluster_scores(centroids_q, centroids_k, offsets_k)
         _, cluster_counts = selection.select_blocks_top_p(cluster_scores, TOP_P)
@@ -284,9 +295,9 @@ def main() -> None:
             "permutation_from_labels_ms": bench(
                 lambda lab=labels_q, c=clusters: km.permutation_from_labels(lab, c)
             ),
-            "gather_one_tensor_ms": bench(lambda p=perm_q: km.gather_tokens(q, p)),
+            "gather_one_tensor_ms": bench(lambda p=perm_q: km.gather_tokens(q, p, backend=backend)),
             "gather_one_tensor_reference_ms": bench(lambda p=perm_q: km.gather_tokens_reference(q, p)),
-            "scatter_out_ms": bench(lambda p=perm_q: km.scatter_tokens(out, p)),
+            "scatter_out_ms": bench(lambda p=perm_q: km.scatter_tokens(out, p, backend=backend)),
             "cluster_select_ms": bench(
                 lambda a=centroids_q, b=centroids_k, o=offsets_k: selection.select_blocks_top_p(
                     _cluster_scores(a, b, o), TOP_P
@@ -297,20 +308,20 @@ def main() -> None:
         for iterations in (1, 3):
             row[f"kmeans_qk_{iterations}iter_ms"] = bench(
                 lambda c=clusters, a=centroids_q, b=centroids_k, it=iterations: (
-                    km.kmeans(q, c, it, init_centroids=a),
-                    km.kmeans(k, c, it, init_centroids=b),
+                    km.kmeans(q, c, it, init_centroids=a, backend=backend),
+                    km.kmeans(k, c, it, init_centroids=b, backend=backend),
                 )
             )
 
             def step(c=clusters, a=centroids_q, b=centroids_k, it=iterations):
                 # Everything SVG2 adds around the attention kernel in one denoising step.
-                lq, cq = km.kmeans(q, c, it, init_centroids=a)
-                lk, ck = km.kmeans(k, c, it, init_centroids=b)
+                lq, cq = km.kmeans(q, c, it, init_centroids=a, backend=backend)
+                lk, ck = km.kmeans(k, c, it, init_centroids=b, backend=backend)
                 pq, _, _ = km.permutation_from_labels(lq, c)
                 pk, _, ok = km.permutation_from_labels(lk, c)
                 selection.select_blocks_top_p(_cluster_scores(cq, ck, ok), TOP_P)
-                km.gather_tokens(q, pq), km.gather_tokens(k, pk), km.gather_tokens(v, pk)
-                return km.scatter_tokens(out, pq)
+                km.gather_tokens(q, pq, backend=backend), km.gather_tokens(k, pk, backend=backend), km.gather_tokens(v, pk, backend=backend)
+                return km.scatter_tokens(out, pq, backend=backend)
 
             total = bench(step)
             row[f"strategy_total_{iterations}iter_ms"] = total
@@ -327,8 +338,8 @@ def main() -> None:
 
     # --- run each section; an error is recorded and the others still run (one device call) ---------------
     sections = [(f"draft_selection_block{b}", draft_selection, b) for b in ((128, 64) if not args.smoke else (64, 48))]
-    if not args.smoke:  # the k-means sections time Triton kernels directly: GPU only
-        sections += [(f"semantic_permutation_C{c}", semantic_permutation, c) for c in (64, 128, 256)]
+    sections += [(f"semantic_permutation_C{c}", semantic_permutation, c)
+                 for c in ((64, 128, 256) if not args.smoke else (8, 16))]
     for name, section, value in sections:
         try:
             section(value)
