@@ -8,7 +8,8 @@ process with the same inputs (``--configs`` picks a subset; ``eager`` always run
 - ``vdopt_cache``: the same plan plus a fixed step-cache schedule (LeMiCa-style), calibrated in this run on the
   trained proxy model under the same plan recipe (``--cache-budget``) and resampled to ``--steps``;
 - ``flex``: vdopt's plan and runtime with every block-sparse launch done by compiled FlexAttention on the same
-  block masks (its ``BlockMask`` built from vdopt's key-block lists), the graph around it compiled.
+  block masks (its ``BlockMask`` built from vdopt's key-block lists), lowered and compiled as vdopt's graph is;
+- ``flex_cache``: ``flex`` plus the same step-cache schedule as ``vdopt_cache`` (the like-for-like comparison).
 The plan is fixed, not calibrated (random weights have no attention structure): dense warm-up for the first
 ``--warmup`` of the steps, then per head 3D tile windows whose exact density is near ``--density``. The same recipe
 is applied to the trained proxy model first: its cache schedule is calibrated there, and the recipe's quality
@@ -241,8 +242,12 @@ def _plot(result: dict[str, Any], path: Path) -> None:
 
 
 def main() -> None:
+    from torch._dynamo.utils import counters
+
     import vdopt
     from vdopt import attention
+    from vdopt.kernels.block_sparse_attention import last_backend
+    from vdopt.passes.lower_attention import lowering_report
     from vdopt.plan import Plan, StepCachePlan
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -270,16 +275,15 @@ def main() -> None:
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     backend = "inductor" if cuda else "aot_eager"
     configs = ["eager"] + [c for c in args.configs.split(",") if c != "eager"]
-    if not cuda and "flex" in configs:
-        configs.remove("flex")  # compiled FlexAttention is a GPU comparison
+    configs = [c for c in configs if cuda or not c.startswith("flex")]  # compiled FlexAttention: a GPU comparison
     cache_plan, proxy_record = None, None
     if args.smoke:
         args.proxy_steps, args.proxy_prompts = 3, 1
-    if "vdopt_cache" in configs or "vdopt" in configs:
+    if {"vdopt", "vdopt_cache", "flex_cache"} & set(configs):
         schedule, proxy_record = proxy_recipe(args, device)
-        if schedule is None and "vdopt_cache" in configs:
-            print("vdopt_cache skipped: no cache schedule met the budget on the proxy", flush=True)
-            configs.remove("vdopt_cache")
+        if schedule is None:
+            print("cached configurations skipped: no cache schedule met the budget on the proxy", flush=True)
+            configs = [c for c in configs if not c.endswith("_cache")]
         cache_plan = None if schedule is None else schedule.resampled(args.steps)
     from diffusers import WanTransformer3DModel
 
@@ -293,6 +297,13 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / ("end_to_end_smoke.json" if args.smoke else "end_to_end.json")
     records: list[dict[str, Any]] = []
+    if json_path.exists():  # keep the records of other models/configurations from earlier calls
+        this_run = {(m, c) for m in args.models.split(",") for c in configs}
+        try:
+            records = [r for r in json.loads(json_path.read_text()).get("records", [])
+                       if (r.get("model"), r.get("config")) not in this_run]
+        except (json.JSONDecodeError, AttributeError):
+            records = []
 
     def save() -> None:
         json_path.write_text(json.dumps({**meta, "proxy_quality_of_recipe": proxy_record, "records": records},
@@ -312,12 +323,14 @@ def main() -> None:
         times = _timesteps(args.steps)
         eager_seconds = None
         for config_name in configs:
-            cached = config_name == "vdopt_cache"
+            cached = config_name.endswith("_cache")
             kinds = _step_kinds(times, args.warmup, cache_plan if cached else None)
             real_op = attention.block_sparse_attention
-            record: dict[str, Any] = {"model": name, "config": config_name, "device": meta["device"], "steps": args.steps,
+            record: dict[str, Any] = {"model": name, "config": config_name, "device": meta["device"], "date": meta["date"],
+                                      "torch": torch.__version__, "steps": args.steps,
                                       "step_kinds": {k: kinds.count(k) for k in ("dense", "sparse", "cached")}}
             started = time.perf_counter()
+            counters.clear()
             try:
                 with _Deadline(args.deadline):
                     if config_name == "eager":
@@ -331,7 +344,7 @@ def main() -> None:
                             run_plan.cache = cache_plan if mode == "whole" else StepCachePlan(
                                 reuse_steps=(2,), schedule_steps=3, warmup_steps=0)
                         runner = vdopt.apply(model, run_plan, compile=True, compile_backend=backend)
-                    if config_name == "flex":
+                    if config_name.startswith("flex"):
                         flex_error = check_flex(device, dtype)
                         record["flex_check_rel_l2"] = flex_error
                         if flex_error > 2e-2:
@@ -339,6 +352,7 @@ def main() -> None:
                         attention.block_sparse_attention = flex_block_sparse_attention
                     # first calls: capture and compile every kind of step (dense warm-up and sparse) once
                     record["first_call_seconds"] = _run_steps(runner, inputs, [times[0], times[-1]], cuda)
+                    record["compiled_graphs_after_first_calls"] = counters["stats"]["unique_graphs"]
                     if mode == "whole":
                         seconds = _run_steps(runner, inputs, times, cuda)
                         how = f"whole {args.steps}-step run"
@@ -354,8 +368,15 @@ def main() -> None:
             finally:
                 attention.block_sparse_attention = real_op
             eager_seconds = seconds if config_name == "eager" else eager_seconds
-            record.update(seconds=seconds, timing=how, speedup_vs_eager=eager_seconds / seconds)
-            if config_name in ("vdopt", "vdopt_cache", "flex"):
+            record.update(seconds=seconds, timing=how, speedup_vs_eager=eager_seconds / seconds,
+                          eager_seconds_same_call=eager_seconds,
+                          graph_breaks=sum(counters["graph_break"].values()),
+                          compiled_graphs=counters["stats"]["unique_graphs"])
+            if config_name.startswith("vdopt"):
+                record["attention_backend"] = last_backend()
+                record["sites_left_eager"] = sum(len(lowering_report(gm, t)) for gm in runner._graphs.values()
+                                                 for t in (times[0], times[-1]))
+            if config_name not in ("eager", "compile"):
                 record["plan"] = {"dense_warmup_steps": kinds.count("dense"), "steps": args.steps,
                                   "block_size": args.block, "strategy": "tile3d windows, per head",
                                   "attention_density_after_warmup": plan.predictions["attention_density_after_warmup"],

@@ -369,9 +369,11 @@ def _block_sparse_attention_impl(
     chosen = _backends.resolve_backend(_OP, backend, q.device, why_not)
     _backends.record_backend(_OP, chosen)
     if chosen == "reference":
-        return block_sparse_attention_reference(
+        out, lse = block_sparse_attention_reference(
             q, k, v, kv_block_indices, kv_block_counts, block_m, block_n, scale, head_indices
         )
+        # The op's contract (and its fake, which torch.compile plans views with) is q's memory order.
+        return output_like(q, out.shape[1], out.shape[-1]).copy_(out), lse
     # Validation synchronises with the device (about 0.1 ms), so on GPU it runs only when asked.
     if validate or (validate is None and q.device.type == "cpu"):
         validate_kv_block_list(kv_block_indices, kv_block_counts, -(-k.shape[2] // block_n))

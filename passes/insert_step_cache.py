@@ -66,6 +66,15 @@ class CacheStats:
     history: list[tuple[float, bool]] = field(default_factory=list)  # (t, reused)
 
 
+@dataclass
+class CacheMemory:
+    """What a step cache remembers across calls; shared by the copies of one cache in every phase graph."""
+
+    states: dict[Any, CachePolicyState] = field(default_factory=dict)
+    stats: CacheStats = field(default_factory=CacheStats)
+    probe: Any = None
+
+
 class StepCache(nn.Module):
     """Runs ``blocks`` (the graph's blocks 1..L-1) or reuses their last residual, per the plan's criterion.
 
@@ -73,19 +82,38 @@ class StepCache(nn.Module):
     it). In ``probe`` mode the blocks always run and ``probe`` is called with (branch key, input, true residual).
     """
 
-    def __init__(self, blocks: fx.GraphModule, input_index: int, cache_plan: StepCachePlan, clock: nn.Module) -> None:
+    def __init__(self, blocks: fx.GraphModule, input_index: int, cache_plan: StepCachePlan, clock: nn.Module,
+                 memory: CacheMemory | None = None) -> None:
         super().__init__()
         self.blocks = blocks
         self.input_index = input_index
         self.cache_plan = cache_plan
         self.clock = clock
-        self.states: dict[Any, CachePolicyState] = {}
-        self.stats = CacheStats()
-        self.probe: Any = None
+        self.memory = CacheMemory() if memory is None else memory
+
+    @property
+    def states(self) -> dict[Any, CachePolicyState]:
+        return self.memory.states
+
+    @property
+    def stats(self) -> CacheStats:
+        return self.memory.stats
+
+    @property
+    def probe(self) -> Any:
+        return self.memory.probe
+
+    @probe.setter
+    def probe(self, probe: Any) -> None:
+        self.memory.probe = probe
+
+    def with_blocks(self, blocks: fx.GraphModule) -> StepCache:
+        """The same cache (plan, clock and memory shared) around other blocks, e.g. a phase's lowered graph."""
+        return StepCache(blocks, self.input_index, self.cache_plan, self.clock, self.memory)
 
     def reset(self) -> None:
-        self.states.clear()
-        self.stats = CacheStats()
+        self.memory.states.clear()
+        self.memory.stats = CacheStats()
 
     @staticmethod
     def relative_change(current: torch.Tensor, previous: torch.Tensor) -> float:

@@ -71,27 +71,45 @@ def canonicalize_names(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def compile_segments(gm: fx.GraphModule, backend: str = "inductor") -> fx.GraphModule:
+def _block_of(node: fx.Node) -> str | None:
+    """The transformer block (``blocks.3``) or top-level module a node belongs to; None for nodes outside any."""
+    from vdopt.capture import _block_key
+
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [value[0] for value in stack.values() if value[0]]
+    return _block_key(paths[0]) if paths else None
+
+
+def compile_segments(gm: fx.GraphModule, backend: str = "inductor", fullgraph: bool = False,
+                     segment_blocks: bool = False) -> fx.GraphModule:
     """``gm`` split at its planned-attention and step-cache nodes, each stretch in between ``torch.compile``-d.
 
     The top level runs eagerly: it calls the compiled stretches and the eager nodes in order. A step cache's blocks
-    are split and compiled the same way. Outputs equal ``gm``'s; ``gm`` itself is left unchanged.
+    are split and compiled the same way. Outputs equal ``gm``'s; ``gm`` itself is left unchanged. ``fullgraph``:
+    each stretch must compile as one graph (dynamo raises on a break). ``segment_blocks``: also cut where one
+    transformer block ends and the next begins, so identical blocks compile once (FX-graph cache) instead of as
+    one large graph; each cut is a plain call between compiled graphs, not a graph break inside one.
     """
     from torch.fx.passes.split_module import split_module
 
     from vdopt.passes.insert_step_cache import StepCache
 
     boundary = {n for n in gm.graph.nodes if n.op == "call_module" and _is_boundary(gm.get_submodule(n.target))}
-    if not boundary:
-        return torch.compile(gm, backend=backend, dynamic=False)
-    part, index = {}, 0
+    if not boundary and not segment_blocks:
+        return torch.compile(gm, backend=backend, dynamic=False, fullgraph=fullgraph)
+    part, index, block = {}, 0, None
     for node in gm.graph.nodes:
         if node in boundary:
             index += 1
             part[node] = index
             index += 1
-        else:
-            part[node] = index
+            continue
+        if segment_blocks and node.op not in ("placeholder", "get_attr", "output"):
+            here = _block_of(node)
+            if here is not None and block is not None and here != block:
+                index += 1
+            block = here if here is not None else block
+        part[node] = index
     split = split_module(gm, gm, lambda n: part[n], keep_original_order=True)
     split.graph._codegen = copy.deepcopy(gm.graph._codegen)
     split.recompile()
@@ -101,9 +119,10 @@ def compile_segments(gm: fx.GraphModule, backend: str = "inductor") -> fx.GraphM
         inner = [m for m in child.modules() if _is_boundary(m)]
         if inner:
             for cache in (m for m in inner if isinstance(m, StepCache)):
-                cache.blocks = compile_segments(cache.blocks, backend)
+                cache.blocks = compile_segments(cache.blocks, backend, fullgraph, segment_blocks)
             continue
-        setattr(split, name, torch.compile(canonicalize_names(child), backend=backend, dynamic=False))
+        setattr(split, name, torch.compile(canonicalize_names(child), backend=backend, dynamic=False,
+                                           fullgraph=fullgraph))
     return split
 
 
@@ -172,14 +191,18 @@ class OptimizedModel(nn.Module):
         return replace(self.plan, sites=local)
 
     def _runner_for(self, key: Any, gm: fx.GraphModule) -> Any:
-        """The callable that runs a captured graph: the graph itself, or with ``compile=True`` its compiled segments.
+        """The callable that runs a captured graph: the graph itself, or with ``compile=True`` one compiled graph
+        per plan phase (:class:`vdopt.passes.lower_attention.PhaseRunner`).
 
-        Planned attention and step-cache decisions run eagerly (they read the denoising clock and build
-        data-dependent patterns); every stretch of the graph between them (norms, RoPE, modulation, MLP) is compiled
-        once per input signature and is not recompiled as the denoising time moves (see :func:`compile_segments`).
+        In each phase's graph the planned sites are straight-line code over vdopt's registered ops, so every stretch
+        between step-cache decisions compiles with ``fullgraph=True``; the phase is chosen from the denoising clock
+        outside the graphs, so nothing recompiles as the denoising time moves. Sites that cannot be lowered
+        (k-means, masked calls) stay eager calls between compiled stretches.
         """
+        from vdopt.passes.lower_attention import PhaseRunner
+
         if key not in self._runners:
-            self._runners[key] = compile_segments(gm, self.compile_backend) if self.compile else gm
+            self._runners[key] = PhaseRunner(gm, self.compile_backend) if self.compile else gm
         return self._runners[key]
 
     def step_caches(self) -> list[nn.Module]:

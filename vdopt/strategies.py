@@ -212,6 +212,8 @@ class Strategy:
 
     name: ClassVar[str] = ""
     dynamic: ClassVar[bool] = False  # reads q/k content (needs per-call estimation work)
+    # build() is tensor code that dynamo traces (no host sync, no state kept across calls): see passes/lower_attention
+    traceable: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -407,6 +409,7 @@ class SemanticKMeans(Strategy):
 
     name: ClassVar[str] = "kmeans"
     dynamic: ClassVar[bool] = True
+    traceable: ClassVar[bool] = False  # warm-started centroids and per-head clusters
     q_clusters: int = 32
     kv_clusters: int = 64
     top_p: float = 0.9

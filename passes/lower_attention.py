@@ -1,0 +1,293 @@
+"""Pass: specialise a rewritten graph to one denoising phase, so torch.compile sees whole stretches of it.
+
+A :class:`~vdopt.passes.sparsify_attention.PlannedAttention` node reads the denoising clock on every call and picks
+its strategies then, so dynamo cannot trace it (it is ``torch.compiler.disable``-d: a graph break per site). A plan,
+though, has few *phases*: the distinct combinations of strategies its sites run as ``t`` moves (typically a dense
+warm-up and one sparse phase). :func:`lower_for_phase` builds, for one phase, a copy of the graph in which each
+planned site is a :class:`LoweredAttention`: straight-line tensor code over the registered ``vdopt::`` ops, with
+the phase's layout-only patterns (token orders, key-block lists) built once as buffers and its dynamic selections
+(pooled top-p, vertical stripes) computed by the fused selection ops. Dynamo traces that without a break, so a
+phase graph compiles with ``fullgraph=True``; :class:`PhaseRunner` keeps one compiled graph per phase and picks it
+by the clock, outside any graph, so nothing recompiles as the denoising time moves.
+
+Sites whose strategies cannot be traced (semantic k-means: per-head clusters and centroids carried across steps)
+or whose call has an attention mask stay PlannedAttention nodes, and the graph is split there (reported by
+:func:`lowering_report`).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from vdopt import attention as _attention
+from vdopt.passes.sparsify_attention import _PATTERN_OBSERVERS, PlannedAttention
+from vdopt.sites import AttentionSite
+from vdopt.strategies import Dense, PatternContext, SparsePattern, Strategy
+
+
+class NotLowerable(ValueError):
+    """A planned site that cannot become straight-line code for this phase (the reason is the message)."""
+
+
+def _pad_width(t: torch.Tensor, width: int) -> torch.Tensor:
+    return F.pad(t, (0, width - t.shape[-1]))
+
+
+def _head_index(heads: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(heads, dtype=torch.long, device=device)
+
+
+class LoweredAttention(nn.Module):
+    """One site's attention for one phase, as traceable tensor code (same call signature as SDPA).
+
+    Heads are launched as :func:`vdopt.attention.sparse_site_attention` launches them (dense heads in one SDPA
+    call, every head that keeps the token order in one block-sparse launch, each shared static token order in one
+    gather, launch and scatter), and the result equals it; what differs is that every decision is taken here, at
+    construction, from the phase's strategies and the call's shapes.
+    """
+
+    def __init__(self, site: AttentionSite, strategies: list[Strategy], block_size: int, q_shape: tuple[int, ...],
+                 device: torch.device, seed: int = 0) -> None:
+        super().__init__()
+        if site.layout is None:
+            raise NotLowerable(f"site {site.name} has no token layout")
+        batch, heads, tokens, head_dim = q_shape
+        if len(strategies) != heads:
+            raise NotLowerable(f"site {site.name}: {len(strategies)} strategies for {heads} heads")
+        self.site_name = site.name
+        self.heads = heads
+        self.block_size = block_size
+        self.video_span = site.layout.video_span
+        v0, v1 = self.video_span
+        self.text_spans = [(a, b) for a, b in ((0, v0), (v1, tokens)) if b > a]
+        self.ctx = PatternContext(site.layout, block_size, {}, seed)
+        groups: dict[Strategy, list[int]] = {}
+        for head, strategy in enumerate(strategies):
+            groups.setdefault(strategy, []).append(head)
+        probe = torch.empty(batch, heads, v1 - v0, head_dim, device=device)
+
+        self.dense_heads: list[int] = groups.pop(Dense(), [])
+        static_in_order: list[tuple[list[int], SparsePattern]] = []
+        self.dynamic: list[tuple[Strategy, list[int]]] = []
+        permuted: dict[int, tuple[torch.Tensor, list[SparsePattern], list[int]]] = {}
+        for strategy, members in groups.items():
+            if strategy.dynamic:
+                if not strategy.traceable:
+                    raise NotLowerable(f"{strategy.name} keeps state across steps and builds per-head clusters")
+                self.dynamic.append((strategy, members))
+                continue
+            pattern = strategy.build(probe[:, : len(members)], probe[:, : len(members)], self.ctx)
+            if pattern.q_perm is None and pattern.kv_perm is None and not pattern.is_clustered:
+                static_in_order.append((members, pattern))
+            elif (not pattern.is_clustered and pattern.q_perm is pattern.kv_perm and pattern.q_perm is not None
+                  and pattern.q_perm.dim() == 1):
+                entry = permuted.setdefault(id(pattern.q_perm), (pattern.q_perm, [], []))
+                entry[1].append(pattern)
+                entry[2].extend(members)
+            else:
+                raise NotLowerable(f"{strategy.name} builds per-head token orders")
+
+        # The launch that keeps the token order: static lists as one buffer, dynamic ones appended per call.
+        self.in_order_heads = [h for members, _ in static_in_order for h in members]
+        self.in_order_heads += [h for _, members in self.dynamic for h in members]
+        kv_blocks = -(-(v1 - v0) // block_size)
+        self.in_order_width = kv_blocks
+        if static_in_order:
+            self.register_buffer("static_indices", torch.cat(
+                [_pad_width(p.kv_block_indices, kv_blocks) for _, p in static_in_order], dim=1).to(torch.int32),
+                persistent=False)
+            self.register_buffer("static_counts", torch.cat(
+                [p.kv_block_counts for _, p in static_in_order], dim=1).to(torch.int32), persistent=False)
+        else:
+            self.static_indices = self.static_counts = None
+        self.in_order_all_heads = self.in_order_heads == list(range(heads))
+        self.register_buffer("in_order_index", _head_index(self.in_order_heads, device), persistent=False)
+        self.dynamic_index = [_head_index(members, device) for _, members in self.dynamic]
+        for i, index in enumerate(self.dynamic_index):
+            self.register_buffer(f"dynamic_index_{i}", index, persistent=False)
+
+        # One gather, launch and scatter per shared static token order.
+        self.permuted: list[tuple[str, list[int], bool]] = []
+        for i, (perm, patterns, members) in enumerate(permuted.values()):
+            width = max(p.kv_block_indices.shape[-1] for p in patterns)
+            self.register_buffer(f"perm_{i}", perm, persistent=False)
+            self.register_buffer(f"inverse_perm_{i}", torch.argsort(perm), persistent=False)
+            self.register_buffer(f"perm_indices_{i}", torch.cat(
+                [_pad_width(p.kv_block_indices, width) for p in patterns], dim=1).to(torch.int32), persistent=False)
+            self.register_buffer(f"perm_counts_{i}", torch.cat(
+                [p.kv_block_counts for p in patterns], dim=1).to(torch.int32), persistent=False)
+            self.register_buffer(f"perm_heads_{i}", _head_index(members, device), persistent=False)
+            self.permuted.append((str(i), members, members == list(range(heads))))
+
+        self.sparse_heads = self.in_order_heads + [h for _, members, _ in self.permuted for h in members]
+        self.sparse_all_heads = self.sparse_heads == list(range(heads))
+        self.register_buffer("sparse_index", _head_index(self.sparse_heads, device), persistent=False)
+        self.register_buffer("dense_index", _head_index(self.dense_heads, device), persistent=False)
+
+    def _launch(self, q, k, v, indices, counts, scale, head_indices=None):
+        # Looked up on the module at call time, so a benchmark may swap the kernel (vdopt.attention's name).
+        return _attention.block_sparse_attention(q, k, v, indices, counts, self.block_size, self.block_size,
+                                                 scale=scale, head_indices=head_indices)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False, *,
+                scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+        scale = query.shape[-1] ** -0.5 if scale is None else scale
+        if not self.sparse_heads:
+            return F.scaled_dot_product_attention(query, key, value, scale=scale)
+        v0, v1 = self.video_span
+        qv, kv, vv = query[:, :, v0:v1], key[:, :, v0:v1], value[:, :, v0:v1]
+        outs: list[torch.Tensor] = []
+        lses: list[torch.Tensor] = []
+        if self.in_order_heads:
+            indices = [] if self.static_indices is None else [self.static_indices]
+            counts = [] if self.static_counts is None else [self.static_counts]
+            for i, (strategy, _) in enumerate(self.dynamic):
+                index = getattr(self, f"dynamic_index_{i}")
+                pattern = strategy.build(qv.index_select(1, index), kv.index_select(1, index), self.ctx)
+                indices.append(_pad_width(pattern.kv_block_indices.to(torch.int32), self.in_order_width))
+                counts.append(pattern.kv_block_counts.to(torch.int32))
+            out, lse = self._launch(qv, kv, vv, torch.cat(indices, dim=1), torch.cat(counts, dim=1), scale,
+                                    None if self.in_order_all_heads else self.in_order_index)
+            outs.append(out)
+            lses.append(lse)
+        for name, _, all_heads in self.permuted:
+            perm = getattr(self, f"perm_{name}")
+            inverse = getattr(self, f"inverse_perm_{name}")
+            heads = getattr(self, f"perm_heads_{name}")
+            q, k, v = [(x if all_heads else x.index_select(1, heads)).index_select(2, perm) for x in (qv, kv, vv)]
+            out, lse = self._launch(q, k, v, getattr(self, f"perm_indices_{name}"), getattr(self, f"perm_counts_{name}"),
+                                    scale)
+            outs.append(out.index_select(2, inverse))
+            lses.append(lse.index_select(2, inverse))
+        video_out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        video_lse = lses[0] if len(lses) == 1 else torch.cat(lses, dim=1)
+        q_s, k_s, v_s = [x if self.sparse_all_heads else x.index_select(1, self.sparse_index)
+                         for x in (query, key, value)]
+        if self.text_spans:
+            k_text = torch.cat([k_s[:, :, a:b] for a, b in self.text_spans], dim=2)
+            v_text = torch.cat([v_s[:, :, a:b] for a, b in self.text_spans], dim=2)
+            text_out, text_lse = _attention._attention_with_lse(q_s[:, :, v0:v1], k_text, v_text, None, scale)
+            video_out = _attention.merge_partial_attention(video_out, video_lse, text_out, text_lse)
+            parts = []
+            for a, b in [(0, v0), (v0, v1), (v1, query.shape[2])]:
+                if b <= a:
+                    continue
+                parts.append(video_out.to(query.dtype) if a == v0 else
+                             F.scaled_dot_product_attention(q_s[:, :, a:b], k_s, v_s, scale=scale))
+            sparse_out = torch.cat(parts, dim=2)
+        else:
+            sparse_out = video_out.to(query.dtype)
+        if self.sparse_all_heads:
+            return sparse_out
+        dense_out = F.scaled_dot_product_attention(query.index_select(1, self.dense_index),
+                                                   key.index_select(1, self.dense_index),
+                                                   value.index_select(1, self.dense_index), scale=scale)
+        out = torch.empty_like(query)
+        out[:, self.sparse_index] = sparse_out
+        out[:, self.dense_index] = dense_out
+        return out
+
+
+def _lowerable_call(node: fx.Node) -> str | None:
+    """Why the attention call itself (not its strategies) cannot be lowered, or None."""
+    args = list(node.args) + [None] * (4 - len(node.args))
+    kwargs = node.kwargs
+    if args[3] is not None or kwargs.get("attn_mask") is not None:
+        return "the call passes an attention mask (key padding is checked per call in the eager path)"
+    if (len(node.args) > 4 and node.args[4]) or kwargs.get("dropout_p", 0.0) or kwargs.get("is_causal", False) \
+            or (len(node.args) > 5 and node.args[5]) or kwargs.get("enable_gqa", False):
+        return "dropout, causal or GQA attention runs dense"
+    if "val" not in node.args[0].meta:
+        return "the query's shape was not recorded at capture"
+    return None
+
+
+def _lower_module(gm: fx.GraphModule, t: float, report: list[tuple[str, str]]) -> fx.GraphModule:
+    from vdopt.passes.insert_step_cache import StepCache
+
+    new = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    new.graph._codegen = copy.deepcopy(gm.graph._codegen)
+    for node in new.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = new.get_submodule(node.target)
+        if isinstance(module, PlannedAttention):
+            strategies = module.site_plan.strategies_at(t)
+            reason = _lowerable_call(node)
+            lowered = None
+            if reason is None:
+                query = node.args[0].meta["val"]
+                try:
+                    lowered = LoweredAttention(module.site, list(strategies), module.site_plan.block_size,
+                                               tuple(query.shape), query.device, module.seed)
+                except NotLowerable as e:
+                    reason = str(e)
+            if lowered is None:
+                report.append((module.site.name, reason))
+                continue
+            new.add_submodule(node.target, lowered)
+        elif isinstance(module, StepCache):
+            new.add_submodule(node.target, module.with_blocks(_lower_module(module.blocks, t, report)))
+        elif isinstance(module, fx.GraphModule):
+            new.add_submodule(node.target, _lower_module(module, t, report))
+    new.recompile()
+    return new
+
+
+def lower_for_phase(gm: fx.GraphModule, t: float) -> fx.GraphModule:
+    """Copy of ``gm`` (parameters, clock and step-cache memory shared) with every planned site that can be lowered
+    replaced by a :class:`LoweredAttention` of the strategies it runs at denoising time ``t``. ``gm`` is unchanged;
+    applying it again finds no PlannedAttention left to lower."""
+    return _lower_module(gm, t, [])
+
+
+def lowering_report(gm: fx.GraphModule, t: float) -> list[tuple[str, str]]:
+    """(site, reason) for every planned site that :func:`lower_for_phase` would leave as a graph break at ``t``."""
+    report: list[tuple[str, str]] = []
+    _lower_module(gm, t, report)
+    return report
+
+
+def planned_sites(gm: fx.GraphModule) -> list[PlannedAttention]:
+    """Every PlannedAttention of ``gm``, step-cache blocks included, in graph order."""
+    return [m for m in gm.modules() if isinstance(m, PlannedAttention)]
+
+
+class PhaseRunner:
+    """Runs a rewritten graph with one compiled graph per plan phase, chosen by the denoising clock.
+
+    The phase of a call is the tuple of strategies every planned site runs at the clock's ``t``; the first call in
+    a phase lowers and compiles that phase's graph (:func:`lower_for_phase`, :func:`vdopt.runtime.compile_segments`
+    with ``fullgraph=True``), later calls reuse it. While pattern observers are active (quality measurement) the
+    eager graph runs instead, since lowered sites do not report their patterns.
+    """
+
+    def __init__(self, gm: fx.GraphModule, backend: str = "inductor", segment_blocks: bool = True) -> None:
+        self.gm = gm
+        self.backend = backend
+        self.segment_blocks = segment_blocks
+        self.sites = planned_sites(gm)
+        self.clock = gm.get_submodule("vdopt_clock")
+        self.graphs: dict[Any, Any] = {}
+
+    def phase(self, t: float) -> tuple:
+        return tuple(tuple(site.site_plan.strategies_at(t)) for site in self.sites)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from vdopt.runtime import compile_segments
+
+        if _PATTERN_OBSERVERS:
+            return self.gm(*args, **kwargs)
+        key = self.phase(self.clock.t)
+        runner = self.graphs.get(key)
+        if runner is None:
+            lowered = lower_for_phase(self.gm, self.clock.t)
+            runner = self.graphs[key] = compile_segments(lowered, self.backend, fullgraph=True,
+                                                         segment_blocks=self.segment_blocks)
+        return runner(*args, **kwargs)

@@ -1,0 +1,100 @@
+"""passes/lower_attention: a phase's lowered site equals the eager runtime, and the pass is a proper graph pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vdopt
+from vdopt.attention import sparse_site_attention
+from vdopt.passes.lower_attention import LoweredAttention, NotLowerable, lower_for_phase, lowering_report
+from vdopt.sites import AttentionSite, TokenLayout
+from vdopt.strategies import PatternContext
+
+LAYOUTS = {
+    "video only": TokenLayout(3, 5, 6),
+    "text before": TokenLayout(3, 5, 6, text_tokens=7, text_position="before"),  # CogVideoX-style joint attention
+    "text after": TokenLayout(2, 4, 9, text_tokens=5, text_position="after"),  # HunyuanVideo-style
+}
+HEAD_MIXES = {
+    "all in order": [vdopt.SpatialWindow(0), vdopt.PooledTopP(0.7), vdopt.VerticalStripe(0.8), vdopt.Diagonal(1)],
+    "dense + permuted": [vdopt.Dense(), vdopt.TemporalWindow(0), vdopt.TileWindow(1, 1, 1), vdopt.TemporalWindow(1)],
+    "all permuted": [vdopt.TileWindow(1, 1, 1)] * 4,
+    "everything": [vdopt.PooledTopP(0.6), vdopt.Dense(), vdopt.TemporalWindow(0), vdopt.SpatialWindow(1)],
+    "all dense": [vdopt.Dense()] * 4,
+}
+
+
+def _site(layout: TokenLayout, heads: int, head_dim: int) -> AttentionSite:
+    tokens = layout.video_tokens + layout.text_tokens
+    return AttentionSite("blocks.0.attn1#0", 0, "self", heads, head_dim, tokens, tokens, "float32", layout)
+
+
+@pytest.mark.parametrize("layout_name", list(LAYOUTS))
+@pytest.mark.parametrize("mix", list(HEAD_MIXES))
+def test_lowered_site_equals_eager_runtime(layout_name: str, mix: str) -> None:
+    layout, strategies = LAYOUTS[layout_name], HEAD_MIXES[mix]
+    batch, heads, head_dim, block = 2, len(strategies), 16, 8  # block 8: ragged last blocks on every layout
+    tokens = layout.video_tokens + layout.text_tokens
+    g = torch.Generator().manual_seed(7)
+    # Token-major storage, as models produce q/k/v ([B, N, H, D] transposed to [B, H, N, D]).
+    q, k, v = (torch.randn(batch, tokens, heads, head_dim, generator=g).transpose(1, 2) for _ in range(3))
+    lowered = LoweredAttention(_site(layout, heads, head_dim), strategies, block, tuple(q.shape), q.device)
+    expected = sparse_site_attention(q, k, v, None, None, layout, strategies, PatternContext(layout, block, {}))
+    got = lowered(q, k, v)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=2e-6, rtol=2e-6)
+
+
+def test_kmeans_heads_are_not_lowered_and_say_why() -> None:
+    layout = LAYOUTS["video only"]
+    with pytest.raises(NotLowerable, match="kmeans"):
+        LoweredAttention(_site(layout, 2, 16), [vdopt.SemanticKMeans(4, 4), vdopt.Dense()], 8, (1, 2, 90, 16),
+                         torch.device("cpu"))
+
+
+def _wan_graph(strategies_of):
+    from conftest import tiny_wan
+
+    from vdopt.capture import capture
+    from vdopt.plan import ModelFingerprint, Plan, SitePlan, StepRange
+
+    model, kwargs = tiny_wan()
+    sites = [s for s in capture(model, kwargs).sites if s.sparsifiable]
+    plan = Plan(ModelFingerprint.of(model), "h100",
+                [SitePlan(s.name, s.heads, 16, [StepRange(1.0, 0.7, [vdopt.Dense()] * s.heads),
+                                                StepRange(0.7, 0.0, strategies_of(s))]) for s in sites])
+    optimized = vdopt.apply(model, plan)
+    step = dict(kwargs, timestep=torch.tensor([500]), return_dict=False)
+    with torch.no_grad():
+        reference = optimized(**step)[0]
+    return model, optimized, next(iter(optimized._graphs.values())), step, reference
+
+
+def test_lower_for_phase_is_a_pure_idempotent_pass_with_equal_outputs() -> None:
+    from conftest import relative_l2
+
+    from vdopt.capture import export_kwargs, forward_kwargs
+    from vdopt.passes.lower_attention import LoweredAttention as Lowered
+    from vdopt.passes.sparsify_attention import PlannedAttention
+
+    model, _, gm, step, reference = _wan_graph(lambda s: [vdopt.TileWindow(1, 1, 1), vdopt.PooledTopP(0.6)][: s.heads])
+    before = gm.code
+    lowered = lower_for_phase(gm, 0.5)
+    assert gm.code == before and any(isinstance(m, PlannedAttention) for m in gm.modules())  # input unchanged
+    assert not any(isinstance(m, PlannedAttention) for m in lowered.modules())
+    assert sum(isinstance(m, Lowered) for m in lowered.modules()) == 2
+    again = lower_for_phase(lowered, 0.5)
+    assert again.code == lowered.code  # nothing left to lower
+    inputs = forward_kwargs(model, (), step)
+    inputs.pop("return_dict")
+    with torch.no_grad():
+        out = again(**export_kwargs(model, inputs))[0]
+    assert relative_l2(out, reference) <= 1e-6
+
+
+def test_lowering_report_names_sites_left_eager() -> None:
+    _, _, gm, _, _ = _wan_graph(lambda s: [vdopt.SemanticKMeans(4, 4), vdopt.Dense()][: s.heads])
+    report = lowering_report(gm, 0.5)
+    assert len(report) == 2 and all("kmeans" in reason for _, reason in report)
+    assert lowering_report(gm, 0.9) == []  # the dense warm-up phase lowers completely
