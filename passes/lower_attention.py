@@ -164,12 +164,13 @@ class LoweredAttention(nn.Module):
             out, lse = self._launch(q, k, v, getattr(self, f"perm_indices_{name}"), getattr(self, f"perm_counts_{name}"),
                                     scale)
             outs.append(out.index_select(2, inverse))
-            lses.append(lse.index_select(2, inverse))
+            if self.text_spans:  # the log-sum-exp is read only to merge the text keys in
+                lses.append(lse.index_select(2, inverse))
         video_out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-        video_lse = lses[0] if len(lses) == 1 else torch.cat(lses, dim=1)
         q_s, k_s, v_s = [x if self.sparse_all_heads else x.index_select(1, self.sparse_index)
                          for x in (query, key, value)]
         if self.text_spans:
+            video_lse = lses[0] if len(lses) == 1 else torch.cat(lses, dim=1)
             k_text = torch.cat([k_s[:, :, a:b] for a, b in self.text_spans], dim=2)
             v_text = torch.cat([v_s[:, :, a:b] for a, b in self.text_spans], dim=2)
             text_out, text_lse = _attention._attention_with_lse(q_s[:, :, v0:v1], k_text, v_text, None, scale)
