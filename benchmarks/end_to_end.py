@@ -229,7 +229,9 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     models = sorted({r["model"] for r in result["records"]})
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 3.8), squeeze=False)
     for ax, model in zip(axes[0], models):
-        rows = [r for r in result["records"] if r["model"] == model and r.get("seconds")]
+        order = ["eager", "compile", "flex", "flex_cache", "vdopt", "vdopt_cache"]
+        rows = sorted((r for r in result["records"] if r["model"] == model and r.get("seconds")),
+                      key=lambda r: order.index(r["config"]) if r["config"] in order else len(order))
         ax.bar([r["config"] for r in rows], [r["seconds"] for r in rows], color="tab:blue")
         for i, r in enumerate(rows):
             ax.text(i, r["seconds"], f"{r['speedup_vs_eager']:.2f}x", ha="center", va="bottom", fontsize=9)
