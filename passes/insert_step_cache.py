@@ -161,11 +161,13 @@ def _block_keys(sites: list[AttentionSite]) -> list[str]:
     return keys
 
 
-def insert_step_cache(gm: fx.GraphModule, plan: Plan, sites: list[AttentionSite]) -> fx.GraphModule:
+def insert_step_cache(gm: fx.GraphModule, plan: Plan, sites: list[AttentionSite],
+                      memory: CacheMemory | None = None) -> fx.GraphModule:
     """New graph module: ``head (embeddings + block 0) -> StepCache(blocks 1..L-1) -> tail``; ``gm`` if no cache.
 
     ``sites`` are ``gm``'s attention sites; the blocks are the modules that hold them. Idempotent: a graph that
-    already holds a StepCache is returned as it is. ``gm`` itself is left unchanged.
+    already holds a StepCache is returned as it is. ``gm`` itself is left unchanged. ``memory``: share the state of
+    an existing cache (e.g. the same cache in another phase's graph).
     """
     if plan.cache is None or any(isinstance(m, StepCache) for m in gm.modules()):
         return gm
@@ -207,7 +209,7 @@ def insert_step_cache(gm: fx.GraphModule, plan: Plan, sites: list[AttentionSite]
 
         clock = DenoisingClock()
     split.add_submodule("vdopt_clock", clock)
-    split.add_submodule("vdopt_step_cache", StepCache(blocks, matches[0], plan.cache, clock))
+    split.add_submodule("vdopt_step_cache", StepCache(blocks, matches[0], plan.cache, clock, memory))
     call.target = "vdopt_step_cache"
     split.delete_submodule("submod_1")
     # split_module writes a plain graph; keep the exported module's pytree calling convention (kwargs in, model's

@@ -10,6 +10,9 @@ the phase's layout-only patterns (token orders, key-block lists) built once as b
 phase graph compiles with ``fullgraph=True``; :class:`PhaseRunner` keeps one compiled graph per phase and picks it
 by the clock, outside any graph, so nothing recompiles as the denoising time moves.
 
+:func:`hoist_token_order` then moves a token order that every sparse head of the phase shares out of the blocks, so
+the per-layer permutations of q, k, v and the output cancel to one before the first block and one after the last.
+
 Sites whose strategies cannot be traced (semantic k-means: per-head clusters and centroids carried across steps)
 or whose call has an attention mask stay PlannedAttention nodes, and the graph is split there (reported by
 :func:`lowering_report`).
@@ -18,6 +21,7 @@ or whose call has an attention mask stay PlannedAttention nodes, and the graph i
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import torch
@@ -126,6 +130,8 @@ class LoweredAttention(nn.Module):
 
         self.sparse_heads = self.in_order_heads + [h for _, members, _ in self.permuted for h in members]
         self.sparse_all_heads = self.sparse_heads == list(range(heads))
+        # Set by hoist_token_order: q/k/v already arrive in the (one) permuted order, so no gather or scatter here.
+        self.hoisted = False
         self.register_buffer("sparse_index", _head_index(self.sparse_heads, device), persistent=False)
         self.register_buffer("dense_index", _head_index(self.dense_heads, device), persistent=False)
 
@@ -160,12 +166,14 @@ class LoweredAttention(nn.Module):
             perm = getattr(self, f"perm_{name}")
             inverse = getattr(self, f"inverse_perm_{name}")
             heads = getattr(self, f"perm_heads_{name}")
-            q, k, v = [(x if all_heads else x.index_select(1, heads)).index_select(2, perm) for x in (qv, kv, vv)]
+            q, k, v = [x if all_heads else x.index_select(1, heads) for x in (qv, kv, vv)]
+            if not self.hoisted:
+                q, k, v = [x.index_select(2, perm) for x in (q, k, v)]
             out, lse = self._launch(q, k, v, getattr(self, f"perm_indices_{name}"), getattr(self, f"perm_counts_{name}"),
                                     scale)
-            outs.append(out.index_select(2, inverse))
+            outs.append(out if self.hoisted else out.index_select(2, inverse))
             if self.text_spans:  # the log-sum-exp is read only to merge the text keys in
-                lses.append(lse.index_select(2, inverse))
+                lses.append(lse if self.hoisted else lse.index_select(2, inverse))
         video_out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         q_s, k_s, v_s = [x if self.sparse_all_heads else x.index_select(1, self.sparse_index)
                          for x in (query, key, value)]
@@ -260,6 +268,119 @@ def planned_sites(gm: fx.GraphModule) -> list[PlannedAttention]:
     return [m for m in gm.modules() if isinstance(m, PlannedAttention)]
 
 
+def shared_token_order(gm: fx.GraphModule) -> torch.Tensor | None:
+    """The one static token order that every sparse head of every lowered site of ``gm`` runs in, or None (some
+    head keeps the original order, sites use different orders, or nothing is sparse). Dense heads are
+    indifferent to token order."""
+    perms: list[torch.Tensor] = []
+    for module in gm.modules():
+        if isinstance(module, PlannedAttention):
+            return None
+        if isinstance(module, LoweredAttention):
+            if module.in_order_heads or module.hoisted:  # hoisted already: applying the pass again changes nothing
+                return None
+            perms += [getattr(module, f"perm_{name}") for name, _, _ in module.permuted]
+    if not perms or any(p.shape != perms[0].shape or not torch.equal(p, perms[0]) for p in perms[1:]):
+        return None
+    return perms[0]
+
+
+def _with_hoisted_sites(gm: fx.GraphModule) -> fx.GraphModule:
+    """Copy of ``gm`` whose LoweredAttention modules (step-cache blocks included) take q/k/v in the hoisted order."""
+    from vdopt.passes.insert_step_cache import StepCache
+
+    new = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    new.graph._codegen = copy.deepcopy(gm.graph._codegen)
+    for node in new.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = new.get_submodule(node.target)
+        if isinstance(module, LoweredAttention):
+            twin = copy.copy(module)  # buffers shared; only the flag differs
+            twin.hoisted = True
+            new.add_submodule(node.target, twin)
+        elif isinstance(module, StepCache):
+            new.add_submodule(node.target, module.with_blocks(_with_hoisted_sites(module.blocks)))
+        elif isinstance(module, fx.GraphModule):
+            new.add_submodule(node.target, _with_hoisted_sites(module))
+    new.recompile()
+    return new
+
+
+def hoist_token_order(gm: fx.GraphModule) -> fx.GraphModule:
+    """Hoist a phase's shared token order out of the transformer blocks: permute once before the first block and
+    once after the last, instead of a gather of q, k, v and a scatter of the output in every layer.
+
+    Where every sparse head of every site runs in one static order ``P`` (e.g. all tile3d or all temporal heads),
+    each layer's ``scatter(P^-1)`` of its output and the next layer's ``gather(P)`` are inverse permutations separated
+    only by token-wise work (projections, norms, modulation, MLP, cross-attention queries) and by RoPE, whose
+    per-token tables can be permuted too. So the pass permutes, along their token axis, the values that enter the
+    blocks from outside (hidden states, rotary tables), un-permutes the values that leave them, and marks every
+    site as hoisted (no per-layer gather/scatter): the per-layer pairs cancel. The token axis of a value is the one
+    dimension whose size is the video token count. Returns ``gm`` itself, unchanged, when it does not apply: no
+    shared order, a value with no unique token axis, or work outside the blocks that runs between them. Assumes,
+    as diffusion transformers do, that blocks mix tokens only through attention; tests check the result equal.
+    """
+    from vdopt.passes.insert_step_cache import StepCache
+    from vdopt.runtime import _block_of
+
+    order = shared_token_order(gm)
+    if order is None:
+        return gm
+    tokens = order.numel()
+    new = _with_hoisted_sites(gm)
+    graph = new.graph
+
+    def in_block(node: fx.Node) -> bool:
+        if node.op == "call_module" and isinstance(new.get_submodule(node.target), StepCache):
+            return True
+        key = _block_of(node)
+        return key is not None and re.search(r"\.\d+$", key) is not None
+
+    nodes = list(graph.nodes)
+    block_positions = [i for i, n in enumerate(nodes) if in_block(n)]
+    if not block_positions:
+        return gm
+    first, last = block_positions[0], block_positions[-1]
+    if any(not in_block(n) and any(in_block(a) for a in n.all_input_nodes) for n in nodes[first:last + 1]):
+        return gm  # work between blocks on their outputs (e.g. a concat with text): not hoisted
+
+    def token_axis(node: fx.Node) -> int | None | str:
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor):
+            return None
+        axes = [d for d, size in enumerate(value.shape) if size == tokens]
+        return axes[0] if len(axes) == 1 else ("ambiguous" if axes else None)
+
+    entering = {a for n in nodes[first:last + 1] if in_block(n) for a in n.all_input_nodes
+                if not in_block(a) and a.op != "get_attr"}
+    leaving = {n for n in nodes[first:last + 1] if in_block(n) and any(not in_block(u) for u in n.users)}
+    axes = {n: token_axis(n) for n in entering | leaving}
+    if any(axis == "ambiguous" for axis in axes.values()) or not any(isinstance(a, int) for a in axes.values()):
+        return gm
+    new.register_buffer("vdopt_token_order", order.clone(), persistent=False)
+    new.register_buffer("vdopt_token_order_inverse", torch.argsort(order), persistent=False)
+    with graph.inserting_before(nodes[first]):
+        forward = graph.get_attr("vdopt_token_order")
+        inverse = graph.get_attr("vdopt_token_order_inverse")
+    for value in sorted(entering, key=nodes.index):
+        if isinstance(axes[value], int):
+            where = graph.inserting_before(nodes[first]) if nodes.index(value) < first else graph.inserting_after(value)
+            with where:
+                permuted = graph.call_function(torch.index_select, (value, axes[value], forward))
+            permuted.meta["vdopt_outside_blocks"] = True
+            value.replace_all_uses_with(permuted, delete_user_cb=in_block)
+    for value in sorted(leaving, key=nodes.index):
+        if isinstance(axes[value], int):
+            with graph.inserting_after(nodes[last]):
+                restored = graph.call_function(torch.index_select, (value, axes[value], inverse))
+            restored.meta["vdopt_outside_blocks"] = True
+            value.replace_all_uses_with(restored, delete_user_cb=lambda user: user is not restored and not in_block(user))
+    graph.lint()
+    new.recompile()
+    return new
+
+
 class PhaseRunner:
     """Runs a rewritten graph with one compiled graph per plan phase, chosen by the denoising clock.
 
@@ -269,13 +390,18 @@ class PhaseRunner:
     eager graph runs instead, since lowered sites do not report their patterns.
     """
 
-    def __init__(self, gm: fx.GraphModule, backend: str = "inductor", segment_blocks: bool = True) -> None:
+    def __init__(self, gm: fx.GraphModule, backend: str = "inductor", segment_blocks: bool = True,
+                 uncached: tuple[fx.GraphModule, Any, list[AttentionSite]] | None = None) -> None:
         self.gm = gm
+        # (graph before the step-cache pass, plan, sites): a phase is then lowered and hoisted before the cache is
+        # inserted (the cache's split would otherwise hide the block boundaries the hoisting needs).
+        self.uncached = uncached
         self.backend = backend
         self.segment_blocks = segment_blocks
         self.sites = planned_sites(gm)
         self.clock = gm.get_submodule("vdopt_clock")
         self.graphs: dict[Any, Any] = {}
+        self.hoisted: dict[Any, bool] = {}  # per phase: whether its token order was hoisted out of the blocks
 
     def phase(self, t: float) -> tuple:
         return tuple(tuple(site.site_plan.strategies_at(t)) for site in self.sites)
@@ -288,7 +414,16 @@ class PhaseRunner:
         key = self.phase(self.clock.t)
         runner = self.graphs.get(key)
         if runner is None:
-            lowered = lower_for_phase(self.gm, self.clock.t)
-            runner = self.graphs[key] = compile_segments(lowered, self.backend, fullgraph=True,
+            from vdopt.passes.insert_step_cache import StepCache, insert_step_cache
+
+            caches = [m for m in self.gm.modules() if isinstance(m, StepCache)]
+            base = self.gm if self.uncached is None or not caches else self.uncached[0]
+            lowered = lower_for_phase(base, self.clock.t)
+            hoisted = hoist_token_order(lowered)
+            self.hoisted[key] = hoisted is not lowered
+            if base is not self.gm:
+                _, plan, sites = self.uncached
+                hoisted = insert_step_cache(hoisted, plan, sites, memory=caches[0].memory)
+            runner = self.graphs[key] = compile_segments(hoisted, self.backend, fullgraph=True,
                                                          segment_blocks=self.segment_blocks)
         return runner(*args, **kwargs)

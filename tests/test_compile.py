@@ -91,4 +91,7 @@ def test_compiled_segments_share_one_compilation_per_block_structure() -> None:
     graphs = counters["stats"]["unique_graphs"]
     misses = counters["inductor"]["fxgraph_cache_miss"]
     assert graphs >= len(sites) and not counters["graph_break"]
-    assert misses <= 4, f"{misses} of {graphs} stretches compiled anew; identical blocks should share one"
+    # Distinct stretches: before the blocks, the hoisted token permutation, the first block, a block, the inverse
+    # permutation, after the blocks; the other blocks reuse a compiled one (cold cache: 6 of 10 compiled).
+    assert misses <= 6, f"{misses} of {graphs} stretches compiled anew; identical blocks should share one"
+    assert all(compiled._runners[key].hoisted.values() for key in compiled._runners)

@@ -98,3 +98,65 @@ def test_lowering_report_names_sites_left_eager() -> None:
     report = lowering_report(gm, 0.5)
     assert len(report) == 2 and all("kmeans" in reason for _, reason in report)
     assert lowering_report(gm, 0.9) == []  # the dense warm-up phase lowers completely
+
+
+def _top_level_permutations(gm) -> int:
+    return sum(1 for n in gm.graph.nodes if n.target is torch.index_select)
+
+
+def test_hoisting_cancels_the_per_layer_permutations_and_keeps_outputs_equal() -> None:
+    from conftest import relative_l2
+
+    from vdopt.capture import export_kwargs, forward_kwargs
+    from vdopt.passes.lower_attention import hoist_token_order
+
+    model, _, gm, step, reference = _wan_graph(lambda s: [vdopt.TileWindow(1, 1, 1)] * s.heads)
+    lowered = lower_for_phase(gm, 0.5)
+    hoisted = hoist_token_order(lowered)
+    assert hoisted is not lowered and _top_level_permutations(lowered) == 0
+    # hidden states and the two rotary tables permuted once on the way in, the output once on the way out
+    assert _top_level_permutations(hoisted) == 4
+    sites = [m for m in hoisted.modules() if isinstance(m, LoweredAttention)]
+    assert len(sites) == 2 and all(m.hoisted for m in sites)
+    assert not any(m.hoisted for m in lowered.modules() if isinstance(m, LoweredAttention))  # input unchanged
+    assert hoist_token_order(hoisted) is hoisted  # idempotent
+    inputs = forward_kwargs(model, (), step)
+    inputs.pop("return_dict")
+    with torch.no_grad():
+        out = hoisted(**export_kwargs(model, inputs))[0]
+    assert relative_l2(out, reference) <= 1e-6
+
+
+def test_hoisting_needs_one_shared_order() -> None:
+    from vdopt.passes.lower_attention import hoist_token_order
+
+    # tile heads beside heads in the original order: each layer's permutation stays in the layer
+    _, _, gm, _, _ = _wan_graph(lambda s: [vdopt.TileWindow(1, 1, 1), vdopt.SpatialWindow(0)][: s.heads])
+    lowered = lower_for_phase(gm, 0.5)
+    assert hoist_token_order(lowered) is lowered
+    dense_phase = lower_for_phase(gm, 0.9)
+    assert hoist_token_order(dense_phase) is dense_phase
+
+
+def test_hoisted_compiled_run_with_step_cache_matches_eager() -> None:
+    from conftest import relative_l2, tiny_wan
+
+    from vdopt.capture import capture
+    from vdopt.plan import ModelFingerprint, Plan, SitePlan, StepCachePlan, StepRange
+
+    model, kwargs = tiny_wan()
+    sites = [s for s in capture(model, kwargs).sites if s.sparsifiable]
+    plan = Plan(ModelFingerprint.of(model), "h100",
+                [SitePlan(s.name, s.heads, 16, [StepRange(1.0, 0.7, [vdopt.Dense()] * s.heads),
+                                                StepRange(0.7, 0.0, [vdopt.TemporalWindow(0), vdopt.Dense()][: s.heads])])
+                 for s in sites], cache=StepCachePlan(reuse_steps=(3, 5), schedule_steps=7, warmup_steps=0))
+    steps = [dict(kwargs, timestep=torch.tensor([t]), return_dict=False) for t in (950, 800, 650, 500, 350, 200, 50)]
+    eager, compiled = vdopt.apply(model, Plan.from_json(plan.to_json())), \
+        vdopt.apply(model, Plan.from_json(plan.to_json()), compile=True, compile_backend="aot_eager")
+    with torch.no_grad():
+        for step in steps:
+            assert relative_l2(compiled(**step)[0], eager(**step)[0]) <= 1e-5
+    runner = next(iter(compiled._runners.values()))
+    assert sorted(runner.hoisted.values()) == [False, True]  # dense warm-up: nothing to hoist; sparse: hoisted
+    reused = [c.stats.reused for c in compiled.step_caches()]
+    assert reused == [c.stats.reused for c in eager.step_caches()] and sum(reused) == 2

@@ -105,7 +105,9 @@ def compile_segments(gm: fx.GraphModule, backend: str = "inductor", fullgraph: b
             index += 1
             continue
         if segment_blocks and node.op not in ("placeholder", "get_attr", "output"):
-            here = _block_of(node)
+            # Nodes a pass put outside the blocks (hoisted permutations) are their own stretch, so identical blocks
+            # stay identical segments; other nodes without a module path belong with their neighbours.
+            here = "" if node.meta.get("vdopt_outside_blocks") else _block_of(node)
             if here is not None and block is not None and here != block:
                 index += 1
             block = here if here is not None else block
@@ -144,6 +146,7 @@ class OptimizedModel(nn.Module):
         self.timestep_arg = timestep_arg
         self._graphs: dict[Any, fx.GraphModule] = {}
         self._runners: dict[Any, Any] = {}
+        self._sparsified: dict[Any, tuple[fx.GraphModule, Plan, list[AttentionSite]]] = {}
         self.compile = compile
         self.compile_backend = compile_backend
         self._takes_return_dict = "return_dict" in inspect.signature(model.forward).parameters
@@ -158,6 +161,7 @@ class OptimizedModel(nn.Module):
         """Drop every captured (and compiled) graph, e.g. after the plan changed; the next call captures again."""
         self._graphs.clear()
         self._runners.clear()
+        self._sparsified.clear()
 
     def _apply(self, fn: Any, recurse: bool = True) -> OptimizedModel:
         # Captured graphs hold constants of the old device/dtype: capture again after .to()/.half().
@@ -174,6 +178,7 @@ class OptimizedModel(nn.Module):
             plan = self._plan_for_this_rank(captured.sites)
             check_plan_sites(plan, captured.sites)
             gm = sparsify_attention(captured.graph_module, plan, captured.sites)
+            self._sparsified[key] = (gm, plan, captured.sites)
             self._graphs[key] = insert_step_cache(gm, plan, captured.sites)
         return self._graphs[key]
 
@@ -202,7 +207,8 @@ class OptimizedModel(nn.Module):
         from vdopt.passes.lower_attention import PhaseRunner
 
         if key not in self._runners:
-            self._runners[key] = PhaseRunner(gm, self.compile_backend) if self.compile else gm
+            self._runners[key] = PhaseRunner(gm, self.compile_backend, uncached=self._sparsified[key]) \
+                if self.compile else gm
         return self._runners[key]
 
     def step_caches(self) -> list[nn.Module]:
