@@ -158,7 +158,10 @@ class LoweredAttention(nn.Module):
                 pattern = strategy.build(qv.index_select(1, index), kv.index_select(1, index), self.ctx)
                 indices.append(_pad_width(pattern.kv_block_indices.to(torch.int32), self.in_order_width))
                 counts.append(pattern.kv_block_counts.to(torch.int32))
-            out, lse = self._launch(qv, kv, vv, torch.cat(indices, dim=1), torch.cat(counts, dim=1), scale,
+            # One list as it is (the same tensor every step, which the FA4 backend converts once), several joined.
+            indices = indices[0] if len(indices) == 1 else torch.cat(indices, dim=1)
+            counts = counts[0] if len(counts) == 1 else torch.cat(counts, dim=1)
+            out, lse = self._launch(qv, kv, vv, indices, counts, scale,
                                     None if self.in_order_all_heads else self.in_order_index)
             outs.append(out)
             lses.append(lse)
@@ -217,7 +220,9 @@ def _lowerable_call(node: fx.Node) -> str | None:
     return None
 
 
-def _lower_module(gm: fx.GraphModule, t: float, report: list[tuple[str, str]]) -> fx.GraphModule:
+def _rewrite_modules(gm: fx.GraphModule, replace: Any) -> fx.GraphModule:
+    """Copy of ``gm`` (parameters shared) in which every called module ``m`` becomes ``replace(node, m)`` where that is
+    not None, also inside step caches (memory shared) and nested graph modules; ``gm`` is unchanged."""
     from vdopt.passes.insert_step_cache import StepCache
 
     new = fx.GraphModule(gm, copy.deepcopy(gm.graph))
@@ -226,27 +231,34 @@ def _lower_module(gm: fx.GraphModule, t: float, report: list[tuple[str, str]]) -
         if node.op != "call_module":
             continue
         module = new.get_submodule(node.target)
-        if isinstance(module, PlannedAttention):
-            strategies = module.site_plan.strategies_at(t)
-            reason = _lowerable_call(node)
-            lowered = None
-            if reason is None:
-                query = node.args[0].meta["val"]
-                try:
-                    lowered = LoweredAttention(module.site, list(strategies), module.site_plan.block_size,
-                                               tuple(query.shape), query.device, module.seed)
-                except NotLowerable as e:
-                    reason = str(e)
-            if lowered is None:
-                report.append((module.site.name, reason))
-                continue
-            new.add_submodule(node.target, lowered)
-        elif isinstance(module, StepCache):
-            new.add_submodule(node.target, module.with_blocks(_lower_module(module.blocks, t, report)))
+        if isinstance(module, StepCache):
+            replacement = module.with_blocks(_rewrite_modules(module.blocks, replace))
         elif isinstance(module, fx.GraphModule):
-            new.add_submodule(node.target, _lower_module(module, t, report))
+            replacement = _rewrite_modules(module, replace)
+        else:
+            replacement = replace(node, module)
+        if replacement is not None:
+            new.add_submodule(node.target, replacement)
     new.recompile()
     return new
+
+
+def _lower_module(gm: fx.GraphModule, t: float, report: list[tuple[str, str]]) -> fx.GraphModule:
+    def lower(node: fx.Node, module: nn.Module) -> nn.Module | None:
+        if not isinstance(module, PlannedAttention):
+            return None
+        reason = _lowerable_call(node)
+        if reason is None:
+            query = node.args[0].meta["val"]
+            try:
+                return LoweredAttention(module.site, list(module.site_plan.strategies_at(t)),
+                                        module.site_plan.block_size, tuple(query.shape), query.device, module.seed)
+            except NotLowerable as e:
+                reason = str(e)
+        report.append((module.site.name, reason))
+        return None
+
+    return _rewrite_modules(gm, lower)
 
 
 def lower_for_phase(gm: fx.GraphModule, t: float) -> fx.GraphModule:
@@ -287,24 +299,15 @@ def shared_token_order(gm: fx.GraphModule) -> torch.Tensor | None:
 
 def _with_hoisted_sites(gm: fx.GraphModule) -> fx.GraphModule:
     """Copy of ``gm`` whose LoweredAttention modules (step-cache blocks included) take q/k/v in the hoisted order."""
-    from vdopt.passes.insert_step_cache import StepCache
 
-    new = fx.GraphModule(gm, copy.deepcopy(gm.graph))
-    new.graph._codegen = copy.deepcopy(gm.graph._codegen)
-    for node in new.graph.nodes:
-        if node.op != "call_module":
-            continue
-        module = new.get_submodule(node.target)
-        if isinstance(module, LoweredAttention):
-            twin = copy.copy(module)  # buffers shared; only the flag differs
-            twin.hoisted = True
-            new.add_submodule(node.target, twin)
-        elif isinstance(module, StepCache):
-            new.add_submodule(node.target, module.with_blocks(_with_hoisted_sites(module.blocks)))
-        elif isinstance(module, fx.GraphModule):
-            new.add_submodule(node.target, _with_hoisted_sites(module))
-    new.recompile()
-    return new
+    def hoisted(node: fx.Node, module: nn.Module) -> nn.Module | None:
+        if not isinstance(module, LoweredAttention):
+            return None
+        twin = copy.copy(module)  # buffers shared; only the flag differs
+        twin.hoisted = True
+        return twin
+
+    return _rewrite_modules(gm, hoisted)
 
 
 def hoist_token_order(gm: fx.GraphModule) -> fx.GraphModule:
