@@ -328,15 +328,13 @@ def hoist_token_order(gm: fx.GraphModule) -> fx.GraphModule:
     from vdopt.runtime import _block_of
 
     order = shared_token_order(gm)
-    if order is None:
-        return gm
+    if order is None or any(isinstance(m, StepCache) for m in gm.modules()):
+        return gm  # (the step-cache pass splits the blocks into submodules: hoist before it, as PhaseRunner does)
     tokens = order.numel()
     new = _with_hoisted_sites(gm)
     graph = new.graph
 
     def in_block(node: fx.Node) -> bool:
-        if node.op == "call_module" and isinstance(new.get_submodule(node.target), StepCache):
-            return True
         key = _block_of(node)
         return key is not None and re.search(r"\.\d+$", key) is not None
 

@@ -160,3 +160,16 @@ def test_hoisted_compiled_run_with_step_cache_matches_eager() -> None:
     assert sorted(runner.hoisted.values()) == [False, True]  # dense warm-up: nothing to hoist; sparse: hoisted
     reused = [c.stats.reused for c in compiled.step_caches()]
     assert reused == [c.stats.reused for c in eager.step_caches()] and sum(reused) == 2
+
+
+def test_hoisting_refuses_a_graph_the_step_cache_pass_already_split() -> None:
+    from vdopt.passes.insert_step_cache import insert_step_cache
+    from vdopt.passes.lower_attention import hoist_token_order
+    from vdopt.plan import StepCachePlan
+
+    _, optimized, gm, _, _ = _wan_graph(lambda s: [vdopt.TileWindow(1, 1, 1)] * s.heads)
+    plan = optimized.plan
+    plan.cache = StepCachePlan(reuse_steps=(2,), schedule_steps=3, warmup_steps=0)
+    sparsified, _, sites = next(iter(optimized._sparsified.values()))
+    cached = lower_for_phase(insert_step_cache(sparsified, plan, sites), 0.5)
+    assert hoist_token_order(cached) is cached
