@@ -378,6 +378,8 @@ def main() -> None:
                 record["attention_backend"] = last_backend()
                 record["sites_left_eager"] = sum(len(lowering_report(gm, t)) for gm in runner._graphs.values()
                                                  for t in (times[0], times[-1]))
+                record["phases_hoisted"] = [hoisted for phase_runner in runner._runners.values()
+                                            for hoisted in getattr(phase_runner, "hoisted", {}).values()]
             if config_name not in ("eager", "compile"):
                 record["plan"] = {"dense_warmup_steps": kinds.count("dense"), "steps": args.steps,
                                   "block_size": args.block, "strategy": "tile3d windows, per head",
