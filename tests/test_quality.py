@@ -136,15 +136,17 @@ def test_harness_end_to_end_on_tiny_untrained_proxy(tmp_path) -> None:
 
     pipe, _ = _load_pipe("tiny", "cpu", torch.float32, None)
     config = QualityConfig(prompts=1, seeds=1, steps=2, densities=(0.3,), warmup_fraction=0.0, calib_prompts=1,
-                           calib_steps_per_input=1, calib_query_rows=32, top_p_grid=(0.6, 0.9),
-                           recall_budgets=(0.9, 0.99), timing_repeats=0)
+                           calib_steps_per_input=1, calib_query_rows=32, top_p_grid=(0.6, 0.9), timing_repeats=0)
     original = pipe.transformer
     result = run_quality(pipe, config, proxy="tiny", progress=False)
     assert pipe.transformer is original
     paths = write_results(result, tmp_path)
     records = _strict_json(paths["records"].read_text())
     methods = [r["method"] for r in records]
-    assert methods[0] == "dense" and "searched" in methods and len(methods) == 1 + len(config.methods)
+    baselines = [m for m in config.methods if m != "searched"]
+    # One searched plan at the target and one at each baseline's predicted density (matched), then the baselines.
+    assert methods == ["dense", "searched", *["searched"] * len(baselines), *baselines]
+    assert [r["matched_to"] for r in records[1:2 + len(baselines)]] == [None, *baselines]
     for record in records[1:]:
         for key in ("method", "density", "psnr", "ssim", "rel_l2", "n_prompts", "n_seeds", "target_density",
                     "device", "date", "versions"):
@@ -154,6 +156,11 @@ def test_harness_end_to_end_on_tiny_untrained_proxy(tmp_path) -> None:
         assert record["density"] == pytest.approx(record["predicted_density"], abs=0.15)
         assert -1.0 <= record["ssim"] <= 1.0 and record["rel_l2"] >= 0.0
         assert len(record["per_video"]) == 1
+        assert record["predicted_sq_error"] >= 0.0
+    for record in records[2:2 + len(baselines)]:  # by construction: no more predicted error at the same density
+        baseline = next(r for r in records if r["method"] == record["matched_to"])
+        assert record["predicted_density"] <= baseline["predicted_density"] + 1e-9
+        assert record["predicted_sq_error"] <= baseline["predicted_sq_error"] + 1e-12
     report = _strict_json(paths["recall"].read_text())
     assert len(report["layers"]) == 2
     assert all(0.0 < v <= 1.0 for layer in report["layers"] for v in layer["block_density_per_head"])

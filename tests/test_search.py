@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -108,3 +110,221 @@ def test_optimized_output_close_to_dense(searched) -> None:
     with torch.no_grad():
         assert relative_l2(opt(**inputs), model(**inputs)) < 0.05
     assert SDPA is torch.ops.aten.scaled_dot_product_attention.default
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The density budget: the least predicted error at a mean density, never worse than a single-strategy baseline
+
+
+def _sq_error_by_hand(plan, calibration, t_warmup: float) -> tuple[float, float]:
+    """Sum over sites of the mean over samples (t <= t_warmup) of g_i sum_h (e_h n_h)^2 / sum_h n_h^2 (g_i the
+    site's output gain at sample i where calibration measured one, else 1); and the mean density."""
+    total, densities = 0.0, []
+    for name, stats in calibration.sites.items():
+        samples = [i for i, t in enumerate(stats.times) if t <= t_warmup + 1e-9]
+        gains = stats.output_gain or [1.0] * len(stats.times)
+        assert all(math.isfinite(g) for g in gains)  # no NaN here: the NaN fill is tested on its own
+        site = 0.0
+        for i in samples:
+            norms = stats.dense_output_norm[i]
+            for h, strategy in enumerate(plan.site(name).strategies_at(stats.times[i])):
+                if strategy.name == "dense":
+                    densities.append(1.0)
+                    continue
+                site += gains[i] * (stats.rel_error[strategy.label()][i][h] * norms[h]) ** 2 / sum(n * n for n in norms)
+                densities.append(stats.density[strategy.label()][i][h])
+        total += site / len(samples)
+    return total, sum(densities) / len(densities)
+
+
+def _random_calibration(seed: int, sites: int = 2, heads: int = 3, times=(0.95, 0.6, 0.3, 0.1)):
+    import random
+
+    from vdopt.calibrate import CalibrationResult, SiteStats
+    from vdopt.sites import AttentionSite, TokenLayout
+    from vdopt.strategies import Diagonal, PooledTopP, SpatialWindow, TemporalWindow
+
+    rng = random.Random(seed)
+    candidates = {s.label(): s for s in (SpatialWindow(0), TemporalWindow(1), Diagonal(0.5), PooledTopP(0.6))}
+    out = {}
+    for s in range(sites):
+        layout = TokenLayout(4, 8, 8)
+        site = AttentionSite(f"blocks.{s}.attn1#0", s, "self", heads, 16, 256, 256, "float32", layout=layout)
+        stats = SiteStats(site, 32)
+        for t in times:
+            stats.times.append(t)
+            stats.dense_output_norm.append([rng.uniform(0.5, 2.0) for _ in range(heads)])
+            for label in candidates:
+                stats.recall.setdefault(label, []).append([rng.uniform(0.3, 1.0) for _ in range(heads)])
+                stats.rel_error.setdefault(label, []).append([rng.uniform(0.0, 0.6) for _ in range(heads)])
+                stats.density.setdefault(label, []).append([rng.uniform(0.05, 0.5) for _ in range(heads)])
+        out[site.name] = stats
+    return CalibrationResult(out, candidates, {"times": sorted(times, reverse=True), "seed": 0})
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_density_search_is_optimal_against_brute_force(seed: int) -> None:
+    import itertools
+    import warnings
+
+    from conftest import tiny_dit
+
+    from vdopt.quality import fixed_plan
+    from vdopt.search import SearchConfig, search
+    from vdopt.strategies import Dense
+
+    calibration = _random_calibration(seed)
+    model, _ = tiny_dit()
+    sites = [stats.site for stats in calibration.sites.values()]
+    choices = [Dense(), *calibration.candidates.values()]
+    t_warmup, budget = 0.8, 0.3
+    best, best_heads = float("inf"), None
+    for combo in itertools.product(range(len(choices)), repeat=sum(s.heads for s in sites)):
+        picks = iter(combo)
+        heads = {s.name: [choices[next(picks)] for _ in range(s.heads)] for s in sites}
+        plan = fixed_plan(model, sites, heads, 32, t_warmup, "h100", "brute force")
+        error, density = _sq_error_by_hand(plan, calibration, t_warmup)
+        if density <= budget and error < best:
+            best, best_heads = error, heads
+    config = SearchConfig(budget="density", density_budget=budget, min_dense_warmup=1 - t_warmup,
+                          max_step_ranges=1, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        plan = search(model, calibration, sites, "h100", config)
+        error, density = _sq_error_by_hand(plan, calibration, t_warmup)
+        # Rounding densities up to 1/8192 of the budget can only cost optimality, never feasibility.
+        assert density <= budget + 1e-12
+        assert plan.predictions["predicted_sq_error"] == pytest.approx(error, rel=1e-9)
+        assert plan.predictions["lower_bound_sq_error"] <= best + 1e-12 <= error + 1e-12
+        assert error <= best * (1 + plan.predictions["optimality_gap"]) + 1e-12
+        # Given the optimum as an incumbent, the search returns a plan at least that good.
+        incumbent = fixed_plan(model, sites, best_heads, 32, t_warmup, "h100", "optimum")
+        again = search(model, calibration, sites, "h100", config, incumbents=[incumbent])
+    assert _sq_error_by_hand(again, calibration, t_warmup)[0] <= best + 1e-12
+    assert search(model, calibration, sites, "h100", config).to_json() == plan.to_json()  # deterministic
+
+
+@pytest.fixture(scope="module")
+def harness_calibration():
+    """The LocalAttentionDiT calibrated the way the quality harness calibrates: defaults plus baseline grid points."""
+    from conftest import LocalAttentionDiT, local_dit_inputs
+
+    from vdopt.quality import baseline_grids, calibration_candidates
+    from vdopt.strategies import SpatialWindow
+
+    torch.manual_seed(0)
+    model = LocalAttentionDiT().eval()
+    calib = [local_dit_inputs(seed, timestep=t) for seed in range(2) for t in (950, 700, 400, 100)]
+    layout = capture(model, calib[0]).layout
+    grids = baseline_grids(layout, 32, top_p_grid=(0.3, 0.5, 0.7, 0.9))
+    candidates = calibration_candidates(grids, layout, 32, (0.1, 0.2, 0.3))
+    config = CalibrationConfig(query_rows=128, block_size=32, candidates=candidates, sensitivity_probe=SpatialWindow(0))
+    calibration, sites = calibrate(model, calib, config)
+    assert all(len(s.output_gain) == len(s.times) for s in calibration.sites.values())
+    return model, calibration, sites, grids
+
+
+@pytest.mark.parametrize("density", [0.1, 0.2, 0.3])
+def test_searched_plan_predicts_no_more_error_than_any_baseline_at_its_density(harness_calibration, density) -> None:
+    from vdopt.quality import METHODS, baseline_plan, searched_plans
+
+    model, calibration, sites, grids = harness_calibration
+    t_warmup = 0.8  # the 950 samples are warm-up; 700, 400, 100 are after it
+    baselines = [baseline_plan(m, grids, calibration, model, density, t_warmup, "h100") for m in METHODS[1:]]
+    plans = searched_plans(calibration, sites, model, density, t_warmup, "h100", baselines)
+    assert [p.matched_to for p in plans] == [None, *METHODS[1:]]
+    for baseline in baselines:
+        matched = next(p for p in plans if p.matched_to == baseline.method)
+        base_error, base_density = _sq_error_by_hand(baseline.plan, calibration, t_warmup)
+        error, searched_density = _sq_error_by_hand(matched.plan, calibration, t_warmup)
+        assert base_error > 0.0
+        assert searched_density <= base_density + 1e-9, (baseline.method, searched_density, base_density)
+        assert error <= base_error + 1e-12, (baseline.method, density, error, base_error)
+        assert matched.predicted_sq_error == pytest.approx(error, rel=1e-9)
+        assert baseline.predicted_sq_error == pytest.approx(base_error, rel=1e-9)
+        assert all(s.name == "dense" for site in matched.plan.sites for s in site.strategies_at(0.95))
+    headline, headline_density = plans[0], _sq_error_by_hand(plans[0].plan, calibration, t_warmup)[1]
+    assert headline_density <= density + 1e-9
+    for baseline in baselines:  # every baseline within the target density predicts at least as much error
+        base_error, base_density = _sq_error_by_hand(baseline.plan, calibration, t_warmup)
+        if base_density <= density:
+            assert headline.predicted_sq_error <= base_error + 1e-12, (baseline.method, density)
+
+
+def test_output_gain_matches_the_model_run_with_one_site_sparse() -> None:
+    """Calibration's gain of a site = output change / site error, both re-measured here through the runtime."""
+    from conftest import LocalAttentionDiT, local_dit_inputs
+
+    from vdopt.quality import fixed_plan
+    from vdopt.runtime import OptimizedModel
+    from vdopt.strategies import Dense, SpatialWindow
+
+    torch.manual_seed(0)
+    model = LocalAttentionDiT().eval()
+    inputs = local_dit_inputs(7, timestep=400)
+    probe = SpatialWindow(0)
+    config = CalibrationConfig(query_rows=64, candidates=(probe,), sensitivity_probe=probe)
+    calibration, sites = calibrate(model, [inputs], config)
+    _, records = _site_inputs(model, inputs)
+    with torch.no_grad():
+        dense = model(**inputs)
+    assert calibration.provenance["sensitivity_probe"] == probe.label()
+    for name, stats in calibration.sites.items():
+        heads = {s.name: [Dense()] * s.heads for s in sites if s.sparsifiable}
+        heads[name] = [probe] * stats.site.heads
+        plan = fixed_plan(model, [s for s in sites if s.sparsifiable], heads, stats.block_size, 1.0, "h100", "probe")
+        with torch.no_grad():
+            changed = OptimizedModel(model, plan)(**inputs)
+        output_error = float((changed - dense).pow(2).sum() / dense.pow(2).sum())
+        q, k, v = records[name]
+        exact = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        sparse = sparse_site_attention(q, k, v, None, None, stats.site.layout, [probe] * stats.site.heads,
+                                       PatternContext(stats.site.layout, stats.block_size, {}))
+        site_error = float((sparse - exact).pow(2).sum() / exact.pow(2).sum())
+        assert output_error > 0.0 and site_error > 0.0
+        # float32 throughout, the same kernels: only summation order differs.
+        assert stats.output_gain == [pytest.approx(output_error / site_error, rel=1e-4)]
+
+
+def test_output_gains_weight_the_density_objective() -> None:
+    """With gains, the objective is sum_s g_s e_s^2; a sample without a gain (NaN) takes its site's mean."""
+    import warnings
+
+    from conftest import tiny_dit
+
+    from vdopt.search import SearchConfig, predicted_quality, search
+
+    calibration = _random_calibration(5)
+    model, _ = tiny_dit()
+    sites = [stats.site for stats in calibration.sites.values()]
+    config = SearchConfig(budget="density", density_budget=0.3, min_dense_warmup=0.2, max_step_ranges=1, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        plan = search(model, calibration, sites, "h100", config)
+    unweighted = predicted_quality(plan, calibration, 0.8)
+    assert not unweighted.output_gains
+    assert unweighted.sq_error == pytest.approx(_sq_error_by_hand(plan, calibration, 0.8)[0], rel=1e-12)
+    gains = {"blocks.0.attn1#0": [0.5, 2.0, float("nan"), 4.0], "blocks.1.attn1#0": [3.0, 1.0, 1.0, 1.0]}
+    for name, stats in calibration.sites.items():
+        stats.output_gain = gains[name]
+    weighted = predicted_quality(plan, calibration, 0.8)
+    expected = 0.0
+    for name, stats in calibration.sites.items():
+        filled = [g if math.isfinite(g) else (0.5 + 2.0 + 4.0) / 3 for g in gains[name]]
+        samples = [i for i, t in enumerate(stats.times) if t <= 0.8]
+        site = plan.site(name)
+        total = 0.0
+        for i in samples:
+            norms = stats.dense_output_norm[i]
+            total += filled[i] * sum((stats.rel_error[s.label()][i][h] * norms[h]) ** 2 for h, s in
+                                     enumerate(site.strategies_at(stats.times[i])) if s.name != "dense") / sum(
+                                         n * n for n in norms)
+        expected += total / len(samples)
+    assert weighted.output_gains
+    assert weighted.sq_error == pytest.approx(expected, rel=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        reweighted = search(model, calibration, sites, "h100", config)
+    # The search optimises the weighted objective: its plan is at least as good there as the unweighted one's.
+    assert predicted_quality(reweighted, calibration, 0.8).sq_error <= weighted.sq_error + 1e-12
+    assert "output gains" in reweighted.predictions["objective"]

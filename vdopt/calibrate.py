@@ -4,6 +4,12 @@ For each recorded forward call (a denoising step of a calibration prompt) and ea
 query rows is attended densely (``rows x tokens``, never the full ``tokens x tokens`` map); each candidate's
 pattern then gives, per head, the attention mass it keeps (recall), the relative error of its output on those rows,
 and its exact density.
+
+With ``CalibrationConfig.sensitivity_probe`` set, each call is also run once per site with that site's attention
+computed sparsely by the probe strategy (every head, the runtime's own sparse attention) and every other site dense:
+the relative squared change of the model's output over the site's relative squared attention-output error is the
+site's *output gain* at that call. Gains differ by an order of magnitude between layers and grow at late denoising
+steps, so an error budget that treats all sites alike spends density where it buys little (see search.py).
 """
 
 from __future__ import annotations
@@ -16,10 +22,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from vdopt.attention import additive_key_bias
+from vdopt.attention import additive_key_bias, sparse_site_attention
 from vdopt.capture import CapturedGraph, capture, export_kwargs, forward_kwargs, replace_attention_nodes
 from vdopt.runtime import denoising_time, input_signature
 from vdopt.sites import AttentionSite, TokenLayout
@@ -34,7 +41,9 @@ class CalibrationConfig:
 
     ``steps_per_input``: denoising steps recorded per calibration input (evenly spread over the run);
     ``num_inference_steps``: steps of the pipeline run for prompt strings; ``query_rows``: query rows sampled per
-    site and step; ``block_size``: kernel block size (None: chosen from the token count).
+    site and step; ``block_size``: kernel block size (None: chosen from the token count); ``sensitivity_probe``:
+    strategy whose error measures each site's output gain (None: not measured; costs one more forward per site
+    and call).
     """
 
     steps_per_input: int = 4
@@ -45,6 +54,7 @@ class CalibrationConfig:
     seed: int = 0
     timestep_arg: str = "timestep"
     timestep_scale: float = 1000.0
+    sensitivity_probe: Strategy | None = None
 
 
 def default_block_size(video_tokens: int) -> int:
@@ -57,12 +67,17 @@ def default_block_size(video_tokens: int) -> int:
 
 @dataclass
 class SiteStats:
-    """Per-candidate measurements of one site: lists over samples, each entry a per-head list."""
+    """Per-candidate measurements of one site: lists over samples, each entry a per-head list.
+
+    ``output_gain[i]``: at sample ``i``, relative squared change of the model output per unit relative squared
+    error of this site's attention output (empty when calibration measured no sensitivities).
+    """
 
     site: AttentionSite
     block_size: int
     times: list[float] = field(default_factory=list)
     dense_output_norm: list[list[float]] = field(default_factory=list)
+    output_gain: list[float] = field(default_factory=list)
     recall: dict[str, list[list[float]]] = field(default_factory=dict)
     rel_error: dict[str, list[list[float]]] = field(default_factory=dict)
     density: dict[str, list[list[float]]] = field(default_factory=dict)
@@ -135,7 +150,11 @@ def run_pipeline(pipeline: Any, prompt: str, num_inference_steps: int, seed: int
 
 
 class _SiteProbe(nn.Module):
-    """Stands in for one attention call during calibration: returns the dense output, records candidate stats."""
+    """Stands in for one attention call during calibration: returns the dense output, records candidate stats.
+
+    ``clock["perturb"]`` naming this site instead returns the probe strategy's sparse output and stores its relative
+    squared error over the video rows in ``clock["site_error"]`` (nothing is recorded then).
+    """
 
     def __init__(self, stats: SiteStats, candidates: dict[str, Strategy], config: CalibrationConfig, clock: dict) -> None:
         super().__init__()
@@ -145,8 +164,20 @@ class _SiteProbe(nn.Module):
                 dropout_p: float = 0.0, is_causal: bool = False, *, scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
-        measure_site(self.stats, self.candidates, query, key, value, attn_mask, scale, self.config, self.clock["t"])
-        return out
+        perturb = self.clock.get("perturb")
+        if perturb is None:
+            measure_site(self.stats, self.candidates, query, key, value, attn_mask, scale, self.config, self.clock["t"])
+            return out
+        if perturb != self.stats.site.name:
+            return out
+        layout: TokenLayout = self.stats.site.layout  # type: ignore[assignment]
+        probe = self.config.sensitivity_probe
+        ctx = PatternContext(layout, self.stats.block_size, {}, self.config.seed)
+        sparse = sparse_site_attention(query, key, value, attn_mask, scale, layout, [probe] * query.shape[1], ctx)
+        v0, v1 = layout.video_span
+        dense_rows, sparse_rows = out[:, :, v0:v1].float(), sparse[:, :, v0:v1].float()
+        self.clock["site_error"] = float((sparse_rows - dense_rows).pow(2).sum() / dense_rows.pow(2).sum().clamp(min=1e-30))
+        return sparse
 
 
 def measure_site(stats: SiteStats, candidates: dict[str, Strategy], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -183,6 +214,33 @@ def measure_site(stats: SiteStats, candidates: dict[str, Strategy], q: torch.Ten
         stats.density.setdefault(label, []).append(pattern.density().tolist())
 
 
+def _output_tensor(output: Any) -> torch.Tensor:
+    """The model output's tensors (a tensor, a tuple, or a dataclass of them) as one flat float32 vector."""
+    leaves = [x for x in pytree.tree_leaves(output) if isinstance(x, torch.Tensor) and x.is_floating_point()]
+    if not leaves:
+        raise ValueError("the model returned no floating-point tensor; output gains need one to compare")
+    return torch.cat([x.detach().float().flatten() for x in leaves])
+
+
+def _measure_output_gains(graph: fx.GraphModule, kwargs: dict[str, Any], dense_output: Any,
+                          stats: dict[str, SiteStats], clock: dict) -> None:
+    """Append each site's output gain at this call: one forward per site with only that site sparse."""
+    reference = _output_tensor(dense_output)
+    norm = reference.pow(2).sum().clamp(min=1e-30)
+    try:
+        for name, site_stats in stats.items():
+            clock["perturb"], clock["site_error"] = name, None
+            changed = _output_tensor(graph(**kwargs))
+            site_error = clock["site_error"]
+            if site_error is None:  # the site did not run in this call (e.g. another input signature's site)
+                continue
+            output_error = float((changed - reference).pow(2).sum() / norm)
+            # A probe that changed nothing at this site says nothing about its gain: NaN, filled in by the search.
+            site_stats.output_gain.append(output_error / site_error if site_error > 1e-12 else float("nan"))
+    finally:
+        clock["perturb"] = None
+
+
 def _probe_graph(captured: CapturedGraph, stats: dict[str, SiteStats], candidates: dict[str, Strategy],
                  config: CalibrationConfig, clock: dict) -> fx.GraphModule:
     def probe(site: AttentionSite) -> _SiteProbe | None:
@@ -211,7 +269,9 @@ def calibrate(model: nn.Module, forward_inputs: list[dict[str, Any]], config: Ca
             graphs[key] = _probe_graph(captured, stats, candidates, config, clock)
         clock["t"] = denoising_time(inputs, config.timestep_arg, config.timestep_scale)
         with torch.no_grad():
-            graphs[key](**export_kwargs(model, inputs))
+            dense_out = graphs[key](**export_kwargs(model, inputs))
+            if config.sensitivity_probe is not None:
+                _measure_output_gains(graphs[key], export_kwargs(model, inputs), dense_out, stats, clock)
     if not stats:
         raise ValueError(
             f"{type(model).__name__} has no attention site vdopt can sparsify (self-attention over a known video "
@@ -219,6 +279,7 @@ def calibrate(model: nn.Module, forward_inputs: list[dict[str, Any]], config: Ca
         )
     provenance = {
         "calls": len(forward_inputs), "steps_per_input": config.steps_per_input,
+        "sensitivity_probe": None if config.sensitivity_probe is None else config.sensitivity_probe.label(),
         "num_inference_steps": config.num_inference_steps, "query_rows": config.query_rows, "seed": config.seed,
         "times": sorted({round(t, 4) for s in stats.values() for t in s.times}, reverse=True),
     }

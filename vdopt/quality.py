@@ -38,7 +38,7 @@ from vdopt.calibrate import (
 from vdopt.capture import capture, export_kwargs, replace_attention_nodes
 from vdopt.plan import ModelFingerprint, Plan, SitePlan, StepRange
 from vdopt.runtime import OptimizedModel, denoising_time, input_signature
-from vdopt.search import SearchConfig, search
+from vdopt.search import SearchConfig, predicted_quality, search
 from vdopt.sites import AttentionSite, TokenLayout
 from vdopt.strategies import (
     Dense,
@@ -316,7 +316,11 @@ def attention_recall_report(model: nn.Module, forward_inputs: Sequence[dict[str,
 
 METHODS = ("searched", "sparse_videogen", "sparse_videogen2", "sliding_tile", "sparse_vdit", "pooled_draft")
 METHOD_DESCRIPTIONS = {
-    "searched": "vdopt's search (default candidates, cheapest per head meeting a recall budget); budget swept",
+    "searched": "vdopt's search at a density budget: per site, head and step range the calibrated candidate (vdopt's "
+                "defaults plus every baseline's grid points) that minimises the predicted model-output error (site "
+                "attention errors weighted by measured output gains), mean density after the warm-up <= the "
+                "target; the baselines' plans are incumbents it must match; matched_to names the baseline whose "
+                "predicted density was the budget",
     "sparse_videogen": "Sparse VideoGen: per head the spatial (frame window) or temporal (position radius) pattern "
                        "with the higher calibration recall",
     "sparse_videogen2": "Sparse VideoGen2: semantic k-means permutation with top-p cluster selection, all heads",
@@ -327,8 +331,6 @@ METHOD_DESCRIPTIONS = {
 }
 TOP_P_GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995)
 KIND_TOLERANCE = 0.3
-RECALL_BUDGETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.83, 0.86, 0.88, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97,
-                  0.98, 0.99, 0.995)
 
 
 def _tile_window_values(tile: int, extent: int) -> list[int]:
@@ -399,13 +401,13 @@ def _sparse_samples(times: Sequence[float], t_warmup: float) -> list[int]:
 
 def predicted_density(plan: Plan, calibration: CalibrationResult, t_warmup: float) -> float:
     """Mean density of ``plan`` over calibration samples after the warm-up, sites and heads (dense = 1)."""
-    values = []
-    for stats in calibration.sites.values():
-        site_plan = plan.site(stats.site.name)
-        for i in _sparse_samples(stats.times, t_warmup):
-            strategies = site_plan.strategies_at(stats.times[i]) if site_plan else [Dense()] * stats.site.heads
-            values += [1.0 if isinstance(s, Dense) else stats.density[s.label()][i][h] for h, s in enumerate(strategies)]
-    return sum(values) / len(values)
+    return predicted_quality(plan, calibration, _sparse_cutoff(calibration, t_warmup)).density
+
+
+def _sparse_cutoff(calibration: CalibrationResult, t_warmup: float) -> float:
+    """``t_warmup``, or 1 when no calibration sample lies after it (then every sample counts, as before)."""
+    times = [t for stats in calibration.sites.values() for t in stats.times]
+    return t_warmup if any(t <= t_warmup + 1e-9 for t in times) else 1.0
 
 
 def _calibrated_density(strategy: Strategy, calibration: CalibrationResult, t_warmup: float) -> float:
@@ -434,7 +436,8 @@ class MethodPlan:
     plan: Plan
     predicted_density: float
     parameters: list[str]
-    recall_budget: float | None = None
+    predicted_sq_error: float | None = None
+    matched_to: str | None = None
 
 
 def _static_choices(grids: dict[str, list[list[Strategy]]], layout: TokenLayout, block_size: int,
@@ -493,28 +496,35 @@ def baseline_plan(method: str, grids: dict[str, list[list[Strategy]]], calibrati
     sites = [stats.site for stats in calibration.sites.values()]
     plan = fixed_plan(model, sites, heads, block_size, t_warmup, target, method, seed)
     used = sorted({s.label() for strategies in heads.values() for s in strategies})
-    return MethodPlan(method, target_density, plan, predicted_density(plan, calibration, t_warmup), used)
+    estimate = predicted_quality(plan, calibration, _sparse_cutoff(calibration, t_warmup))
+    return MethodPlan(method, target_density, plan, estimate.density, used, estimate.sq_error)
 
 
 def searched_plans(calibration: CalibrationResult, sites: list[AttentionSite], model: nn.Module,
-                   targets: Sequence[float], t_warmup: float, target: str,
-                   budgets: Sequence[float] = RECALL_BUDGETS) -> list[MethodPlan]:
-    """vdopt's search over its default candidates, recall budget swept; per target the plan nearest in density."""
-    defaults = {s.label() for s in default_candidates()}
-    restricted = CalibrationResult(calibration.sites, {k: v for k, v in calibration.candidates.items() if k in defaults},
-                                   calibration.provenance)
-    swept = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "no measured efficiency table" once per budget
-        for budget in budgets:
-            plan = with_dense_warmup(search(model, restricted, sites, target, SearchConfig(recall_budget=budget)),
-                                     t_warmup)
-            swept.append((budget, plan, predicted_density(plan, calibration, t_warmup)))
+                   target_density: float, t_warmup: float, target: str, baselines: Sequence[MethodPlan] = (),
+                   step_ranges: int = 1, matched: bool = True) -> list[MethodPlan]:
+    """vdopt's search at a density budget over every calibrated candidate, the ``baselines`` as incumbents.
+
+    The first plan has the budget ``target_density``; with ``matched``, one more per baseline has that baseline's
+    predicted density as its budget (``matched_to`` names it), so each comparison is at equal density and the
+    searched plan's predicted error is, by construction, at most the baseline's. Warm-up: dense for ``t > t_warmup``.
+    """
+    cutoff = _sparse_cutoff(calibration, t_warmup)
+    budgets: list[tuple[float, MethodPlan | None]] = [(target_density, None)]
+    if matched:
+        budgets += [(b.predicted_density, b) for b in baselines]
     out = []
-    for goal in targets:
-        budget, plan, density = min(swept, key=lambda item: (abs(item[2] - goal), -item[2]))
-        used = sorted({s.label() for site in plan.sites for r in site.schedule for s in r.heads})
-        out.append(MethodPlan("searched", goal, plan, density, used, recall_budget=budget))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "no measured efficiency table"
+        for budget, baseline in budgets:
+            config = SearchConfig(budget="density", density_budget=min(max(budget, 1e-6), 1.0),
+                                  min_dense_warmup=1.0 - cutoff, max_step_ranges=step_ranges, progress=False)
+            incumbents = [b.plan for b in baselines] if baseline is None else [baseline.plan]
+            plan = with_dense_warmup(search(model, calibration, sites, target, config, incumbents), t_warmup)
+            estimate = predicted_quality(plan, calibration, cutoff)
+            used = sorted({s.label() for site in plan.sites for r in site.schedule for s in r.heads})
+            out.append(MethodPlan("searched", target_density, plan, estimate.density, used, estimate.sq_error,
+                                  None if baseline is None else baseline.method))
     return out
 
 
@@ -530,7 +540,10 @@ class QualityConfig:
     denoising steps every method keeps dense; ``block_size``: kernel block for every plan (None: the largest of
     128/64/32/16 that divides a frame's tokens, so frame-local patterns waste no partial blocks); ``batch_size``:
     (prompt, seed) pairs generated per pipeline call; ``timing_repeats``: timed single-video runs per method on
-    CUDA (after one warm-up run).
+    CUDA (after one warm-up run); ``step_ranges``: most step ranges the searched plan may use after the warm-up;
+    ``matched``: also search at each baseline's predicted density (so every comparison is at equal density);
+    ``sensitivity_probe``: strategy calibration uses to measure each site's output gain, which weights the searched
+    plan's objective (None: sites weighted alike).
     """
 
     prompts: int = 14
@@ -548,7 +561,9 @@ class QualityConfig:
     target: str = "h100"
     recall: float = 0.95
     top_p_grid: tuple[float, ...] = TOP_P_GRID
-    recall_budgets: tuple[float, ...] = RECALL_BUDGETS
+    step_ranges: int = 1
+    matched: bool = True
+    sensitivity_probe: Strategy | None = field(default_factory=lambda: SpatialWindow(0))
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -699,20 +714,17 @@ def run_quality(pipe: Any, config: QualityConfig = QualityConfig(), proxy: str =
         candidates = calibration_candidates(grids, layout, block_size, config.densities)
         calib_config = CalibrationConfig(num_inference_steps=config.steps, steps_per_input=config.calib_steps_per_input,
                                          query_rows=config.calib_query_rows, seed=config.seed, block_size=block_size,
-                                         candidates=candidates)
+                                         candidates=candidates, sensitivity_probe=config.sensitivity_probe)
         calibration, sites = calibrate(original, inputs, calib_config)
 
-        by_target: dict[float, list[MethodPlan]] = {d: [] for d in config.densities}
-        if "searched" in config.methods:
-            for mp in searched_plans(calibration, sites, original, config.densities, t_warmup, config.target,
-                                     config.recall_budgets):
-                by_target[mp.target_density].append(mp)
-        for method in config.methods:
-            if method != "searched":
-                for d in config.densities:
-                    by_target[d].append(baseline_plan(method, grids, calibration, original, d, t_warmup,
-                                                      config.target, config.seed))
-        method_plans = [mp for plans_at in by_target.values() for mp in plans_at]
+        method_plans: list[MethodPlan] = []
+        for d in config.densities:
+            baselines = [baseline_plan(method, grids, calibration, original, d, t_warmup, config.target, config.seed)
+                         for method in config.methods if method != "searched"]
+            if "searched" in config.methods:
+                method_plans += searched_plans(calibration, sites, original, d, t_warmup, config.target, baselines,
+                                               config.step_ranges, config.matched)
+            method_plans += baselines
         report["calibration"] = {"prompts": calib_prompts, **calibration.provenance}
 
         records = [{"method": "dense", "target_density": 1.0, "density": 1.0, "density_all_steps": 1.0,
@@ -735,14 +747,15 @@ def run_quality(pipe: Any, config: QualityConfig = QualityConfig(), proxy: str =
             record = {
                 "method": mp.method, "target_density": mp.target_density,
                 "density": recorder.density(t_warmup), "density_all_steps": recorder.density(),
-                "predicted_density": mp.predicted_density, **_metrics(videos, reference, pairs),
+                "predicted_density": mp.predicted_density, "predicted_sq_error": mp.predicted_sq_error,
+                "matched_to": mp.matched_to, **_metrics(videos, reference, pairs),
                 "seconds_per_video": seconds,
                 "speedup_vs_dense": dense_seconds / seconds if seconds and dense_seconds else None,
-                "strategies": mp.parameters, "recall_budget": mp.recall_budget, "block_size": block_size,
+                "strategies": mp.parameters, "block_size": block_size,
                 "description": METHOD_DESCRIPTIONS[mp.method], **common,
             }
             records.append(record)
-            plans[f"{mp.method}@{mp.target_density:g}"] = mp.plan
+            plans[f"{mp.method}@{mp.target_density:g}" + (f"~{mp.matched_to}" if mp.matched_to else "")] = mp.plan
             if on_update is not None:
                 on_update(result)
         return result
@@ -820,12 +833,34 @@ def write_results(result: QualityResult, out: str | Path) -> dict[str, Path]:
 
 def format_table(records: Sequence[dict[str, Any]]) -> str:
     """Plain-text table of the records."""
-    lines = [f"{'method':<18} {'target':>6} {'density':>8} {'PSNR':>7} {'SSIM':>7} {'relL2':>7} {'s/video':>8}"]
+    header = (f"{'method':<18} {'target':>6} {'density':>8} {'PSNR':>7} {'SSIM':>7} {'relL2':>7} {'s/video':>8} "
+              f"{'pred.err':>8} matched_to")
+    lines = [header]
     for r in records:
         psnr_text = "inf" if r["psnr"] is None else f"{r['psnr']:.2f}"
         sec = r.get("seconds_per_video")
+        error = r.get("predicted_sq_error")
         lines.append(f"{r['method']:<18} {r['target_density']:>6.2f} {r['density']:>8.3f} {psnr_text:>7} "
-                     f"{r['ssim']:>7.4f} {r['rel_l2']:>7.4f} {'' if sec is None else f'{sec:.3f}':>8}")
+                     f"{r['ssim']:>7.4f} {r['rel_l2']:>7.4f} {'' if sec is None else f'{sec:.3f}':>8} "
+                     f"{'' if error is None else f'{error:.4f}':>8} {r.get('matched_to') or ''}")
+    return "\n".join(lines)
+
+
+def format_comparison(records: Sequence[dict[str, Any]]) -> str:
+    """Each baseline beside the searched plan searched at its predicted density (empty without matched plans)."""
+    lines = []
+    for r in records:
+        if r["method"] in ("dense", "searched"):
+            continue
+        match = next((m for m in records if m["method"] == "searched" and m.get("matched_to") == r["method"]
+                      and m["target_density"] == r["target_density"]), None)
+        if match is None:
+            continue
+        if not lines:
+            lines.append(f"{'baseline':<18} {'target':>6} {'density':>8} {'PSNR':>7} | {'searched':>8} {'PSNR':>7} "
+                         f"{'gain':>6}")
+        lines.append(f"{r['method']:<18} {r['target_density']:>6.2f} {r['density']:>8.3f} {r['psnr']:>7.2f} | "
+                     f"{match['density']:>8.3f} {match['psnr']:>7.2f} {match['psnr'] - r['psnr']:>+6.2f}")
     return "\n".join(lines)
 
 
@@ -889,13 +924,16 @@ def quality_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib-prompts", type=int, default=2, help="training-distribution calibration prompts")
     parser.add_argument("--batch-size", type=int, default=16, help="(prompt, seed) pairs per pipeline call")
     parser.add_argument("--timing-repeats", type=int, default=2, help="timed single-video runs per method (CUDA)")
+    parser.add_argument("--step-ranges", type=int, default=1, help="most step ranges after the warm-up (searched plan)")
+    parser.add_argument("--no-matched", dest="matched", action="store_false",
+                        help="skip the searched plans at each baseline's own density (run only one per target)")
     args = parser.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
         config = QualityConfig(prompts=args.prompts, seeds=args.seeds, steps=args.steps, densities=args.densities,
                                warmup_fraction=args.warmup_fraction, methods=tuple(args.methods.split(",")),
                                calib_prompts=args.calib_prompts, batch_size=args.batch_size,
-                               timing_repeats=args.timing_repeats)
+                               timing_repeats=args.timing_repeats, step_ranges=args.step_ranges, matched=args.matched)
         pipe, weights_meta = _load_pipe(args.proxy, device, getattr(torch, args.dtype), args.weights)
     except (ValueError, FileNotFoundError) as error:
         print(f"vdopt-bench quality: error: {error}", file=sys.stderr)
@@ -911,12 +949,15 @@ def quality_main(argv: list[str] | None = None) -> int:
     paths = write_results(result, args.out)
     print(format_recall_report(result.recall_report))
     print(format_table(result.records))
+    comparison = format_comparison(result.records)
+    if comparison:
+        print(comparison)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 
 __all__ = [
     "DensityRecorder", "QualityConfig", "QualityResult", "attention_recall_report", "baseline_plan",
-    "density_for_recall", "fixed_plan", "psnr", "quality_main", "relative_l2", "run_quality", "searched_plans",
+    "density_for_recall", "fixed_plan", "format_comparison", "psnr", "quality_main", "relative_l2", "run_quality", "searched_plans",
     "ssim", "with_dense_warmup", "write_results",
 ]

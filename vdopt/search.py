@@ -17,6 +17,19 @@ The problem, per site:
   per candidate range weighted by its time width x its optimal latency, with at most ``max_step_ranges`` ranges; a
   range whose heads are all dense is a dense warm-up chosen by the data. ``min_dense_warmup`` forces it.
 
+**Density budget** (``budget="density"``): the dual problem, used to compare plans at equal attention density.
+Minimise the predicted relative squared error of the model's output, ``sum_s g_s e_s^2`` averaged over the
+calibration samples after the dense warm-up (``e_s^2 = sum_h (e_h n_h)^2 / sum_h n_h^2`` the site's squared
+relative attention-output error, ``g_s`` its output gain at that sample as calibration measured it, 1 where it did
+not), subject to a mean density over every site, head and those samples of at most ``density_budget``. On the
+proxy the gains differ ~10x between layers, and this objective ranks plans' measured single-step output error
+better than unweighted site error or recall. It is one multiple-choice
+knapsack over all sites and heads together (density goes to the layers where it removes the most error), solved
+exactly by DP over the budget in ``density_bins`` units (weights rounded up; down for the lower bound); the time
+after ``min_dense_warmup`` is split into at most ``max_step_ranges`` ranges of calibration times. Plans passed as
+``incumbents`` (e.g. single-strategy baselines) are scored by the same objective and win when the discretised DP
+does worse, so the result's predicted error is never above that of any incumbent within the budget.
+
 No randomness: ties go to the candidate listed first (calibration's order) and to fewer ranges, so a fixed
 calibration (fixed seed) gives the same plan.
 """
@@ -26,6 +39,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +67,9 @@ class SearchConfig:
     ``budget``: ``"recall"`` (each sparse head keeps at least ``recall_budget`` of the attention mass at every
     calibration sample of its range: the minimum over samples, not the mean, so it holds on unseen inputs) or
     ``"error"`` (each site's predicted output relative error <= ``error_budget`` at every range, heads traded
-    against each other by the knapsack). ``error_bins``: discretisation of the error budget for the DP.
+    against each other by the knapsack) or ``"density"`` (the least predicted output error, summed over sites,
+    at a mean attention density <= ``density_budget`` after the dense warm-up; see the module docstring).
+    ``error_bins`` / ``density_bins``: discretisation of the error / density budget for the DP.
     ``min_dense_warmup``: fraction of the noisiest denoising time kept dense whatever the data says.
     ``max_step_ranges``: most step ranges per site (each range is another pattern set to build and cache).
     ``batch``: batch the cost model assumes (2 for CFG). ``tokens``: video tokens the cost model prices at (None:
@@ -68,6 +84,8 @@ class SearchConfig:
     budget: str = "recall"
     error_budget: float = 0.05
     error_bins: int = 256
+    density_budget: float = 0.2
+    density_bins: int = 8192
     max_step_ranges: int = 4
     tokens: int | None = None
     attention_share: float = WAN_1_3B_ATTENTION_SHARE
@@ -78,8 +96,13 @@ class SearchConfig:
             raise ValueError(f"recall_budget must be in (0, 1], got {self.recall_budget}")
         if not 0.0 <= self.min_dense_warmup <= 1.0:
             raise ValueError(f"min_dense_warmup must be in [0, 1], got {self.min_dense_warmup}")
-        if self.budget not in ("recall", "error"):
-            raise ValueError(f"budget must be 'recall' (per-head recall floor) or 'error' (site error), got {self.budget!r}")
+        if self.budget not in ("recall", "error", "density"):
+            raise ValueError(f"budget must be 'recall' (per-head recall floor), 'error' (site error) or 'density' "
+                             f"(least error at a mean density), got {self.budget!r}")
+        if not 0.0 < self.density_budget <= 1.0:
+            raise ValueError(f"density_budget must be in (0, 1] (mean kept fraction, e.g. 0.2), got {self.density_budget}")
+        if self.density_bins < 1:
+            raise ValueError(f"density_bins must be >= 1, got {self.density_bins}")
         if not self.error_budget > 0.0:
             raise ValueError(f"error_budget must be > 0 (relative output error, e.g. 0.05), got {self.error_budget}")
         if self.error_bins < 1:
@@ -254,9 +277,15 @@ class SearchReport:
     sites: dict[str, list[RangeReport]] = field(default_factory=dict)
 
     def explain(self) -> str:
-        mode = (f"recall floor {self.config.recall_budget:g} per head" if self.config.budget == "recall"
-                else f"site output-error budget {self.config.error_budget:g}")
-        lines = [f"search for {self.target}: minimise predicted latency under a {mode}"]
+        if self.config.budget == "density":
+            goal = (f"minimise predicted output error (summed over sites) at mean attention density <= "
+                    f"{self.config.density_budget:g} after the dense warm-up")
+            lines = [f"search for {self.target}: {goal}"]
+        else:
+            mode = (f"recall floor {self.config.recall_budget:g} per head" if self.config.budget == "recall"
+                    else f"site output-error budget {self.config.error_budget:g}")
+            lines = [f"search for {self.target}: minimise predicted latency under a {mode}"]
+        why_by_budget = {"recall": "cheapest feasible", "density": "density knapsack over all sites and heads"}
         for site, ranges in self.sites.items():
             for r in ranges:
                 groups = ", ".join(f"{k} x{n}" for k, n in sorted(r.groups.items()))
@@ -266,8 +295,9 @@ class SearchReport:
                              f"fused launches: {groups}")
                 for h, e in enumerate(r.heads):
                     c = e.chosen
-                    why = ("cheapest feasible" if self.config.budget == "recall"
-                           else f"site DP, uses {c.weight:.0%} of the error budget")
+                    why = why_by_budget.get(self.config.budget, f"site DP, uses {c.weight:.0%} of the error budget")
+                    if c.reason:
+                        why = c.reason
                     lines.append(f"  head {h}: {c.label} ({why}; {c.seconds * 1e3:.4f} ms/head, recall {c.recall:.3f}, "
                                  f"density {c.density:.3f}, error {c.rel_error:.3f})")
                     if e.runner_up is not None:
@@ -436,22 +466,308 @@ def _schedule(problem: _SiteProblem) -> list[_RangeResult]:
     return ([results[(0, forced)]] if forced else []) + [results[s] for s in spans]
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Density budget: the least predicted output error at a mean density, one knapsack over every site and head
+
+
+@dataclass(frozen=True)
+class QualityEstimate:
+    """A plan's predicted quality and density on the calibration samples after its dense warm-up.
+
+    ``sq_error``: the density search's objective, averaged over the samples: with measured output gains, the
+    predicted relative squared error of the model's output, ``sum_s g_s e_s^2`` (first order: sites' errors add
+    independently, each scaled by the site's gain at that sample); without, the plain sum over sites of ``e_s^2``.
+    ``e_s^2 = sum_h (e_h n_h)^2 / sum_h n_h^2`` is site ``s``'s squared relative attention-output error.
+    ``site_rel_error``: root mean square of ``e_s`` over sites and samples; ``density``: mean kept fraction over
+    sites, heads and samples (dense heads count 1); ``min_recall``: the least recall of any sparse head at any sample
+    (1 if none); ``output_gains``: whether calibration measured the gains.
+    """
+
+    sq_error: float
+    site_rel_error: float
+    density: float
+    min_recall: float
+    output_gains: bool
+
+
+def _post_warmup_samples(stats: SiteStats, t_warmup: float) -> list[int]:
+    return [i for i, t in enumerate(stats.times) if t <= t_warmup + 1e-9]
+
+
+def _output_gains(calibration: CalibrationResult) -> dict[str, list[float]] | None:
+    """Per site and sample, the output gain; a sample without one (NaN) takes its site's mean, a site without any
+    the mean of all sites. None when calibration measured no gains."""
+    if not all(len(stats.output_gain) == len(stats.times) for stats in calibration.sites.values()):
+        return None
+    finite = {name: [g for g in stats.output_gain if math.isfinite(g)] for name, stats in calibration.sites.items()}
+    overall = [g for values in finite.values() for g in values]
+    if not overall:
+        return None
+    default = sum(overall) / len(overall)
+    out = {}
+    for name, stats in calibration.sites.items():
+        site_default = sum(finite[name]) / len(finite[name]) if finite[name] else default
+        out[name] = [g if math.isfinite(g) else site_default for g in stats.output_gain]
+    return out
+
+
+def _site_sample_terms(stats: SiteStats, i: int, labels: list[str]) -> tuple[list[float], list[float], list[float]]:
+    """Per head, at sample ``i``: share of the site's squared relative error, density and recall of ``labels``."""
+    norms = stats.dense_output_norm[i]
+    total = sum(n * n for n in norms)
+    errors, densities, recalls = [], [], []
+    for h, label in enumerate(labels):
+        if label == "dense":
+            errors.append(0.0)
+            densities.append(1.0)
+            recalls.append(1.0)
+            continue
+        if label not in stats.rel_error:
+            raise ValueError(f"strategy {label} was not calibrated at site {stats.site.name}; calibrate with it "
+                             "among CalibrationConfig.candidates")
+        e = stats.rel_error[label][i][h] * norms[h]
+        errors.append(e * e / total if total > 0 else 0.0)
+        densities.append(stats.density[label][i][h])
+        recalls.append(stats.recall[label][i][h])
+    return errors, densities, recalls
+
+
+def predicted_quality(plan: Plan, calibration: CalibrationResult, t_warmup: float) -> QualityEstimate:
+    """The density search's objective and density for any ``plan``, on calibration samples with ``t <= t_warmup``.
+
+    Sites the plan does not name run dense. Raises ValueError if the plan uses a strategy calibration did not measure.
+    """
+    gains = _output_gains(calibration)
+    sq_error, site_sq, densities, min_recall, count = 0.0, 0.0, [], 1.0, 0
+    for name, stats in calibration.sites.items():
+        site_plan = plan.site(name)
+        samples = _post_warmup_samples(stats, t_warmup)
+        if not samples:
+            raise ValueError(f"site {name} has no calibration sample with t <= {t_warmup:g}; record later steps")
+        weighted = 0.0
+        for i in samples:
+            strategies = site_plan.strategies_at(stats.times[i]) if site_plan else [Dense()] * stats.site.heads
+            errors, dens, recalls = _site_sample_terms(stats, i, [s.label() for s in strategies])
+            weighted += sum(errors) * (gains[name][i] if gains else 1.0)
+            site_sq += sum(errors)
+            count += 1
+            densities += dens
+            min_recall = min(min_recall, *(r for r, s in zip(recalls, strategies) if not isinstance(s, Dense)), 1.0)
+        sq_error += weighted / len(samples)
+    return QualityEstimate(sq_error, math.sqrt(site_sq / max(count, 1)), sum(densities) / len(densities), min_recall,
+                           gains is not None)
+
+
+def _step_groups(times: list[float], count: int) -> list[list[float]]:
+    """``times`` (noisiest first) split into at most ``count`` contiguous runs of near-equal length."""
+    count = max(1, min(count, len(times)))
+    edges = [round(i * len(times) / count) for i in range(count + 1)]
+    return [times[a:b] for a, b in itertools.pairwise(edges)]
+
+
+@dataclass
+class _DensityItem:
+    """One (site, head, step group) of the density knapsack: per option its objective share and density share."""
+
+    site: str
+    head: int
+    group: int
+    options: list[Option]
+
+
+def _density_items(calibration: CalibrationResult, groups: list[list[float]], t_warmup: float) -> list[_DensityItem]:
+    """Per site, head and step group, every option with its objective share (``seconds``) and density share
+    (``weight``); recall, error and density are the means over the group's samples."""
+    heads_total = sum(stats.site.heads for stats in calibration.sites.values())
+    gains = _output_gains(calibration)
+    labels = ["dense"] + [label for label, s in calibration.candidates.items() if not isinstance(s, Dense)]
+    items = []
+    for name, stats in calibration.sites.items():
+        samples = _post_warmup_samples(stats, t_warmup)
+        if not samples:
+            raise ValueError(f"site {name} has no calibration sample with t <= {t_warmup:g}; lower min_dense_warmup "
+                             "or record later denoising steps")
+        present = [label for label in labels if label == "dense" or label in stats.rel_error]
+        per_label = {label: [_site_sample_terms(stats, i, [label] * stats.site.heads) for i in samples]
+                     for label in present}
+        for g, group in enumerate(groups):
+            members = [k for k, i in enumerate(samples) if any(abs(stats.times[i] - t) < 1e-9 for t in group)]
+            for h in range(stats.site.heads):
+                options = []
+                scale = [gains[name][samples[k]] if gains else 1.0 for k in members]
+                for label in present:
+                    terms = [per_label[label][k] for k in members]
+                    error = sum(g * t[0][h] for g, t in zip(scale, terms)) / len(samples)
+                    density = sum(t[1][h] for t in terms) / len(samples) / heads_total
+                    mean = max(len(members), 1)
+                    options.append(Option(label, error, frozenset(), density, sum(t[2][h] for t in terms) / mean,
+                                          math.sqrt(sum(t[0][h] for t in terms) / mean), sum(t[1][h] for t in terms) / mean))
+                items.append(_DensityItem(name, h, g, options))
+    return items
+
+
+def _incumbent_choice(plan: Plan, items: list[_DensityItem], calibration: CalibrationResult,
+                      groups: list[list[float]], t_warmup: float) -> list[int] | None:
+    """The incumbent's option index per item, or None if it changes strategy inside a step group or uses an
+    uncalibrated strategy (then it is not a point of this search space)."""
+    choice = []
+    for item in items:
+        site_plan = plan.site(item.site)
+        stats = calibration.sites[item.site]
+        times = [stats.times[i] for i in _post_warmup_samples(stats, t_warmup)
+                 if any(abs(stats.times[i] - t) < 1e-9 for t in groups[item.group])]
+        picked = {(site_plan.strategies_at(t)[item.head] if site_plan else Dense()).label() for t in times}
+        if len(picked) != 1:
+            return None
+        label = picked.pop()
+        index = next((k for k, o in enumerate(item.options) if o.label == label), None)
+        if index is None:
+            return None
+        choice.append(index)
+    return choice
+
+
+def _density_choice(calibration: CalibrationResult, config: SearchConfig, incumbents: list[Plan],
+                    ) -> tuple[list[_DensityItem], list[int], list[list[float]], float, dict[str, Any]]:
+    """Solve the density knapsack; returns the items, the chosen option per item, the step groups, the warm-up time
+    and what the predictions should record (objective, lower bound, winning incumbent)."""
+    t_warmup = 1.0 - config.min_dense_warmup
+    times = sorted({t for stats in calibration.sites.values() for t in stats.times if t <= t_warmup + 1e-9}, reverse=True)
+    if not times:
+        raise ValueError(f"no calibration sample after the dense warm-up (t <= {t_warmup:g}); lower min_dense_warmup "
+                         "or record later denoising steps")
+    groups = _step_groups(times, config.max_step_ranges)
+    items = _density_items(calibration, groups, t_warmup)
+    options = [item.options for item in items]
+    capacity = config.density_bins
+    unit = config.density_budget / capacity
+
+    def weights(rounding: Any) -> list[list[int]]:
+        return [[int(rounding(o.weight / unit + (-1e-9 if rounding is math.ceil else 1e-9))) for o in opts]
+                for opts in options]
+
+    allowed = [list(range(len(opts))) for opts in options]
+    found = _dp(options, allowed, weights(math.ceil), capacity)
+    if found is None:
+        raise RuntimeError("no plan meets the density budget even with every head at its sparsest candidate")
+    objective, choice = found
+    lower = _dp(options, allowed, weights(math.floor), capacity)
+    lower_bound = min(objective, lower[0]) if lower is not None else 0.0
+    winner = None
+    for plan in incumbents:
+        picked = _incumbent_choice(plan, items, calibration, groups, t_warmup)
+        if picked is None:
+            continue
+        density = sum(options[k][i].weight for k, i in enumerate(picked))
+        value = sum(options[k][i].seconds for k, i in enumerate(picked))
+        if density <= config.density_budget * (1 + 1e-9) and value < objective - 1e-15:
+            objective, choice, winner = value, picked, plan.search.get("method", "incumbent")
+    record = {"predicted_sq_error": objective, "lower_bound_sq_error": lower_bound,
+              "objective": ("model-output relative squared error, sites weighted by measured output gains"
+                            if _output_gains(calibration) else "sum over sites of squared relative attention error "
+                            "(calibration measured no output gains)"),
+              "density_after_warmup": sum(options[k][i].weight for k, i in enumerate(choice)),
+              "density_budget": config.density_budget, "from_incumbent": winner,
+              "optimality_gap": (objective - lower_bound) / objective if objective > 0 else 0.0}
+    return items, choice, groups, t_warmup, record
+
+
+def _density_schedules(calibration: CalibrationResult, cost: CostModel, config: SearchConfig, incumbents: list[Plan],
+                       ) -> tuple[dict[str, list[tuple[float, float, _RangeResult]]], dict[str, Any]]:
+    """Per site, its ranges (t_start, t_end, result) under the density budget; plus the search-wide record."""
+    items, choice, groups, t_warmup, record = _density_choice(calibration, config, incumbents)
+    picked: dict[tuple[str, int], list[Option]] = {}
+    for item, i in zip(items, choice):
+        picked.setdefault((item.site, item.group), []).append(item.options[i])
+    bounds = [t_warmup] + [(a[-1] + b[0]) / 2 for a, b in itertools.pairwise(groups)] + [0.0]
+    out: dict[str, list[tuple[float, float, _RangeResult]]] = {}
+    for name, stats in calibration.sites.items():
+        problem = _SiteProblem(stats, calibration.candidates, cost, config)
+        dense = problem.dense_option()
+        ranges: list[tuple[float, float, _RangeResult]] = []
+        if t_warmup < 1.0:
+            warm = [Option("dense", dense.seconds, dense.groups, reason="forced dense warm-up")] * stats.site.heads
+            ranges.append((1.0, t_warmup, _range_result(problem, warm, 0.0, "dense warm-up")))
+        g = 0
+        while g < len(groups):
+            last = g  # adjacent groups with the same strategies become one range
+            labels = [o.label for o in picked[(name, g)]]
+            while last + 1 < len(groups) and [o.label for o in picked[(name, last + 1)]] == labels:
+                last += 1
+            chosen = [_merged_option(picked, name, h, g, last, groups) for h in range(stats.site.heads)]
+            samples = [i for i in _post_warmup_samples(stats, t_warmup)
+                       if any(abs(stats.times[i] - t) < 1e-9 for grp in groups[g:last + 1] for t in grp)]
+            site_error = sum(sum(_site_sample_terms(stats, i, labels)[0]) for i in samples) / len(samples)
+            for_seconds = [Option(o.label, *_priced(problem, o), o.weight, o.recall, o.rel_error, o.density)
+                           for o in chosen]
+            result = _range_result(problem, for_seconds, math.sqrt(site_error), "density knapsack")
+            ranges.append((bounds[g], bounds[last + 1], result))
+            g = last + 1
+        out[name] = ranges
+    return out, record
+
+
+def _merged_option(picked: dict[tuple[str, int], list[Option]], site: str, head: int, first: int, last: int,
+                   groups: list[list[float]]) -> Option:
+    """One head's option over step groups ``first..last`` (same label): recall, error and density averaged by size."""
+    parts = [(picked[(site, g)][head], len(groups[g])) for g in range(first, last + 1)]
+    size = sum(n for _, n in parts)
+    head_option = parts[0][0]
+    return Option(head_option.label, head_option.seconds, head_option.groups, sum(o.weight for o, _ in parts),
+                  sum(o.recall * n for o, n in parts) / size,
+                  math.sqrt(sum(o.rel_error**2 * n for o, n in parts) / size), sum(o.density * n for o, n in parts) / size)
+
+
+def _priced(problem: _SiteProblem, option: Option) -> tuple[float, frozenset[str]]:
+    """Per-head seconds and fused groups of ``option`` at its density (dense: the site's dense option)."""
+    if option.label == "dense":
+        dense = problem.dense_option()
+        return dense.seconds, dense.groups
+    cost = problem.strategy_cost(option.label, problem.candidates[option.label], option.density)
+    return cost.per_head, frozenset(cost.groups)
+
+
+def _range_result(problem: _SiteProblem, chosen: list[Option], rel_error: float, why: str) -> _RangeResult:
+    """Seconds (per-head work + fixed cost of every fused group used) and report of one range's head choices."""
+    dense = problem.dense_option()
+    fixed = problem.fixed()
+    used = frozenset().union(*(c.groups for c in chosen))
+    seconds = sum(c.seconds for c in chosen) + sum(fixed.get(k, 0.0) for k in used)
+    dense_seconds = len(chosen) * dense.seconds + sum(fixed.get(k, 0.0) for k in dense.groups)
+    kinds: dict[str, int] = {}
+    for c in chosen:
+        kind = attention_kernel(problem.candidates.get(c.label, Dense()))
+        kinds[kind] = kinds.get(kind, 0) + 1
+    explanations = [HeadExplanation(c, None, []) for c in chosen]
+    report = RangeReport(0.0, 0.0, explanations, seconds, dense_seconds, 0.0, rel_error, kinds)
+    strategies = [problem.candidates.get(c.label, Dense()) for c in chosen]
+    return _RangeResult(0, 0, chosen, strategies, seconds, dense_seconds, 0.0, rel_error, report)
+
+
 def search_with_report(model: nn.Module, calibration: CalibrationResult, sites: list[AttentionSite],
-                       target: str = "h100", config: SearchConfig = SearchConfig()) -> tuple[Plan, SearchReport]:
+                       target: str = "h100", config: SearchConfig = SearchConfig(),
+                       incumbents: Sequence[Plan] = ()) -> tuple[Plan, SearchReport]:
     """:func:`search`, also returning what it decided and why (for ``--explain``)."""
     cost = CostModel.for_target(target)
     report = SearchReport(config, target)
+    per_site: dict[str, list[tuple[float, float, _RangeResult]]] = {}
+    record: dict[str, Any] = {}
+    if config.budget == "density":
+        per_site, record = _density_schedules(calibration, cost, config, list(incumbents))
+    else:
+        stats_list = list(calibration.sites.values())
+        for stats in tqdm(stats_list, desc="vdopt: searching sites", leave=False, disable=not config.progress or None):
+            problem = _SiteProblem(stats, calibration.candidates, cost, config)
+            per_site[stats.site.name] = [(problem.bounds[r.lo], problem.bounds[r.hi], r) for r in _schedule(problem)]
     site_plans: list[SitePlan] = []
     dense_total = chosen_total = 0.0
     weighted_error = weighted_density = total_width = 0.0
     max_error, min_recall, max_gap = 0.0, 1.0, 0.0
-    stats_list = list(calibration.sites.values())
-    for stats in tqdm(stats_list, desc="vdopt: searching sites", leave=False, disable=not config.progress or None):
-        problem = _SiteProblem(stats, calibration.candidates, cost, config)
-        ranges = _schedule(problem)
+    for name, ranges in per_site.items():
+        stats = calibration.sites[name]
         schedule = []
-        for r in ranges:
-            width = problem.bounds[r.lo] - problem.bounds[r.hi]
+        for t_start, t_end, r in ranges:
+            width = t_start - t_end
             density = sum(c.density for c in r.chosen) / len(r.chosen)
             predicted = {
                 "density": density, "speedup": r.dense_seconds / r.seconds, "rel_error": r.rel_error,
@@ -460,7 +776,8 @@ def search_with_report(model: nn.Module, calibration: CalibrationResult, sites: 
                 "head_density": [c.density for c in r.chosen], "head_recall": [c.recall for c in r.chosen],
                 "head_rel_error": [c.rel_error for c in r.chosen],
             }
-            schedule.append(StepRange(problem.bounds[r.lo], problem.bounds[r.hi], r.strategies, predicted))
+            schedule.append(StepRange(t_start, t_end, r.strategies, predicted))
+            r.report.t_start, r.report.t_end = t_start, t_end
             dense_total += width * r.dense_seconds
             chosen_total += width * r.seconds
             weighted_error += width * r.rel_error
@@ -468,11 +785,14 @@ def search_with_report(model: nn.Module, calibration: CalibrationResult, sites: 
             total_width += width
             max_error, max_gap = max(max_error, r.rel_error), max(max_gap, r.gap)
             min_recall = min(min_recall, *(c.recall for c in r.chosen))
-        site_plans.append(SitePlan(stats.site.name, stats.site.heads, stats.block_size, schedule))
-        report.sites[stats.site.name] = [r.report for r in ranges]
+        site_plans.append(SitePlan(name, stats.site.heads, stats.block_size, schedule))
+        report.sites[name] = [r.report for _, _, r in ranges]
     attention_speedup = dense_total / chosen_total if chosen_total else 1.0
     share = config.attention_share
     starts = [r.t_start for s in site_plans for r in s.schedule if not all(isinstance(h, Dense) for h in r.heads)]
+    budgets = {"recall": f"recall >= {config.recall_budget:g} per head",
+               "error": f"site relative error <= {config.error_budget:g}",
+               "density": f"least predicted error at mean density <= {config.density_budget:g} after the warm-up"}
     predictions: dict[str, Any] = {
         "attention_speedup": attention_speedup,
         "end_to_end_speedup": 1.0 / ((1.0 - share) + share / attention_speedup),
@@ -484,11 +804,11 @@ def search_with_report(model: nn.Module, calibration: CalibrationResult, sites: 
         "max_rel_error": max_error,
         "min_recall": min_recall,
         "dense_warmup_fraction": 1.0 - max(starts) if starts else 1.0,
-        "optimality_gap": max_gap,
-        "quality_budget": (f"recall >= {config.recall_budget:g} per head" if config.budget == "recall"
-                           else f"site relative error <= {config.error_budget:g}"),
+        "optimality_gap": record.get("optimality_gap", max_gap),
+        "quality_budget": budgets[config.budget],
         "cost_model": (f"measured efficiency table ({cost.table.source})" if cost.measured else
                        f"spec peaks x default efficiencies ({cost.defaults.source}); no measured table for {target}"),
+        **{k: v for k, v in record.items() if k != "optimality_gap"},
     }
     plan = Plan(
         model=ModelFingerprint.of(model), target=target, sites=site_plans, search=asdict(config),
@@ -498,9 +818,10 @@ def search_with_report(model: nn.Module, calibration: CalibrationResult, sites: 
 
 
 def search(model: nn.Module, calibration: CalibrationResult, sites: list[AttentionSite], target: str = "h100",
-           config: SearchConfig = SearchConfig()) -> Plan:
-    """Choose a strategy per head, step range and site that minimises predicted latency under the budget."""
-    return search_with_report(model, calibration, sites, target, config)[0]
+           config: SearchConfig = SearchConfig(), incumbents: Sequence[Plan] = ()) -> Plan:
+    """Choose a strategy per head, step range and site that minimises predicted latency under the budget (or, with
+    ``budget="density"``, the predicted error under a density budget; ``incumbents`` are plans it must match)."""
+    return search_with_report(model, calibration, sites, target, config, incumbents)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
