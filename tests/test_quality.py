@@ -14,6 +14,7 @@ from vdopt.quality import (
     density_for_recall,
     fixed_plan,
     psnr,
+    rank_correlation,
     relative_l2,
     run_quality,
     ssim,
@@ -161,7 +162,19 @@ def test_harness_end_to_end_on_tiny_untrained_proxy(tmp_path) -> None:
         baseline = next(r for r in records if r["method"] == record["matched_to"])
         assert record["predicted_density"] <= baseline["predicted_density"] + 1e-9
         assert record["predicted_sq_error"] <= baseline["predicted_sq_error"] + 1e-12
+    summary = _strict_json(paths["comparison"].read_text())
+    assert [pair["baseline"] for pair in summary["pairs"]] == baselines
+    assert summary["pairs_compared"] == len(baselines) and summary["records_ranked"] == len(records) - 1
     report = _strict_json(paths["recall"].read_text())
     assert len(report["layers"]) == 2
     assert all(0.0 < v <= 1.0 for layer in report["layers"] for v in layer["block_density_per_head"])
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rank_correlation_hand_values() -> None:
+    # Spearman without ties: 1 - 6 sum d^2 / (n (n^2 - 1)) = 1 - 6 * 2 / 24.
+    assert rank_correlation([1.0, 2.0, 3.0], [1.0, 3.0, 2.0]) == pytest.approx(0.5, abs=1e-12)
+    # A tie shares the mean rank: ranks (0.5, 0.5, 2, 3) vs (0, 1, 2, 3): 4.5 / sqrt(4.5 * 5).
+    assert rank_correlation([1.0, 1.0, 2.0, 3.0], [1.0, 2.0, 3.0, 4.0]) == pytest.approx(4.5 / math.sqrt(22.5), abs=1e-12)
+    assert rank_correlation([3.0, 2.0, 1.0], [1.0, 2.0, 3.0]) == pytest.approx(-1.0, abs=1e-12)
+    assert rank_correlation([1.0, 2.0], [2.0, 1.0]) is None and rank_correlation([1.0] * 3, [1.0, 2.0, 3.0]) is None

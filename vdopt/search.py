@@ -156,9 +156,12 @@ def _dp(options: list[list[Option]], allowed: list[list[int]], weights: list[lis
     """Minimum total seconds with total weight <= capacity, one allowed option per head; None if infeasible."""
     best = np.zeros(capacity + 1)
     picks: list[np.ndarray] = []
+    # One pick array per item: the narrowest integer type keeps thousands of items (the density search over every
+    # site and head of a large model) in tens of MB.
+    pick_type = np.int16 if max((len(o) for o in options), default=0) < 2**15 else np.int64
     for head, idx in enumerate(allowed):
         new = np.full(capacity + 1, np.inf)
-        pick = np.full(capacity + 1, -1, dtype=np.int64)
+        pick = np.full(capacity + 1, -1, dtype=pick_type)
         for i in idx:
             w = weights[head][i]
             if w > capacity:
