@@ -137,7 +137,8 @@ def test_harness_end_to_end_on_tiny_untrained_proxy(tmp_path) -> None:
 
     pipe, _ = _load_pipe("tiny", "cpu", torch.float32, None)
     config = QualityConfig(prompts=1, seeds=1, steps=2, densities=(0.3,), warmup_fraction=0.0, calib_prompts=1,
-                           calib_steps_per_input=1, calib_query_rows=32, top_p_grid=(0.6, 0.9), timing_repeats=0)
+                           calib_steps_per_input=1, calib_query_rows=32, top_p_grid=(0.6, 0.9), timing_repeats=0,
+                           time_attention=True)
     original = pipe.transformer
     result = run_quality(pipe, config, proxy="tiny", progress=False)
     assert pipe.transformer is original
@@ -162,12 +163,15 @@ def test_harness_end_to_end_on_tiny_untrained_proxy(tmp_path) -> None:
         baseline = next(r for r in records if r["method"] == record["matched_to"])
         assert record["predicted_density"] <= baseline["predicted_density"] + 1e-9
         assert record["predicted_sq_error"] <= baseline["predicted_sq_error"] + 1e-12
+    assert all(r["attention_ms"] > 0.0 for r in records) and "attention_timing" in records[0]
     summary = _strict_json(paths["comparison"].read_text())
+    assert [p["baseline"] for p in summary["pareto"]] == baselines
     assert [pair["baseline"] for pair in summary["pairs"]] == baselines
     assert summary["pairs_compared"] == len(baselines) and summary["records_ranked"] == len(records) - 1
     report = _strict_json(paths["recall"].read_text())
     assert len(report["layers"]) == 2
     assert all(0.0 < v <= 1.0 for layer in report["layers"] for v in layer["block_density_per_head"])
+    assert [entry["t"] for entry in report["by_time"]] == report["times"]
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -178,3 +182,60 @@ def test_rank_correlation_hand_values() -> None:
     assert rank_correlation([1.0, 1.0, 2.0, 3.0], [1.0, 2.0, 3.0, 4.0]) == pytest.approx(4.5 / math.sqrt(22.5), abs=1e-12)
     assert rank_correlation([3.0, 2.0, 1.0], [1.0, 2.0, 3.0]) == pytest.approx(-1.0, abs=1e-12)
     assert rank_correlation([1.0, 2.0], [2.0, 1.0]) is None and rank_correlation([1.0] * 3, [1.0, 2.0, 3.0]) is None
+
+
+def test_pareto_comparison_staircase() -> None:
+    from vdopt.quality import pareto_comparison
+
+    def rec(method: str, ms: float, db: float) -> dict:
+        return {"method": method, "target_density": 0.2, "attention_ms": ms, "psnr": db}
+
+    records = [{"method": "dense", "target_density": 1.0, "attention_ms": 10.0, "psnr": None},
+               rec("searched", 2.0, 20.0), rec("searched", 3.0, 24.0),
+               rec("a", 2.5, 21.0),   # searched at 2.0 ms has 20 dB (loss at equal time); 24 dB needs 3.0 ms (loss)
+               rec("b", 3.0, 23.0),   # 24 dB at 3.0 ms: win at equal time; but 23 dB also needs 3.0 ms: not faster
+               rec("c", 4.0, 19.0),   # both wins
+               rec("d", 1.0, 10.0),   # no searched plan is that fast; the fastest as good takes 2.0 ms
+               {"method": "e", "target_density": 0.2, "attention_ms": None, "psnr": 30.0}]  # untimed: left out
+    out = {p["baseline"]: p for p in pareto_comparison(records)}
+    assert sorted(out) == ["a", "b", "c", "d"]
+    assert (out["a"]["searched_psnr_at_equal_time"], out["a"]["searched_attention_ms_at_equal_psnr"]) == (20.0, 3.0)
+    assert not out["a"]["wins_at_equal_time"] and not out["a"]["wins_at_equal_psnr"]
+    assert out["b"]["wins_at_equal_time"] and not out["b"]["wins_at_equal_psnr"]
+    assert out["c"]["wins_at_equal_time"] and out["c"]["wins_at_equal_psnr"]
+    assert out["c"]["searched_attention_ms_at_equal_psnr"] == 2.0
+    assert out["d"]["searched_psnr_at_equal_time"] is None and not out["d"]["wins_at_equal_time"]
+    assert out["d"]["searched_attention_ms_at_equal_psnr"] == 2.0 and not out["d"]["wins_at_equal_psnr"]
+
+
+def test_attention_milliseconds_runs_each_site_as_planned() -> None:
+    from vdopt.quality import _load_pipe, attention_milliseconds, record_attention_inputs
+
+    pipe, _ = _load_pipe("tiny", "cpu", torch.float32, None)
+    model = pipe.transformer
+    cfg = model.config
+    torch.manual_seed(3)
+    inputs = {"hidden_states": torch.randn(2, cfg.in_channels, 3, 8, 8),
+              "timestep": torch.tensor([500.0, 500.0]),
+              "encoder_hidden_states": torch.randn(2, 5, cfg.text_dim), "return_dict": False}
+    sites, recorded = record_attention_inputs(model, inputs)
+    assert sites and all(s.kind == "self" for s in sites)
+    for site in sites:
+        q, k, v, _, _ = recorded[site.name]
+        assert q.shape[1] == site.heads and q.shape[-1] == site.head_dim and q.std() > 0
+    plan = fixed_plan(model, sites, {s.name: [SpatialWindow(0)] * s.heads for s in sites}, 16, 1.0, "h100", "t")
+    seen = []
+    from vdopt.passes.sparsify_attention import observe_patterns
+
+    with observe_patterns(lambda site, t, heads, strategy, pattern: seen.append((site.name, strategy.name))):
+        sparse = attention_milliseconds(plan, sites, recorded, t=0.5, warmup=1, repeats=2)
+    dense = attention_milliseconds(None, sites, recorded, t=0.5, warmup=1, repeats=2)
+    assert set(sparse["per_site_ms"]) == set(dense["per_site_ms"]) == {s.name for s in sites}
+    assert sparse["total_ms"] > 0 and dense["total_ms"] > 0
+    assert {name for name, _ in seen} == {s.name for s in sites} and {n for _, n in seen} == {"spatial"}
+    # A dense warm-up range is timed as SDPA: no planned strategy runs.
+    seen.clear()
+    warm = with_dense_warmup(plan, 0.4)
+    with observe_patterns(lambda site, t, heads, strategy, pattern: seen.append(strategy.name)):
+        attention_milliseconds(warm, sites, recorded, t=0.5, warmup=1, repeats=1)
+    assert seen == []

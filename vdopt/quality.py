@@ -35,7 +35,7 @@ from vdopt.calibrate import (
     default_block_size,
     record_forward_inputs,
 )
-from vdopt.capture import capture, export_kwargs, replace_attention_nodes
+from vdopt.capture import capture, export_kwargs, forward_kwargs, replace_attention_nodes
 from vdopt.plan import ModelFingerprint, Plan, SitePlan, StepRange
 from vdopt.runtime import OptimizedModel, denoising_time, input_signature
 from vdopt.search import SearchConfig, predicted_quality, search
@@ -296,6 +296,14 @@ def attention_recall_report(model: nn.Module, forward_inputs: Sequence[dict[str,
                        "block_density_per_head": block, "token_density_per_head": token,
                        "block_density": sum(block) / heads, "token_density": sum(token) / heads})
     all_block = [v for layer in layers for v in layer["block_density_per_head"]]
+    # Attention sharpens as noise goes down; sparse plans run after a dense warm-up, so the spread over t matters.
+    by_time = []
+    for t in sorted({round(s["t"], 4) for s in samples}, reverse=True):
+        at_t = [s for s in samples if round(s["t"], 4) == t]
+        values = [v for s in at_t for v in s["block_density"]]
+        by_time.append({"t": t, "block_density": sum(values) / len(values),
+                        "heads_below_half": sum(v < 0.5 for v in values), "head_samples": len(values),
+                        "block_density_per_site": {s["site"]: s["block_density"] for s in at_t}})
     return {
         "recall": recall, "block_size": block_size, "query_blocks_per_call": query_blocks,
         "calls": len(forward_inputs), "times": sorted({round(s["t"], 4) for s in samples}, reverse=True),
@@ -307,7 +315,91 @@ def attention_recall_report(model: nn.Module, forward_inputs: Sequence[dict[str,
         ),
         "heads_below_half": sum(v < 0.5 for v in all_block), "heads": len(all_block),
         "layers": sorted(layers, key=lambda layer: layer["layer"]),
+        "by_time": by_time,
     }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention time of a plan: every planned site replayed on the q/k/v of one real denoising call
+
+
+class _InputRecorder(nn.Module):
+    """Stands in for one self-attention call: keeps its arguments and returns the dense output."""
+
+    def __init__(self, site: AttentionSite, sink: dict[str, tuple]) -> None:
+        super().__init__()
+        self.site, self.sink = site, sink
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                dropout_p: float = 0.0, is_causal: bool = False, *, scale: float | None = None,
+                enable_gqa: bool = False) -> torch.Tensor:
+        self.sink[self.site.name] = (query, key, value, attn_mask, scale)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                             is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+
+
+def record_attention_inputs(model: nn.Module, inputs: dict[str, Any], layout: TokenLayout | None = None
+                            ) -> tuple[list[AttentionSite], dict[str, tuple]]:
+    """The sparsifiable self-attention sites of ``model`` and, per site, the ``(q, k, v, mask, scale)`` of one
+    dense forward call on ``inputs``."""
+    captured = capture(model, inputs, layout)
+    sink: dict[str, tuple] = {}
+    gm = replace_attention_nodes(captured.graph_module, captured.sites,
+                                 lambda site: _InputRecorder(site, sink) if site.sparsifiable else None, "vdopt_rec_")
+    with torch.no_grad():
+        gm(**export_kwargs(model, inputs))
+    return [s for s in captured.sites if s.name in sink], sink
+
+
+def _median_ms(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        else:
+            import time
+
+            begin = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - begin) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def attention_milliseconds(plan: Plan | None, sites: Sequence[AttentionSite], recorded: dict[str, tuple], t: float,
+                           warmup: int = 3, repeats: int = 10) -> dict[str, Any]:
+    """Measured time of every sparsifiable site's attention at denoising time ``t`` under ``plan`` (None: dense).
+
+    Each site runs as the eager runtime runs it (:class:`~vdopt.passes.sparsify_attention.PlannedAttention`,
+    pattern building, selection and permutation included) on the recorded real inputs; the warm-up calls also
+    warm-start stateful strategies (k-means centroids), as consecutive denoising steps do. CUDA events on GPU,
+    wall clock elsewhere; the median of ``repeats`` calls per site. Returns ``{"total_ms", "per_site_ms"}``.
+    """
+    from vdopt.passes.sparsify_attention import DenoisingClock, PlannedAttention
+
+    per_site: dict[str, float] = {}
+    for site in sites:
+        q, k, v, mask, scale = recorded[site.name]
+        site_plan = None if plan is None else plan.site(site.name)
+        if site_plan is None or all(s.name == "dense" for s in site_plan.strategies_at(t)):
+            def run(q=q, k=k, v=v, mask=mask, scale=scale) -> torch.Tensor:
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        else:
+            clock = DenoisingClock()
+            clock.t = t
+            module = PlannedAttention(site, site_plan, clock, int(plan.calibration.get("seed", 0)))  # type: ignore[union-attr]
+
+            def run(module=module, q=q, k=k, v=v, mask=mask, scale=scale) -> torch.Tensor:
+                return module(q, k, v, attn_mask=mask, scale=scale)
+        with torch.no_grad():
+            per_site[site.name] = _median_ms(run, q.device, warmup, repeats)
+    return {"total_ms": sum(per_site.values()), "per_site_ms": per_site}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -543,7 +635,8 @@ class QualityConfig:
     CUDA (after one warm-up run); ``step_ranges``: most step ranges the searched plan may use after the warm-up;
     ``matched``: also search at each baseline's predicted density (so every comparison is at equal density);
     ``sensitivity_probe``: strategy calibration uses to measure each site's output gain, which weights the searched
-    plan's objective (None: sites weighted alike).
+    plan's objective (None: sites weighted alike); ``time_attention``: measure each plan's attention time on the
+    q/k/v of one real denoising call after the warm-up, at the generation batch (None: on CUDA only).
     """
 
     prompts: int = 14
@@ -564,6 +657,7 @@ class QualityConfig:
     step_ranges: int = 1
     matched: bool = True
     sensitivity_probe: Strategy | None = field(default_factory=lambda: SpatialWindow(0))
+    time_attention: bool | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -691,13 +785,36 @@ def run_quality(pipe: Any, config: QualityConfig = QualityConfig(), proxy: str =
               "warmup_steps": warmup_steps, "proxy": proxy, **meta}
     try:
         step_times: list[float] = []
-        handle = original.register_forward_pre_hook(
-            lambda module, args, kwargs: step_times.append(denoising_time(kwargs, "timestep", 1000.0)), with_kwargs=True)
+        # The call timed per plan: mid-way through the sparse steps of the first batch.
+        timing_call = warmup_steps + (config.steps - warmup_steps) // 2
+        timing_inputs: dict[str, Any] = {}
+
+        def on_step(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            if len(step_times) == timing_call:
+                timing_inputs.update({k: v.detach().clone() if isinstance(v, torch.Tensor) else v
+                                      for k, v in forward_kwargs(module, args, kwargs).items()})
+            step_times.append(denoising_time(kwargs, "timestep", 1000.0))
+
+        handle = original.register_forward_pre_hook(on_step, with_kwargs=True)
         try:
             reference = generate(pipe, pairs, config.steps, config.batch_size)
         finally:
             handle.remove()
         t_warmup = dense_warmup_time(step_times[:config.steps], warmup_steps)
+        time_attention = pipe.device.type == "cuda" if config.time_attention is None else config.time_attention
+        timing: tuple[list[AttentionSite], dict[str, tuple], float] | None = None
+        dense_attention_ms = None
+        if time_attention and timing_inputs:
+            timed_sites, recorded = record_attention_inputs(original, timing_inputs)
+            t_timed = step_times[timing_call]
+            timing = (timed_sites, recorded, t_timed)
+            dense_attention_ms = attention_milliseconds(None, timed_sites, recorded, t_timed)["total_ms"]
+            common["attention_timing"] = (
+                f"attention_ms: the {len(timed_sites)} self-attention sites of one transformer call at t={t_timed:.3f} "
+                f"(after the warm-up), batch {2 * len(pairs[:config.batch_size])} (CFG), run as the eager runtime "
+                "runs them (selection, permutation included) on that call's q/k/v; per site the median of 10 "
+                "timed calls (CUDA events) after 3 warm-up calls; dense = SDPA")
+        timing_inputs.clear()
         dense_seconds = seconds_per_video(pipe, pairs[0][0], pairs[0][1], config.steps, config.timing_repeats)
 
         calib_prompts = proxy_calibration_prompts(config.calib_prompts, seed=1234 + config.seed)
@@ -729,6 +846,7 @@ def run_quality(pipe: Any, config: QualityConfig = QualityConfig(), proxy: str =
 
         records = [{"method": "dense", "target_density": 1.0, "density": 1.0, "density_all_steps": 1.0,
                     "psnr": None, "ssim": 1.0, "rel_l2": 0.0, "seconds_per_video": dense_seconds,
+                    "attention_ms": dense_attention_ms,
                     "note": "the reference itself (psnr is infinite, stored as null)", **common}]
         plans: dict[str, Plan] = {}
         result = QualityResult(records, report, plans)
@@ -744,6 +862,7 @@ def run_quality(pipe: Any, config: QualityConfig = QualityConfig(), proxy: str =
                 videos = generate(pipe, pairs, config.steps, config.batch_size)
             seconds = seconds_per_video(pipe, pairs[0][0], pairs[0][1], config.steps, config.timing_repeats)
             pipe.transformer = original
+            attention_ms = None if timing is None else attention_milliseconds(mp.plan, *timing)["total_ms"]
             record = {
                 "method": mp.method, "target_density": mp.target_density,
                 "density": recorder.density(t_warmup), "density_all_steps": recorder.density(),
@@ -751,6 +870,9 @@ def run_quality(pipe: Any, config: QualityConfig = QualityConfig(), proxy: str =
                 "matched_to": mp.matched_to, **_metrics(videos, reference, pairs),
                 "seconds_per_video": seconds,
                 "speedup_vs_dense": dense_seconds / seconds if seconds and dense_seconds else None,
+                "attention_ms": attention_ms,
+                "attention_speedup_vs_dense": dense_attention_ms / attention_ms
+                if attention_ms and dense_attention_ms else None,
                 "strategies": mp.parameters, "block_size": block_size,
                 "description": METHOD_DESCRIPTIONS[mp.method], **common,
             }
@@ -786,12 +908,16 @@ def plot_pareto(records: Sequence[dict[str, Any]], path: str | Path) -> None:
 
     methods = [r for r in records if r["method"] != "dense"]
     timed = any(r.get("seconds_per_video") for r in methods)
-    panels = 3 if timed else 2
+    attention_timed = any(r.get("attention_ms") for r in methods)
+    panels = 2 + int(timed) + int(attention_timed)
     fig, axes = plt.subplots(1, panels, figsize=(5.0 * panels, 4.2), dpi=100)
     names = list(dict.fromkeys(r["method"] for r in methods))
     colours = {name: plt.get_cmap("tab10")(i) for i, name in enumerate(names)}
     panels_spec = [("density", "psnr", "measured attention density (after warm-up)", "PSNR vs dense (dB)"),
                    ("density", "ssim", "measured attention density (after warm-up)", "SSIM vs dense")]
+    if attention_timed:
+        panels_spec.append(("attention_ms", "psnr", "measured attention time per step (ms, all sites)",
+                            "PSNR vs dense (dB)"))
     if timed:
         panels_spec.append(("seconds_per_video", "psnr", "seconds per video (batch 1, CUDA events)", "PSNR vs dense (dB)"))
     for ax, (x_key, y_key, x_label, y_label) in zip(axes, panels_spec):
@@ -802,8 +928,8 @@ def plot_pareto(records: Sequence[dict[str, Any]], path: str | Path) -> None:
                 # Along density a method's points form a curve; along time they do not (timings are noisy).
                 style = ("s" if name == "searched" else "o") + ("-" if x_key == "density" else "")
                 ax.plot(*zip(*points), style, color=colours[name], label=name, lw=2.2 if name == "searched" else 1.2)
-        if x_key == "seconds_per_video":
-            dense = next((r["seconds_per_video"] for r in records if r["method"] == "dense"), None)
+        if x_key in ("seconds_per_video", "attention_ms"):
+            dense = next((r.get(x_key) for r in records if r["method"] == "dense"), None)
             if dense:
                 ax.axvline(dense, color="k", ls="--", lw=1, label="dense")
         ax.set_xlabel(x_label)
@@ -845,6 +971,33 @@ def rank_correlation(x: Sequence[float], y: Sequence[float]) -> float | None:
     return cov / norm if norm > 0 else None
 
 
+def pareto_comparison(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every baseline record against the searched plans' measured (attention time, PSNR) points.
+
+    At equal time: the best PSNR of any searched plan no slower than the baseline; at equal PSNR: the least time of
+    any searched plan at least as good. Staircase reads of the searched points, no interpolation between them, so
+    a win never rests on a point that was not run. Records without ``attention_ms`` are left out.
+    """
+    searched = [r for r in records if r["method"] == "searched" and r.get("psnr") is not None
+                and r.get("attention_ms") is not None]
+    out = []
+    for b in records:
+        if b["method"] in ("dense", "searched") or b.get("psnr") is None or b.get("attention_ms") is None:
+            continue
+        no_slower = [r["psnr"] for r in searched if r["attention_ms"] <= b["attention_ms"]]
+        as_good = [r["attention_ms"] for r in searched if r["psnr"] >= b["psnr"]]
+        psnr_at_time = max(no_slower) if no_slower else None
+        time_at_psnr = min(as_good) if as_good else None
+        out.append({
+            "baseline": b["method"], "target_density": b["target_density"], "baseline_attention_ms": b["attention_ms"],
+            "baseline_psnr": b["psnr"], "searched_psnr_at_equal_time": psnr_at_time,
+            "searched_attention_ms_at_equal_psnr": time_at_psnr,
+            "wins_at_equal_time": psnr_at_time is not None and psnr_at_time > b["psnr"],
+            "wins_at_equal_psnr": time_at_psnr is not None and time_at_psnr < b["attention_ms"],
+        })
+    return out
+
+
 def comparison(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Each baseline record beside the searched plan searched at that baseline's predicted density, and how well
     the search's predicted error ranks the measured PSNR of every method's record."""
@@ -861,7 +1014,12 @@ def comparison(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
                           "psnr_gain": match["psnr"] - r["psnr"]})
     scored = [r for r in records if r["method"] != "dense" and r.get("psnr") is not None
               and r.get("predicted_sq_error") is not None]
+    pareto = pareto_comparison(records)
     return {
+        "pareto": pareto,
+        "pareto_wins_at_equal_time": sum(p["wins_at_equal_time"] for p in pareto),
+        "pareto_wins_at_equal_psnr": sum(p["wins_at_equal_psnr"] for p in pareto),
+        "pareto_baselines_compared": len(pareto),
         "pairs": pairs,
         "searched_wins": sum(p["psnr_gain"] > 0 for p in pairs), "pairs_compared": len(pairs),
         "rank_correlation_psnr_vs_predicted_error": rank_correlation(
@@ -889,14 +1047,16 @@ def write_results(result: QualityResult, out: str | Path) -> dict[str, Path]:
 def format_table(records: Sequence[dict[str, Any]]) -> str:
     """Plain-text table of the records."""
     header = (f"{'method':<18} {'target':>6} {'density':>8} {'PSNR':>7} {'SSIM':>7} {'relL2':>7} {'s/video':>8} "
-              f"{'pred.err':>8} matched_to")
+              f"{'attn ms':>8} {'pred.err':>8} matched_to")
     lines = [header]
     for r in records:
         psnr_text = "inf" if r["psnr"] is None else f"{r['psnr']:.2f}"
         sec = r.get("seconds_per_video")
+        attn = r.get("attention_ms")
         error = r.get("predicted_sq_error")
         lines.append(f"{r['method']:<18} {r['target_density']:>6.2f} {r['density']:>8.3f} {psnr_text:>7} "
                      f"{r['ssim']:>7.4f} {r['rel_l2']:>7.4f} {'' if sec is None else f'{sec:.3f}':>8} "
+                     f"{'' if attn is None else f'{attn:.3f}':>8} "
                      f"{'' if error is None else f'{error:.4f}':>8} {r.get('matched_to') or ''}")
     return "\n".join(lines)
 
@@ -904,9 +1064,22 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
 def format_comparison(records: Sequence[dict[str, Any]]) -> str:
     """Each baseline beside the searched plan searched at its predicted density (empty without matched plans)."""
     result = comparison(records)
+    lines = []
+    if result["pareto"]:
+        lines.append(f"{'baseline':<18} {'target':>6} {'attn ms':>8} {'PSNR':>7} | searched: PSNR at <= time, "
+                     "ms at >= PSNR")
+        for p in result["pareto"]:
+            at_time, at_psnr = p["searched_psnr_at_equal_time"], p["searched_attention_ms_at_equal_psnr"]
+            lines.append(f"{p['baseline']:<18} {p['target_density']:>6.2f} {p['baseline_attention_ms']:>8.3f} "
+                         f"{p['baseline_psnr']:>7.2f} | {'-' if at_time is None else f'{at_time:.2f}':>7} "
+                         f"{'win' if p['wins_at_equal_time'] else 'LOSS':>4}   "
+                         f"{'-' if at_psnr is None else f'{at_psnr:.3f}':>8} {'win' if p['wins_at_equal_psnr'] else 'LOSS':>4}")
+        lines.append(f"searched ahead at equal attention time vs {result['pareto_wins_at_equal_time']} and at equal "
+                     f"PSNR vs {result['pareto_wins_at_equal_psnr']} of {result['pareto_baselines_compared']} "
+                     "baseline records")
     if not result["pairs"]:
-        return ""
-    lines = [f"{'baseline':<18} {'target':>6} {'density':>8} {'PSNR':>7} | {'searched':>8} {'PSNR':>7} {'gain':>6}"]
+        return "\n".join(lines)
+    lines += [f"{'baseline':<18} {'target':>6} {'density':>8} {'PSNR':>7} | {'searched':>8} {'PSNR':>7} {'gain':>6}"]
     for p in result["pairs"]:
         lines.append(f"{p['baseline']:<18} {p['target_density']:>6.2f} {p['baseline_density']:>8.3f} "
                      f"{p['baseline_psnr']:>7.2f} | {p['searched_density']:>8.3f} {p['searched_psnr']:>7.2f} "
@@ -978,6 +1151,8 @@ def quality_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib-prompts", type=int, default=2, help="training-distribution calibration prompts")
     parser.add_argument("--batch-size", type=int, default=16, help="(prompt, seed) pairs per pipeline call")
     parser.add_argument("--timing-repeats", type=int, default=2, help="timed single-video runs per method (CUDA)")
+    parser.add_argument("--time-attention", choices=("auto", "yes", "no"), default="auto",
+                        help="time each plan's attention on one real call's q/k/v (auto: on CUDA)")
     parser.add_argument("--step-ranges", type=int, default=1, help="most step ranges after the warm-up (searched plan)")
     parser.add_argument("--no-matched", dest="matched", action="store_false",
                         help="skip the searched plans at each baseline's own density (run only one per target)")
@@ -987,7 +1162,8 @@ def quality_main(argv: list[str] | None = None) -> int:
         config = QualityConfig(prompts=args.prompts, seeds=args.seeds, steps=args.steps, densities=args.densities,
                                warmup_fraction=args.warmup_fraction, methods=tuple(args.methods.split(",")),
                                calib_prompts=args.calib_prompts, batch_size=args.batch_size,
-                               timing_repeats=args.timing_repeats, step_ranges=args.step_ranges, matched=args.matched)
+                               timing_repeats=args.timing_repeats, step_ranges=args.step_ranges, matched=args.matched,
+                               time_attention={"auto": None, "yes": True, "no": False}[args.time_attention])
         pipe, weights_meta = _load_pipe(args.proxy, device, getattr(torch, args.dtype), args.weights)
     except (ValueError, FileNotFoundError) as error:
         print(f"vdopt-bench quality: error: {error}", file=sys.stderr)
@@ -1011,7 +1187,8 @@ def quality_main(argv: list[str] | None = None) -> int:
 
 
 __all__ = [
-    "DensityRecorder", "QualityConfig", "QualityResult", "attention_recall_report", "baseline_plan", "comparison",
-    "density_for_recall", "fixed_plan", "format_comparison", "psnr", "quality_main", "rank_correlation",
-    "relative_l2", "run_quality", "searched_plans", "ssim", "with_dense_warmup", "write_results",
+    "DensityRecorder", "QualityConfig", "QualityResult", "attention_milliseconds", "attention_recall_report",
+    "baseline_plan", "comparison", "density_for_recall", "fixed_plan", "format_comparison", "pareto_comparison",
+    "psnr", "quality_main", "rank_correlation", "record_attention_inputs", "relative_l2", "run_quality",
+    "searched_plans", "ssim", "with_dense_warmup", "write_results",
 ]
