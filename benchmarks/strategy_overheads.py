@@ -6,8 +6,13 @@ At the Wan2.1-1.3B self-attention shape (B1 H12 N32760 D128, bf16) it times, wit
   unfused (pooled_block_scores + select_blocks_top_p: a sort, a scatter and a host sync for the list width) beside
   fused (pooled_block_means of Q and K + one pooled_select_top_p launch, what PooledTopP runs), and the same for
   the vertical stripes (VerticalStripe: pooled_select_vertical_stripes);
-- semantic permutation (Sparse VideoGen2): warm-started k-means of Q and K (1 and 3 iterations, C = 64/128/256),
-  the permutations from the labels, cluster-level top-p selection, gathering Q, K, V and scattering the output back;
+- semantic permutation (Sparse VideoGen2): warm-started k-means of Q and K (1 and 3 iterations, C = 64/128/256;
+  per iteration one fused assign-and-sum pass plus a finalize, ``lloyd_iteration_ms``), the counting-sort
+  permutations from the labels (``sort_offsets_ms`` and ``permutation_from_labels_ms`` both time it: it makes the
+  offsets and the permutation together; ``*_reference_ms`` is torch.sort), the fused cluster top-p selection
+  (``cluster_select_ms``; ``cluster_select_reference_ms`` the PyTorch scores + select_blocks_top_p it replaced),
+  gathering Q, K, V and scattering the output and its log-sum-exp back; the strategy total times
+  ``SemanticKMeans.build`` (warm-started from the site state) plus those permutations, as the runtime runs them;
 and writes ``strategy_overheads.json`` (device, date, versions, every component and each strategy's total) into
 ``--out`` (default ``$OUT``, else benchmarks/results) after every section. Each Triton kernel is first checked
 against its reference at the full shape (the fused selections: rows whose kept set differs from the reference's).
@@ -37,6 +42,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from vdopt.kernels import _backends, selection
 from vdopt.kernels import kmeans as km
 from vdopt.kernels.reference import kv_block_list_from_mask, kv_block_mask
+
+from vdopt.sites import TokenLayout
+from vdopt.strategies import PatternContext, SemanticKMeans
 
 TOP_P = 0.9
 ACCEPTANCE_PCT = 5.0
@@ -79,15 +87,6 @@ def _git_commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         # The device copy of the tree may carry no .git: the caller then names the commit.
         return os.environ.get("VDOPT_COMMIT", "unknown")
-
-
-def _cluster_scores(
-    q_centroids: torch.Tensor, k_centroids: torch.Tensor, kv_offsets: torch.Tensor
-) -> torch.Tensor:
-    """SVG2-style cluster scores: softmax of centroid products plus log key-cluster size (empty clusters -inf)."""
-    sizes = (kv_offsets[..., 1:] - kv_offsets[..., :-1]).float()[..., None, :]
-    logits = torch.matmul(q_centroids, k_centroids.transpose(-1, -2)) * q_centroids.shape[-1] ** -0.5
-    return torch.softmax(logits + sizes.log(), dim=-1)
 
 
 def main() -> None:
@@ -272,8 +271,19 @@ def main() -> None:
             km._update_triton(q, fast_labels, centroids_q),
             km._update_reference(q.float(), fast_labels, centroids_q),
         )
-        perm_q, _, _ = km.permutation_from_labels(labels_q, clusters)
-        _, _, offsets_k = km.permutation_from_labels(labels_k, clusters)
+        fused_labels, fused_centroids = km._lloyd_iteration_triton(q, centroids_q)
+        checks[f"lloyd_iteration_label_agreement_C{clusters}"] = float((fused_labels == fast_labels).float().mean())
+        checks[f"lloyd_iteration_rel_err_C{clusters}"] = _rel_err(
+            fused_centroids, km._update_reference(q.float(), fused_labels, centroids_q)
+        )
+        perm_q, _, _ = km.permutation_from_labels(labels_q, clusters, backend=backend)
+        _, _, offsets_k = km.permutation_from_labels(labels_k, clusters, backend=backend)
+        checks[f"counting_sort_exact_C{clusters}"] = float(all(
+            torch.equal(a, b) for a, b in zip(
+                km.permutation_from_labels(labels_q, clusters, backend=backend),
+                km.permutation_from_labels_reference(labels_q, clusters),
+            )
+        ))
         permuted = km.gather_tokens(q, perm_q, backend=backend)
         checks[f"gather_exact_C{clusters}"] = float(
             torch.equal(permuted, km.gather_tokens_reference(q, perm_q))
@@ -281,29 +291,47 @@ def main() -> None:
         checks[f"scatter_round_trip_exact_C{clusters}"] = float(
             torch.equal(km.scatter_tokens(permuted, perm_q, backend=backend), q)
         )
-        cluster_scores = _cluster_scores(centroids_q, centroids_k, offsets_k)
-        _, cluster_counts = selection.select_blocks_top_p(cluster_scores, TOP_P)
+        cluster_lists = selection.cluster_select_top_p(centroids_q, centroids_k, offsets_k, TOP_P, backend=backend)
+        checks[f"cluster_select_rows_differing_C{clusters}"] = _rows_differing(
+            cluster_lists, selection.cluster_select_top_p_reference(centroids_q, centroids_k, offsets_k, TOP_P), clusters
+        )
+        lse = torch.randn(1, args.heads, args.tokens, 1, device=device)
 
         row = {
             "clusters": clusters,
             "assign_ms": bench(lambda c=centroids_q: km._assign_triton(q, c)),
-            "sort_offsets_ms": bench(lambda lab=labels_q, c=clusters: km._sorted_order(lab, c)),
+            # Labels -> cluster offsets (and the permutation): the counting sort makes both in its two launches.
+            "sort_offsets_ms": bench(
+                lambda lab=labels_q, c=clusters: km.permutation_from_labels(lab, c, backend=backend)
+            ),
             "update_ms": bench(lambda lab=labels_q, c=centroids_q: km._update_triton(q, lab, c)),
+            # What kmeans() runs per iteration: one pass assigning and summing, then the finalize.
+            "lloyd_iteration_ms": bench(lambda c=centroids_q: km._lloyd_iteration_triton(q, c)),
             "kmeans_reference_1iter_ms": bench(
                 lambda c=centroids_q, n=clusters: km.kmeans(q, n, 1, init_centroids=c, backend="reference")
             ),
             "permutation_from_labels_ms": bench(
-                lambda lab=labels_q, c=clusters: km.permutation_from_labels(lab, c)
+                lambda lab=labels_q, c=clusters: km.permutation_from_labels(lab, c, backend=backend)
+            ),
+            "permutation_from_labels_reference_ms": bench(
+                lambda lab=labels_q, c=clusters: km.permutation_from_labels_reference(lab, c)
             ),
             "gather_one_tensor_ms": bench(lambda p=perm_q: km.gather_tokens(q, p, backend=backend)),
             "gather_one_tensor_reference_ms": bench(lambda p=perm_q: km.gather_tokens_reference(q, p)),
             "scatter_out_ms": bench(lambda p=perm_q: km.scatter_tokens(out, p, backend=backend)),
+            "scatter_lse_ms": bench(lambda p=perm_q: km.scatter_tokens(lse, p, backend=backend)),
             "cluster_select_ms": bench(
-                lambda a=centroids_q, b=centroids_k, o=offsets_k: selection.select_blocks_top_p(
-                    _cluster_scores(a, b, o), TOP_P
+                lambda a=centroids_q, b=centroids_k, o=offsets_k: selection.cluster_select_top_p(
+                    a, b, o, TOP_P, backend=backend
                 )
             ),
-            "cluster_kept_density": float(cluster_counts.float().mean() / clusters),
+            # SemanticKMeans before the fused op: scores in PyTorch, sort-based top-p, a host sync for the width.
+            "cluster_select_reference_ms": bench(
+                lambda a=centroids_q, b=centroids_k, o=offsets_k: selection.select_blocks_top_p(
+                    selection.cluster_scores_reference(a, b, o), TOP_P
+                )
+            ),
+            "cluster_kept_density": float(cluster_lists[1].float().mean() / clusters),
         }
         for iterations in (1, 3):
             row[f"kmeans_qk_{iterations}iter_ms"] = bench(
@@ -312,15 +340,19 @@ def main() -> None:
                     km.kmeans(k, c, it, init_centroids=b, backend=backend),
                 )
             )
+            strategy = SemanticKMeans(q_clusters=clusters, kv_clusters=clusters, top_p=TOP_P, iterations=iterations)
+            # The site's state starts warm (the converged centroids); every timed step warm-starts from the last.
+            state = {f"kmeans:{clusters}:{clusters}:{tuple(q.shape)}": (centroids_q, centroids_k)}
+            ctx = PatternContext(TokenLayout(1, 1, args.tokens), 128, state)
 
-            def step(c=clusters, a=centroids_q, b=centroids_k, it=iterations):
-                # Everything SVG2 adds around the attention kernel in one denoising step.
-                lq, cq = km.kmeans(q, c, it, init_centroids=a, backend=backend)
-                lk, ck = km.kmeans(k, c, it, init_centroids=b, backend=backend)
-                pq, _, _ = km.permutation_from_labels(lq, c)
-                pk, _, ok = km.permutation_from_labels(lk, c)
-                selection.select_blocks_top_p(_cluster_scores(cq, ck, ok), TOP_P)
-                km.gather_tokens(q, pq, backend=backend), km.gather_tokens(k, pk, backend=backend), km.gather_tokens(v, pk, backend=backend)
+            def step(s=strategy, c=ctx):
+                # Everything SVG2 adds around the attention kernel in one denoising step, as the runtime runs it:
+                # SemanticKMeans.build (warm k-means of Q and K, 2 permutations, cluster top-p), then
+                # pattern_attention's permutations (gather Q, K, V; scatter the output and its log-sum-exp).
+                pattern = s.build(q, k, c)
+                pq, pk = pattern.q_perm, pattern.kv_perm
+                km.gather_tokens(q, pq, backend=backend), km.gather_tokens(k, pk, backend=backend)
+                km.gather_tokens(v, pk, backend=backend), km.scatter_tokens(lse, pq, backend=backend)
                 return km.scatter_tokens(out, pq, backend=backend)
 
             total = bench(step)
@@ -328,7 +360,8 @@ def main() -> None:
             result["strategies"].append(
                 {
                     "strategy": f"semantic_permutation_C{clusters}_{iterations}iter",
-                    "components": "warm k-means of Q and K, 2 permutations, cluster top-p, gather Q/K/V, scatter out",
+                    "components": "SemanticKMeans.build (warm k-means of Q and K, 2 counting-sort permutations, fused "
+                    "cluster top-p), gather Q/K/V, scatter out and lse",
                     "ms": total,
                     "pct_of_dense": pct(total),
                     "meets_5pct": pct(total) <= ACCEPTANCE_PCT,
@@ -368,9 +401,10 @@ def main() -> None:
         print(
             f"C={row['clusters']:>3}: assign {row['assign_ms']:.3f} sort {row['sort_offsets_ms']:.3f} update "
             f"{row['update_ms']:.3f} (torch 1 iter {row['kmeans_reference_1iter_ms']:.3f}) | perm "
-            f"{row['permutation_from_labels_ms']:.3f} gather {row['gather_one_tensor_ms']:.3f} (torch "
+            f"{row['permutation_from_labels_ms']:.3f} (torch.sort {row['permutation_from_labels_reference_ms']:.3f}) gather {row['gather_one_tensor_ms']:.3f} (torch "
             f"{row['gather_one_tensor_reference_ms']:.3f}) scatter {row['scatter_out_ms']:.3f} select "
-            f"{row['cluster_select_ms']:.3f} | kmeans q+k 1/3 iter {row['kmeans_qk_1iter_ms']:.3f}/"
+            f"{row['cluster_select_ms']:.3f} (torch {row['cluster_select_reference_ms']:.3f}) | Lloyd iteration "
+            f"{row['lloyd_iteration_ms']:.3f} | kmeans q+k 1/3 iter {row['kmeans_qk_1iter_ms']:.3f}/"
             f"{row['kmeans_qk_3iter_ms']:.3f}"
         )
     print(f"{'strategy':<36} {'ms':>8} {'% dense':>8}  <= {ACCEPTANCE_PCT}%")

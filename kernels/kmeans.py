@@ -10,9 +10,11 @@ contiguous, runs cluster-sparse attention, and restores the order. These are its
 Each has a pure-PyTorch ``*_reference``; the public functions dispatch as in :mod:`vdopt.kernels.selection`
 (``backend="auto" | "triton" | "reference"``) and are ``torch.library`` ops in the ``vdopt`` namespace.
 
-One Lloyd iteration on the Triton path is: a fused assignment kernel (distances to all centroids and their argmin
-per token tile, the [tokens, clusters] matrix never stored), a stable sort of the labels, and a segment-mean
-kernel that sums each cluster's rows in sorted order (no atomics, so the update is deterministic).
+One Lloyd iteration on the Triton path is one pass over the tokens of every (batch, head) and a tiny finalize:
+the pass assigns each token tile to its nearest centroid (the [tokens, clusters] distances never stored) and, in
+the same launch, adds the tile into per-split float32 cluster sums and counts (a one-hot matmul on the tensor
+cores); the finalize adds the splits in a fixed order and divides (no atomics, so the update is deterministic).
+The permutation is a counting sort of the labels (two launches), not a general sort. No host sync on the way.
 """
 
 from __future__ import annotations
@@ -58,9 +60,20 @@ def _check_labels(labels: torch.Tensor, num_clusters: int) -> None:
 def permutation_from_labels_reference(
     labels: torch.Tensor, num_clusters: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PyTorch definition of :func:`permutation_from_labels`."""
+    """PyTorch definition of :func:`permutation_from_labels` (a stable torch.sort)."""
     _check_labels(labels, num_clusters)
-    # The range check reads the labels on the host: done on CPU only, so a CUDA step stays free of syncs.
+    _check_label_range(labels, num_clusters)
+    ordered, perm = torch.sort(labels, dim=-1, stable=True)
+    # Cluster c starts where the sorted labels first reach c.
+    bounds = torch.arange(num_clusters + 1, dtype=ordered.dtype, device=labels.device)
+    offsets = torch.searchsorted(ordered, bounds.expand(*labels.shape[:2], -1).contiguous(), out_int32=True)
+    positions = torch.arange(labels.shape[-1], device=labels.device).expand_as(perm)
+    inverse = torch.empty_like(perm).scatter_(-1, perm, positions)
+    return perm, inverse, offsets
+
+
+def _check_label_range(labels: torch.Tensor, num_clusters: int) -> None:
+    # Reads the labels on the host: done on CPU only, so a CUDA step stays free of syncs.
     if (
         labels.device.type == "cpu"
         and labels.numel()
@@ -70,44 +83,140 @@ def permutation_from_labels_reference(
             f"labels span [{int(labels.min())}, {int(labels.max())}], outside [0, {num_clusters}); "
             "pass the num_clusters the labels were made with"
         )
-    return _sort_by_label(labels, num_clusters)
 
 
-def _sort_by_label(
+# Largest cluster count the counting sort takes: a program holds a [rows, next_pow2(C)] one-hot tile and a
+# [next_pow2(C)] histogram. More clusters run the reference's torch.sort.
+MAX_COUNTING_SORT_CLUSTERS = 1024
+
+
+def _token_splits(tokens: int, block_n: int, rows: int, device: torch.device) -> tuple[int, int]:
+    """(tokens per program, programs per row) for kernels that cut each of ``rows`` (batch, head) rows into
+    chunks of whole ``block_n`` tiles: about two programs per SM over all rows on CUDA; in the interpreter up to
+    three chunks per row, so the CPU tests cross chunk boundaries."""
+    tiles = triton.cdiv(tokens, block_n)
+    if device.type == "cuda":
+        wanted = triton.cdiv(2 * torch.cuda.get_device_properties(device).multi_processor_count, rows)
+    else:
+        wanted = 3
+    chunk = triton.cdiv(tiles, max(1, min(tiles, wanted))) * block_n
+    return chunk, triton.cdiv(tokens, chunk)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _label_histogram_kernel(
+        labels_ptr, hist_ptr, tokens, num_clusters, chunk, BLOCK_N: tl.constexpr, C_PAD: tl.constexpr
+    ):
+        # Grid (splits, batch * head): how many tokens of the chunk carry each label.
+        split = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        clusters = tl.arange(0, C_PAD)
+        counts = tl.zeros([C_PAD], dtype=tl.int32)
+        begin = split * chunk
+        end = tl.minimum(begin + chunk, tokens)
+        for start in range(begin, end, BLOCK_N):
+            rows = start + tl.arange(0, BLOCK_N)
+            labels = tl.load(labels_ptr + pid_bh.to(tl.int64) * tokens + rows, mask=rows < end, other=-1)
+            counts += tl.sum((labels[:, None] == clusters[None, :]).to(tl.int32), axis=0)
+        out = hist_ptr + (pid_bh.to(tl.int64) * tl.num_programs(0) + split) * num_clusters + clusters
+        tl.store(out, counts, mask=clusters < num_clusters)
+
+    @triton.jit
+    def _label_scatter_kernel(
+        labels_ptr,
+        hist_ptr,
+        perm_ptr,
+        inverse_ptr,
+        offsets_ptr,
+        tokens,
+        num_clusters,
+        chunk,
+        BLOCK_N: tl.constexpr,
+        C_PAD: tl.constexpr,
+    ):
+        # Grid (splits, batch * head): the destination of every token of the chunk is where its cluster starts,
+        # plus the tokens of that cluster in earlier chunks, plus those earlier in this chunk (a stable counting
+        # sort); writes perm[destination] = token and inverse[token] = destination. Split 0 writes the offsets.
+        split = tl.program_id(0)
+        num_splits = tl.num_programs(0)
+        pid_bh = tl.program_id(1)
+        clusters = tl.arange(0, C_PAD)
+        cluster_ok = clusters < num_clusters
+        hist = hist_ptr + pid_bh.to(tl.int64) * num_splits * num_clusters + clusters
+        total = tl.zeros([C_PAD], dtype=tl.int32)
+        before = tl.zeros([C_PAD], dtype=tl.int32)
+        for other in range(num_splits):
+            counts = tl.load(hist + other * num_clusters, mask=cluster_ok, other=0)
+            total += counts
+            before += tl.where(other < split, counts, 0)
+        starts = tl.cumsum(total, axis=0) - total
+        offsets = offsets_ptr + pid_bh.to(tl.int64) * (num_clusters + 1)
+        if split == 0:
+            tl.store(offsets + clusters, starts, mask=cluster_ok)
+            end_of_last = tl.zeros([C_PAD], dtype=tl.int32) + tokens
+            tl.store(offsets + num_clusters + clusters, end_of_last, mask=clusters == 0)
+        next_slot = starts + before
+        row_base = pid_bh.to(tl.int64) * tokens
+        begin = split * chunk
+        end = tl.minimum(begin + chunk, tokens)
+        for start in range(begin, end, BLOCK_N):
+            rows = start + tl.arange(0, BLOCK_N)
+            row_ok = rows < end
+            labels = tl.load(labels_ptr + row_base + rows, mask=row_ok, other=-1)
+            hit = labels[:, None] == clusters[None, :]
+            hits = hit.to(tl.int32)
+            rank = tl.cumsum(hits, axis=0) - 1
+            destination = tl.sum(tl.where(hit, next_slot[None, :] + rank, 0), axis=1)
+            next_slot += tl.sum(hits, axis=0)
+            tl.store(perm_ptr + row_base + destination, rows.to(tl.int64), mask=row_ok)
+            tl.store(inverse_ptr + row_base + rows, destination.to(tl.int64), mask=row_ok)
+
+
+def _permutation_from_labels_triton(
     labels: torch.Tensor, num_clusters: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # Unchecked core of permutation_from_labels: no host sync.
-    perm, offsets = _sorted_order(labels, num_clusters)
-    positions = torch.arange(labels.shape[-1], device=labels.device).expand_as(perm)
-    inverse = torch.empty_like(perm).scatter_(-1, perm, positions)
+    _check_labels(labels, num_clusters)
+    _check_label_range(labels, num_clusters)
+    batch, heads, tokens = labels.shape
+    perm = torch.empty(batch, heads, tokens, dtype=torch.int64, device=labels.device)
+    inverse = torch.empty_like(perm)
+    offsets = torch.empty(batch, heads, num_clusters + 1, dtype=torch.int32, device=labels.device)
+    if perm.numel() == 0:
+        return permutation_from_labels_reference(labels, num_clusters)
+    labels = labels.to(torch.int32).contiguous()
+    c_pad = max(16, triton.next_power_of_2(num_clusters))
+    # One-hot tiles of at most 16k entries; small tiles in the interpreter so tests cover several per chunk.
+    block_n = 16 if not labels.is_cuda else max(16, min(256, 16384 // c_pad))
+    chunk, splits = _token_splits(tokens, block_n, batch * heads, labels.device)
+    hist = torch.empty(batch * heads, splits, num_clusters, dtype=torch.int32, device=labels.device)
+    grid = (splits, batch * heads)
+    _label_histogram_kernel[grid](labels, hist, tokens, num_clusters, chunk, BLOCK_N=block_n, C_PAD=c_pad)
+    _label_scatter_kernel[grid](
+        labels, hist, perm, inverse, offsets, tokens, num_clusters, chunk, BLOCK_N=block_n, C_PAD=c_pad
+    )
     return perm, inverse, offsets
-
-
-def _sorted_order(labels: torch.Tensor, num_clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(stable sort permutation int64, cluster offsets int32) of ``labels [B, H, N]``; no checks, no host sync."""
-    ordered, perm = torch.sort(labels, dim=-1, stable=True)
-    # Cluster c starts where the sorted labels first reach c: a binary search, no atomics.
-    bounds = torch.arange(num_clusters + 1, dtype=ordered.dtype, device=labels.device)
-    offsets = torch.searchsorted(ordered, bounds.expand(*labels.shape[:2], -1).contiguous(), out_int32=True)
-    return perm, offsets
 
 
 @torch.library.custom_op("vdopt::permutation_from_labels", mutates_args=())
 def _permutation_from_labels_op(
-    labels: torch.Tensor, num_clusters: int
+    labels: torch.Tensor, num_clusters: int, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _use_triton(labels, backend) and num_clusters <= MAX_COUNTING_SORT_CLUSTERS:
+        return _permutation_from_labels_triton(labels, num_clusters)
     return permutation_from_labels_reference(labels, num_clusters)
 
 
 @_permutation_from_labels_op.register_fake
-def _(labels: torch.Tensor, num_clusters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _(labels: torch.Tensor, num_clusters: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     perm = labels.new_empty(labels.shape, dtype=torch.int64)
     offsets = labels.new_empty(*labels.shape[:2], num_clusters + 1, dtype=torch.int32)
     return perm, torch.empty_like(perm), offsets
 
 
 def permutation_from_labels(
-    labels: torch.Tensor, num_clusters: int
+    labels: torch.Tensor, num_clusters: int, *, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stable sort of tokens by cluster label, per (batch, head).
 
@@ -115,9 +224,11 @@ def permutation_from_labels(
     offsets int32 [B, H, num_clusters + 1])``: ``x.gather(2, perm[..., None].expand_as(x))`` makes clusters
     contiguous (tokens of one cluster keep their order), ``inverse`` undoes it, and cluster ``c`` occupies sorted
     positions ``[offsets[..., c], offsets[..., c + 1])`` (empty clusters give equal offsets).
-    Runs as torch.sort on every device (a segmented radix sort on CUDA).
+    The Triton path is a counting sort (per-chunk label histograms, then one pass that places every token), two
+    launches and no host sync; more than :data:`MAX_COUNTING_SORT_CLUSTERS` clusters, or ``backend="reference"``,
+    run torch.sort. Labels outside the range raise on CPU; on CUDA they are not checked (that would sync).
     """
-    return _permutation_from_labels_op(labels, num_clusters)
+    return _permutation_from_labels_op(labels, num_clusters, backend)
 
 
 def gather_tokens_reference(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
@@ -306,179 +417,246 @@ def kmeans_reference(
 if triton is not None:
 
     @triton.jit
-    def _kmeans_assign_kernel(
+    def _centroid_tile(c_base, c_start, num_clusters, head_dim, cols, col_ok, dtype, BLOCK_C: tl.constexpr):
+        # Centroids c_start.. as x's dtype (products in x's precision: bf16/fp16 tensor cores, tf32 for fp32 x)
+        # and their float32 squared norms (+inf past the last cluster, so padding is never nearest).
+        clusters = c_start + tl.arange(0, BLOCK_C)
+        cluster_ok = clusters < num_clusters
+        c_tile = tl.load(
+            c_base + clusters[:, None] * head_dim + cols[None, :], mask=cluster_ok[:, None] & col_ok[None, :], other=0.0
+        )
+        norms = tl.where(cluster_ok, tl.sum(c_tile * c_tile, axis=1), float("inf"))
+        return c_tile.to(dtype), norms
+
+    @triton.jit
+    def _nearest_in_tile(x_tile, c_low, norms, UPCAST_DOT: tl.constexpr):
+        # (min distance, argmin) over one centroid tile of ||c||^2 - 2 x.c (||x||^2 is the same for every c),
+        # products accumulated in fp32; ties go to the lower index, as torch.argmin.
+        if UPCAST_DOT:
+            # Triton's interpreter gets bf16 dots wrong (Triton 3.9); fp32 products of the same bf16 values are
+            # exact, as on the tensor cores.
+            dots = tl.dot(x_tile.to(tl.float32), tl.trans(c_low.to(tl.float32)))
+        else:
+            dots = tl.dot(x_tile, tl.trans(c_low))
+        distances = norms[None, :] - 2.0 * dots
+        return tl.min(distances, axis=1, return_indices=True, return_indices_tie_break_left=True)
+
+    @triton.jit
+    def _kmeans_pass_kernel(
         x_ptr,
         centroids_ptr,
-        centroid_norms_ptr,
         labels_ptr,
+        sums_ptr,
+        counts_ptr,
         heads,
         tokens,
         num_clusters,
         head_dim,
+        chunk,
         stride_b,
         stride_h,
         stride_n,
         stride_d,
+        ASSIGN: tl.constexpr,
+        ACCUMULATE: tl.constexpr,
+        ONE_TILE: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_C: tl.constexpr,
         BLOCK_D: tl.constexpr,
         UPCAST_DOT: tl.constexpr,
+        IEEE_SUMS: tl.constexpr,
     ):
-        # One program per (batch * head, token tile): stream the centroids in BLOCK_C tiles and keep a running
-        # (min distance, argmin) per token, so the [tokens, clusters] distance matrix never reaches memory.
-        pid_bh = tl.program_id(0)
-        rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        cols = tl.arange(0, BLOCK_D)
-        row_ok = rows < tokens
-        col_ok = cols < head_dim
+        # Grid (cluster groups, splits, batch * head): the tokens [split * chunk, +chunk) of one (batch, head), in
+        # BLOCK_N tiles. ASSIGN: each token's nearest centroid, streaming the centroids in BLOCK_C tiles with a
+        # running (min, argmin), so the [tokens, clusters] distances never reach memory; group 0 stores the labels.
+        # Else the labels are read. ACCUMULATE: float32 sums (one-hot^T @ x on the tensor cores) and counts of the
+        # tokens of the group's BLOCK_C clusters, one partial per split, reduced in a fixed order by the finalize
+        # kernel (no atomics, so the update is deterministic).
+        group = tl.program_id(0)
+        split = tl.program_id(1)
+        pid_bh = tl.program_id(2)
         b = pid_bh // heads
         h = pid_bh % heads
+        cols = tl.arange(0, BLOCK_D)
+        col_ok = cols < head_dim
         x_base = x_ptr + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
-        x_tile = tl.load(
-            x_base + rows.to(tl.int64)[:, None] * stride_n + cols[None, :] * stride_d,
-            mask=row_ok[:, None] & col_ok[None, :],
-            other=0.0,
-        )
-        best = tl.full([BLOCK_N], float("inf"), dtype=tl.float32)
-        best_label = tl.zeros([BLOCK_N], dtype=tl.int32)
         c_base = centroids_ptr + pid_bh.to(tl.int64) * num_clusters * head_dim
-        for start in range(0, num_clusters, BLOCK_C):
-            clusters = start + tl.arange(0, BLOCK_C)
-            cluster_ok = clusters < num_clusters
-            c_tile = tl.load(
-                c_base + clusters[:, None] * head_dim + cols[None, :],
-                mask=cluster_ok[:, None] & col_ok[None, :],
+        label_base = labels_ptr + pid_bh.to(tl.int64) * tokens
+        own = group * BLOCK_C + tl.arange(0, BLOCK_C)
+        sums = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
+        counts = tl.zeros([BLOCK_C], dtype=tl.int32)
+        if ONE_TILE:  # every centroid fits one tile: load it (and its norms) once for all token tiles
+            c_low, norms = _centroid_tile(
+                c_base, 0, num_clusters, head_dim, cols, col_ok, x_ptr.dtype.element_ty, BLOCK_C
+            )
+        begin = split * chunk
+        end = tl.minimum(begin + chunk, tokens)
+        for start in range(begin, end, BLOCK_N):
+            rows = start + tl.arange(0, BLOCK_N)
+            row_ok = rows < end
+            x_tile = tl.load(
+                x_base + rows.to(tl.int64)[:, None] * stride_n + cols[None, :] * stride_d,
+                mask=row_ok[:, None] & col_ok[None, :],
                 other=0.0,
             )
-            # Products in x's precision (bf16/fp16 tensor cores; tf32 for fp32 x), accumulated in fp32.
-            c_tile = c_tile.to(x_tile.dtype)
-            if UPCAST_DOT:
-                # Triton's interpreter gets bf16 dots wrong (Triton 3.9); fp32 products of the same bf16 values
-                # are exact, as on the tensor cores.
-                dots = tl.dot(x_tile.to(tl.float32), tl.trans(c_tile.to(tl.float32)))
+            if ASSIGN:
+                if ONE_TILE:
+                    labels = _nearest_in_tile(x_tile, c_low, norms, UPCAST_DOT)[1]
+                else:
+                    best = tl.full([BLOCK_N], float("inf"), dtype=tl.float32)
+                    labels = tl.zeros([BLOCK_N], dtype=tl.int32)
+                    for c_start in range(0, num_clusters, BLOCK_C):
+                        tile_c_low, tile_norms = _centroid_tile(
+                            c_base, c_start, num_clusters, head_dim, cols, col_ok, x_tile.dtype, BLOCK_C
+                        )
+                        tile_best, tile_label = _nearest_in_tile(x_tile, tile_c_low, tile_norms, UPCAST_DOT)
+                        # Strict < keeps the earlier (lower-index) cluster on ties, as torch.argmin does.
+                        better = tile_best < best
+                        best = tl.where(better, tile_best, best)
+                        labels = tl.where(better, tile_label + c_start, labels)
+                if group == 0:
+                    tl.store(label_base + rows, labels, mask=row_ok)
             else:
-                dots = tl.dot(x_tile, tl.trans(c_tile))
-            norms = tl.load(
-                centroid_norms_ptr + pid_bh * num_clusters + clusters, mask=cluster_ok, other=float("inf")
+                labels = tl.load(label_base + rows, mask=row_ok, other=-1)
+            if ACCUMULATE:
+                hit = (labels[:, None] == own[None, :]) & row_ok[:, None]
+                counts += tl.sum(hit.to(tl.int32), axis=0)
+                if IEEE_SUMS:
+                    # fp32 x (or bf16 in the interpreter): exact float32 products, no TF32 rounding of x.
+                    sums = tl.dot(
+                        tl.trans(hit.to(tl.float32)), x_tile.to(tl.float32), sums, input_precision="ieee"
+                    )
+                else:
+                    # 0/1 times bf16/fp16 is exact; the tensor cores accumulate in fp32.
+                    sums = tl.dot(tl.trans(hit.to(x_tile.dtype)), x_tile, sums)
+        if ACCUMULATE:
+            own_ok = own < num_clusters
+            partial = (pid_bh.to(tl.int64) * tl.num_programs(1) + split) * num_clusters + own
+            tl.store(
+                sums_ptr + partial[:, None] * head_dim + cols[None, :], sums, mask=own_ok[:, None] & col_ok[None, :]
             )
-            distances = norms[None, :] - 2.0 * dots
-            tile_best, tile_label = tl.min(
-                distances, axis=1, return_indices=True, return_indices_tie_break_left=True
-            )
-            # Strict < keeps the earlier (lower-index) cluster on ties, as torch.argmin does.
-            better = tile_best < best
-            best = tl.where(better, tile_best, best)
-            best_label = tl.where(better, tile_label + start, best_label)
-        tl.store(labels_ptr + pid_bh.to(tl.int64) * tokens + rows, best_label, mask=row_ok)
+            tl.store(counts_ptr + partial, counts, mask=own_ok)
 
     @triton.jit
-    def _segment_mean_kernel(
-        x_ptr,
-        perm_ptr,
-        offsets_ptr,
+    def _kmeans_finalize_kernel(
+        sums_ptr,
+        counts_ptr,
         previous_ptr,
         out_ptr,
-        heads,
-        tokens,
+        num_splits,
         num_clusters,
         head_dim,
-        stride_b,
-        stride_h,
-        stride_n,
-        stride_d,
-        BLOCK_R: tl.constexpr,
+        BLOCK_C: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
-        # One program per (batch * head, cluster): sum the cluster's rows, found contiguously in sorted order.
-        pid_bh = tl.program_id(0)
-        cluster = tl.program_id(1)
-        b = pid_bh // heads
-        h = pid_bh % heads
+        # Grid (cluster groups, batch * head): add the splits' partial sums in order, divide by the counts; an
+        # empty cluster keeps its previous centroid.
+        clusters = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        pid_bh = tl.program_id(1)
         cols = tl.arange(0, BLOCK_D)
-        col_ok = cols < head_dim
-        offsets = offsets_ptr + pid_bh.to(tl.int64) * (num_clusters + 1) + cluster
-        begin = tl.load(offsets)
-        end = tl.load(offsets + 1)
-        x_base = x_ptr + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
-        perm_base = perm_ptr + pid_bh.to(tl.int64) * tokens
-        acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-        for start in range(begin, end, BLOCK_R):
-            slots = start + tl.arange(0, BLOCK_R)
-            slot_ok = slots < end
-            rows = tl.load(perm_base + slots, mask=slot_ok, other=0).to(tl.int64)
-            ptrs = x_base + rows[:, None] * stride_n + cols[None, :] * stride_d
-            acc += tl.load(ptrs, mask=slot_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        count = end - begin
-        total = tl.sum(acc, axis=0)
-        centroid_offset = (pid_bh.to(tl.int64) * num_clusters + cluster) * head_dim + cols
-        previous = tl.load(previous_ptr + centroid_offset, mask=col_ok, other=0.0)
-        mean = tl.where(count > 0, total / tl.maximum(count, 1).to(tl.float32), previous)
-        tl.store(out_ptr + centroid_offset, mean, mask=col_ok)
+        cluster_ok = clusters < num_clusters
+        ok = cluster_ok[:, None] & (cols < head_dim)[None, :]
+        total = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
+        count = tl.zeros([BLOCK_C], dtype=tl.int32)
+        for split in range(num_splits):
+            partial = (pid_bh.to(tl.int64) * num_splits + split) * num_clusters + clusters
+            total += tl.load(sums_ptr + partial[:, None] * head_dim + cols[None, :], mask=ok, other=0.0)
+            count += tl.load(counts_ptr + partial, mask=cluster_ok, other=0)
+        offset = (pid_bh.to(tl.int64) * num_clusters + clusters)[:, None] * head_dim + cols[None, :]
+        previous = tl.load(previous_ptr + offset, mask=ok, other=0.0)
+        mean = tl.where(count[:, None] > 0, total / tl.maximum(count, 1).to(tl.float32)[:, None], previous)
+        tl.store(out_ptr + offset, mean, mask=ok)
 
-
-if triton is not None:
-    # Tile shapes for CUDA, chosen per (clusters, head_dim, tokens) by timing on the first call of each shape.
-    _kmeans_assign_autotuned = triton.autotune(
+    # Token tile and warps of the pass on CUDA, chosen per shape by timing on its first call (the chunks are
+    # whole 256-token multiples, so every BLOCK_N tiles them).
+    _kmeans_pass_autotuned = triton.autotune(
         configs=[
-            triton.Config({"BLOCK_N": n, "BLOCK_C": c}, num_warps=w, num_stages=s)
-            for n, c, w, s in (
-                (128, 64, 8, 2),
-                (128, 128, 8, 2),
-                (128, 32, 4, 3),
-                (64, 64, 4, 2),
-                (64, 128, 4, 2),
-                (256, 64, 8, 2),
-            )
+            triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
+            for n, w, s in ((128, 8, 2), (128, 4, 2), (64, 4, 3), (128, 8, 3), (256, 8, 2))
         ],
-        key=["num_clusters", "head_dim", "tokens"],
-    )(_kmeans_assign_kernel)
+        key=["num_clusters", "head_dim", "tokens", "chunk", "ASSIGN", "ACCUMULATE", "ONE_TILE"],
+    )(_kmeans_pass_kernel)
+
+# Clusters per program of the k-means pass: the [BLOCK_C, head_dim] float32 sums it keeps in registers. Up to this
+# many clusters one pass assigns and sums; more are summed by cluster groups after a separate assignment pass.
+_KMEANS_CLUSTER_TILE = 64
 
 
-def _assign_triton(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+def _kmeans_pass(
+    x: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor | None, accumulate: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One launch over every (batch, head): labels (computed from ``centroids`` unless given) and, with
+    ``accumulate``, per-split float32 sums ``[B*H, splits, C, D]`` and int32 counts ``[B*H, splits, C]``."""
     batch, heads, tokens, head_dim = x.shape
     num_clusters = centroids.shape[2]
-    labels = torch.empty(batch, heads, tokens, dtype=torch.int32, device=x.device)
-    norms = (centroids * centroids).sum(-1).contiguous()
-    args = (x, centroids, norms, labels, heads, tokens, num_clusters, head_dim, *x.stride())
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_c = max(16, min(_KMEANS_CLUSTER_TILE, triton.next_power_of_2(num_clusters)))
+    groups = triton.cdiv(num_clusters, block_c) if accumulate else 1
+    assign = labels is None
+    if assign:
+        labels = torch.empty(batch, heads, tokens, dtype=torch.int32, device=x.device)
+    else:
+        labels = labels.to(torch.int32).contiguous()
+    chunk, splits = _token_splits(tokens, 256 if x.is_cuda else 32, batch * heads * groups, x.device)
+    sums = counts = None
+    if accumulate:
+        sums = torch.empty(batch * heads, splits, num_clusters, head_dim, dtype=torch.float32, device=x.device)
+        counts = torch.empty(batch * heads, splits, num_clusters, dtype=torch.int32, device=x.device)
+    args = (x, centroids, labels, sums, counts, heads, tokens, num_clusters, head_dim, chunk, *x.stride())
+    flags = {
+        "ASSIGN": assign,
+        "ACCUMULATE": accumulate,
+        "ONE_TILE": assign and num_clusters <= block_c,
+        "BLOCK_C": block_c,
+        "BLOCK_D": max(16, triton.next_power_of_2(head_dim)),
+        "IEEE_SUMS": x.dtype == torch.float32 or (not x.is_cuda and x.dtype == torch.bfloat16),
+    }
+    grid = (groups, splits, batch * heads)
     if x.is_cuda:
-        grid = lambda meta: (batch * heads, triton.cdiv(tokens, meta["BLOCK_N"]))
-        _kmeans_assign_autotuned[grid](*args, BLOCK_D=block_d, UPCAST_DOT=False)
-        return labels
-    # The interpreter: one fixed tile shape, small enough to stay quick.
-    block_n = 128 if tokens >= 128 else max(16, triton.next_power_of_2(tokens))
-    block_c = min(64, max(16, triton.next_power_of_2(num_clusters)))
-    _kmeans_assign_kernel[(batch * heads, triton.cdiv(tokens, block_n))](
-        *args,
-        BLOCK_N=block_n,
-        BLOCK_C=block_c,
-        BLOCK_D=block_d,
-        UPCAST_DOT=x.dtype == torch.bfloat16,
-    )
-    return labels
+        _kmeans_pass_autotuned[grid](*args, **flags, UPCAST_DOT=False)
+    else:  # the interpreter: small token tiles, so tests cover several per chunk
+        _kmeans_pass_kernel[grid](*args, **flags, BLOCK_N=16, UPCAST_DOT=x.dtype == torch.bfloat16)
+    return labels, sums, counts
 
 
-def _update_triton(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    batch, heads, tokens, head_dim = x.shape
-    num_clusters = centroids.shape[2]
-    perm, offsets = _sorted_order(labels, num_clusters)
-    out = torch.empty_like(centroids)
-    _segment_mean_kernel[(batch * heads, num_clusters)](
-        x,
-        perm,
-        offsets,
-        centroids,
+def _finalize(sums: torch.Tensor, counts: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    batch, heads, num_clusters, head_dim = previous.shape
+    out = torch.empty_like(previous)
+    block_c = 16  # small programs, so the few-MB reduction spreads over many SMs
+    _kmeans_finalize_kernel[(triton.cdiv(num_clusters, block_c), batch * heads)](
+        sums,
+        counts,
+        previous,
         out,
-        heads,
-        tokens,
+        sums.shape[1],
         num_clusters,
         head_dim,
-        *x.stride(),
-        BLOCK_R=32,
-        BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_C=block_c,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         num_warps=4,
     )
     return out
+
+
+def _assign_triton(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Nearest of ``centroids`` (float32 contiguous ``[B, H, C, D]``) for every token: int32 ``[B, H, N]``."""
+    return _kmeans_pass(x, centroids.float().contiguous(), None, accumulate=False)[0]
+
+
+def _update_triton(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Means of the tokens of each label (empty clusters keep ``centroids``): float32 ``[B, H, C, D]``."""
+    centroids = centroids.float().contiguous()
+    _, sums, counts = _kmeans_pass(x, centroids, labels, accumulate=True)
+    return _finalize(sums, counts, centroids)
+
+
+def _lloyd_iteration_triton(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Assign to ``centroids`` and move them to the means: one pass over x (two launches) when the clusters fit
+    one program's sums, else an assignment pass then a summing pass over cluster groups."""
+    if centroids.shape[2] <= _KMEANS_CLUSTER_TILE:
+        labels, sums, counts = _kmeans_pass(x, centroids, None, accumulate=True)
+        return labels, _finalize(sums, counts, centroids)
+    labels = _assign_triton(x, centroids)
+    return labels, _update_triton(x, labels, centroids)
 
 
 @torch.library.custom_op("vdopt::kmeans", mutates_args=())
@@ -497,11 +675,10 @@ def _kmeans_op(
         centroids = initial_centroids(x, num_clusters, seed)
     else:
         centroids = init_centroids.float().contiguous()
-    labels = _assign_triton(x, centroids)
-    for iteration in range(iterations):
-        if iteration:
-            labels = _assign_triton(x, centroids)
-        centroids = _update_triton(x, labels, centroids)
+    if not iterations:  # a fresh tensor: an op's output may not alias its input
+        return _assign_triton(x, centroids), centroids.clone()
+    for _ in range(iterations):
+        labels, centroids = _lloyd_iteration_triton(x, centroids)
     return labels, centroids
 
 

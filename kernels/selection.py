@@ -527,6 +527,40 @@ def pooled_select_vertical_stripes_reference(
 if triton is not None:
 
     @triton.jit
+    def _mean_products(
+        q_base,
+        k_base,
+        rows,
+        row_ok,
+        cols,
+        col_ok,
+        stride_qm,
+        stride_qd,
+        stride_kn,
+        stride_kd,
+        head_dim,
+        D_CHUNK: tl.constexpr,
+    ):
+        # float32 [ROWS, KV_PAD] dot products of query rows with key rows (0 where either is masked), as an IEEE
+        # float32 dot (no TF32 rounding), head_dim in chunks of D_CHUNK.
+        logits = tl.zeros([rows.shape[0], cols.shape[0]], dtype=tl.float32)
+        for d_start in range(0, head_dim, D_CHUNK):
+            d = d_start + tl.arange(0, D_CHUNK)
+            d_ok = d < head_dim
+            q_tile = tl.load(
+                q_base + rows[:, None] * stride_qm + d[None, :] * stride_qd,
+                mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            k_tile = tl.load(
+                k_base + cols[None, :] * stride_kn + d[:, None] * stride_kd,
+                mask=col_ok[None, :] & d_ok[:, None],
+                other=0.0,
+            ).to(tl.float32)
+            logits = tl.dot(q_tile, k_tile, logits, input_precision="ieee")
+        return logits
+
+    @triton.jit
     def _softmax_block_scores(
         q_base,
         k_base,
@@ -545,22 +579,9 @@ if triton is not None:
         D_CHUNK: tl.constexpr,
     ):
         # float32 [ROWS, KV_PAD]: softmax_j(scale * q̄_i · k̄_j + log n_j) over the real key blocks, 0 past them.
-        # The product runs as an IEEE float32 dot (no TF32 rounding), head_dim in chunks of D_CHUNK.
-        logits = tl.zeros([rows.shape[0], cols.shape[0]], dtype=tl.float32)
-        for d_start in range(0, head_dim, D_CHUNK):
-            d = d_start + tl.arange(0, D_CHUNK)
-            d_ok = d < head_dim
-            q_tile = tl.load(
-                q_base + rows[:, None] * stride_qm + d[None, :] * stride_qd,
-                mask=row_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            k_tile = tl.load(
-                k_base + cols[None, :] * stride_kn + d[:, None] * stride_kd,
-                mask=col_ok[None, :] & d_ok[:, None],
-                other=0.0,
-            ).to(tl.float32)
-            logits = tl.dot(q_tile, k_tile, logits, input_precision="ieee")
+        logits = _mean_products(
+            q_base, k_base, rows, row_ok, cols, col_ok, stride_qm, stride_qd, stride_kn, stride_kd, head_dim, D_CHUNK
+        )
         sizes = tl.maximum(tl.minimum(kv_tokens - cols * block_n, block_n), 1).to(tl.float32)
         logits = logits * scale + tl.log(sizes)[None, :]
         logits = tl.where(col_ok[None, :], logits, float("-inf"))
@@ -981,3 +1002,217 @@ def pooled_select_vertical_stripes(
     return _pooled_select_vertical_stripes_op(
         q_means, k_means, kv_tokens, block_n, top_p, scale, min_blocks, max_blocks, keep_diagonal, backend
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cluster selection (semantic k-means): centroid scores weighted by cluster sizes + top-p + fixed-width list
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _check_cluster_selection(q_centroids: torch.Tensor, k_centroids: torch.Tensor, kv_offsets: torch.Tensor) -> None:
+    if q_centroids.dim() != 4 or k_centroids.dim() != 4:
+        raise ValueError(
+            "q_centroids and k_centroids must be [batch, heads, clusters, head_dim] (kmeans output); got "
+            f"{tuple(q_centroids.shape)} and {tuple(k_centroids.shape)}"
+        )
+    if q_centroids.shape[:2] != k_centroids.shape[:2] or q_centroids.shape[3] != k_centroids.shape[3]:
+        raise ValueError(
+            f"q_centroids {tuple(q_centroids.shape)} and k_centroids {tuple(k_centroids.shape)} must agree on batch, "
+            "heads and head_dim"
+        )
+    if k_centroids.shape[2] == 0:
+        raise ValueError("k_centroids holds no key cluster; k-means needs at least one")
+    expected = (*k_centroids.shape[:2], k_centroids.shape[2] + 1)
+    if tuple(kv_offsets.shape) != expected or kv_offsets.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"kv_offsets must be int32/int64 {expected} (permutation_from_labels' key cluster offsets); got "
+            f"{kv_offsets.dtype} {tuple(kv_offsets.shape)}"
+        )
+
+
+def cluster_scores_reference(
+    q_centroids: torch.Tensor, k_centroids: torch.Tensor, kv_offsets: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """Estimated attention mass of each key cluster for each query cluster: float32 ``[B, H, Cq, Ck]``, rows sum to 1.
+
+    ``score[i, j] = softmax_j(scale * q̄_i · k̄_j + log n_j)`` with ``q̄_i``, ``k̄_j`` the centroids and ``n_j`` the
+    size of key cluster ``j`` (from ``kv_offsets``); an empty key cluster scores 0. ``scale`` defaults to
+    ``head_dim ** -0.5``.
+    """
+    _check_cluster_selection(q_centroids, k_centroids, kv_offsets)
+    scale = q_centroids.shape[-1] ** -0.5 if scale is None else scale
+    sizes = (kv_offsets[..., 1:] - kv_offsets[..., :-1]).float()[:, :, None, :]
+    logits = torch.matmul(q_centroids.float(), k_centroids.float().transpose(-1, -2)) * scale
+    logits = (logits + torch.log(sizes.clamp(min=1e-6))).masked_fill(sizes == 0, float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def cluster_select_top_p_reference(
+    q_centroids: torch.Tensor,
+    k_centroids: torch.Tensor,
+    kv_offsets: torch.Tensor,
+    top_p: float,
+    *,
+    scale: float | None = None,
+    min_blocks: int = 1,
+    max_blocks: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch definition of :func:`cluster_select_top_p`: the kept set of
+    ``select_blocks_top_p(cluster_scores_reference(...), top_p, min_blocks, max_blocks)`` in a fixed width."""
+    _check_selection_args(top_p, min_blocks, max_blocks)
+    scores = cluster_scores_reference(q_centroids, k_centroids, kv_offsets, scale)
+    keep = _rank_keep(scores, _top_p_counts(scores, top_p, min_blocks, max_blocks))
+    return _fixed_width_block_list(keep, fused_selection_width(scores.shape[-1], min_blocks, max_blocks, False))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _cluster_select_top_p_kernel(
+        q_ptr,
+        k_ptr,
+        offsets_ptr,
+        idx_ptr,
+        cnt_ptr,
+        heads,
+        q_clusters,
+        kv_clusters,
+        head_dim,
+        width,
+        stride_qb,
+        stride_qh,
+        stride_qm,
+        stride_qd,
+        stride_kb,
+        stride_kh,
+        stride_kn,
+        stride_kd,
+        stride_ob,
+        stride_oh,
+        stride_oc,
+        scale,
+        top_p,
+        min_count,
+        max_count,
+        ROWS: tl.constexpr,
+        KV_PAD: tl.constexpr,
+        D_CHUNK: tl.constexpr,
+        ALL_BLOCKS: tl.constexpr,
+    ):
+        # One program per (batch * head, ROWS query clusters): score them against every key cluster (centroid
+        # products plus log cluster size, empty clusters -inf), select, write the rows' lists.
+        pid_bh = tl.program_id(0)
+        rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < q_clusters
+        cols = tl.arange(0, KV_PAD)
+        col_ok = cols < kv_clusters
+        b = pid_bh // heads
+        h = pid_bh % heads
+        q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        k_base = k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+        logits = _mean_products(
+            q_base, k_base, rows, row_ok, cols, col_ok, stride_qm, stride_qd, stride_kn, stride_kd, head_dim, D_CHUNK
+        )
+        offsets = offsets_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + cols * stride_oc
+        sizes = (tl.load(offsets + stride_oc, mask=col_ok, other=0) - tl.load(offsets, mask=col_ok, other=0)).to(
+            tl.float32
+        )
+        logits = logits * scale + tl.log(tl.maximum(sizes, 1e-6))[None, :]
+        logits = tl.where((col_ok & (sizes > 0))[None, :], logits, float("-inf"))
+        peak = tl.max(logits, axis=1)
+        weights = tl.exp(logits - peak[:, None])
+        scores = weights / tl.sum(weights, axis=1)[:, None]
+        keep = _top_p_keep(scores, cols, kv_clusters, top_p, min_count, max_count, ALL_BLOCKS)
+        row_base = pid_bh.to(tl.int64) * q_clusters
+        _store_block_list(keep, rows, row_ok, cols, idx_ptr + row_base * width, cnt_ptr + row_base, width)
+
+
+def _cluster_select_top_p_triton(
+    q_centroids: torch.Tensor,
+    k_centroids: torch.Tensor,
+    kv_offsets: torch.Tensor,
+    top_p: float,
+    scale: float | None,
+    min_blocks: int,
+    max_blocks: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_cluster_selection(q_centroids, k_centroids, kv_offsets)
+    _check_selection_args(top_p, min_blocks, max_blocks)
+    batch, heads, q_clusters, head_dim = q_centroids.shape
+    kv_clusters = k_centroids.shape[2]
+    scale = head_dim**-0.5 if scale is None else scale
+    upper = kv_clusters if max_blocks is None else min(max_blocks, kv_clusters)
+    width = fused_selection_width(kv_clusters, min_blocks, max_blocks, False)
+    indices = torch.empty(batch, heads, q_clusters, width, dtype=torch.int32, device=q_centroids.device)
+    counts = torch.empty(batch, heads, q_clusters, dtype=torch.int32, device=q_centroids.device)
+    kv_pad, d_chunk, num_warps = _fused_launch_shape(kv_clusters, head_dim)
+    _cluster_select_top_p_kernel[(batch * heads, triton.cdiv(q_clusters, _FUSED_ROWS))](
+        q_centroids, k_centroids, kv_offsets, indices, counts, heads, q_clusters, kv_clusters, head_dim, width,
+        *q_centroids.stride(), *k_centroids.stride(), *kv_offsets.stride(), scale, top_p,
+        min(min_blocks, upper), upper, ROWS=_FUSED_ROWS, KV_PAD=kv_pad, D_CHUNK=d_chunk, ALL_BLOCKS=top_p >= 1.0,
+        num_warps=num_warps,
+    )
+    return indices, counts
+
+
+@torch.library.custom_op("vdopt::cluster_select_top_p", mutates_args=())
+def _cluster_select_top_p_op(
+    q_centroids: torch.Tensor,
+    k_centroids: torch.Tensor,
+    kv_offsets: torch.Tensor,
+    top_p: float,
+    scale: float | None,
+    min_blocks: int,
+    max_blocks: int | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    args = (q_centroids, k_centroids, kv_offsets, top_p)
+    options = {"scale": scale, "min_blocks": min_blocks, "max_blocks": max_blocks}
+    if not _use_triton(q_centroids, backend):
+        return cluster_select_top_p_reference(*args, **options)
+    if k_centroids.shape[2] > MAX_FUSED_KV_BLOCKS:
+        if backend == "triton":
+            raise ValueError(
+                f"{k_centroids.shape[2]} key clusters exceed the fused kernel's row of {MAX_FUSED_KV_BLOCKS}; use "
+                "fewer clusters or backend='reference'"
+            )
+        return cluster_select_top_p_reference(*args, **options)
+    return _cluster_select_top_p_triton(*args, scale, min_blocks, max_blocks)
+
+
+@_cluster_select_top_p_op.register_fake
+def _(
+    q_centroids: torch.Tensor,
+    k_centroids: torch.Tensor,
+    kv_offsets: torch.Tensor,
+    top_p: float,
+    scale: float | None,
+    min_blocks: int,
+    max_blocks: int | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fused_selection_fake(q_centroids, k_centroids, min_blocks, max_blocks, False)
+
+
+def cluster_select_top_p(
+    q_centroids: torch.Tensor,
+    k_centroids: torch.Tensor,
+    kv_offsets: torch.Tensor,
+    top_p: float,
+    *,
+    scale: float | None = None,
+    min_blocks: int = 1,
+    max_blocks: int | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query cluster, the key clusters holding ``top_p`` of the centroid-estimated attention mass (SVG2).
+
+    ``q_centroids: [B, H, Cq, D]`` and ``k_centroids: [B, H, Ck, D]`` (k-means centroids, read as float32),
+    ``kv_offsets: int [B, H, Ck + 1]`` the key clusters' boundaries in the permuted order (their sizes weight the
+    scores; :func:`cluster_scores_reference` defines them, an empty cluster scores 0). The kept set equals
+    ``select_blocks_top_p(cluster_scores_reference(...), top_p, min_blocks, max_blocks)``, computed in one Triton
+    launch with no host sync. Returns ``(kv_cluster_indices int32 [B, H, Cq, W], kv_cluster_counts int32
+    [B, H, Cq])`` laid out as :func:`pooled_select_top_p`'s lists, ``W = Ck`` (``min(Ck, max_blocks)`` with
+    ``max_blocks``), a width fixed by the arguments alone.
+    """
+    return _cluster_select_top_p_op(q_centroids, k_centroids, kv_offsets, top_p, scale, min_blocks, max_blocks, backend)

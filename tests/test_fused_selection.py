@@ -279,3 +279,83 @@ def test_gpu_fused_selection_matches_reference(tokens, heads, block):
         rows_per_selection = q_means.shape[2] if kind == "stripes" else 1
         allowed = _ambiguous_rows(ranked, 0.9) * rows_per_selection
         assert int(differ.sum()) <= allowed, (kind, int(differ.sum()), allowed)
+
+
+# --- cluster selection (SemanticKMeans): centroid scores weighted by cluster sizes -----------------------------
+
+
+def _clusters(batch, heads, q_clusters, kv_clusters, head_dim, dtype, seed, empty=(1, 4)):
+    """k-means-like inputs: random centroids (keys spread wider, so top-p drops clusters) and key cluster offsets
+    of random sizes with the clusters in ``empty`` empty in every head."""
+    generator = torch.Generator().manual_seed(seed)
+    q_centroids = torch.randn(batch, heads, q_clusters, head_dim, generator=generator).to(dtype)
+    k_centroids = (4.0 * torch.randn(batch, heads, kv_clusters, head_dim, generator=generator)).to(dtype)
+    sizes = torch.randint(1, 40, (batch, heads, kv_clusters), generator=generator, dtype=torch.int32)
+    sizes[..., [c for c in empty if c < kv_clusters]] = 0
+    offsets = torch.nn.functional.pad(sizes.cumsum(-1, dtype=torch.int32), (1, 0))
+    return q_centroids, k_centroids, offsets
+
+
+# (batch, heads, query clusters, key clusters, head_dim): cluster counts that are not powers of two, more key
+# clusters than one 16-row program of queries, head dims 64 and 128.
+CLUSTER_SHAPES = [(2, 3, 5, 9, 64), (1, 2, 21, 40, 128), (2, 1, 17, 64, 64)]
+CLUSTER_CASES = [(CLUSTER_SHAPES[0], dtype) for dtype in DTYPES] + [
+    (CLUSTER_SHAPES[1], torch.bfloat16), (CLUSTER_SHAPES[2], torch.float16)
+]
+
+
+@interpreted
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 1.0])
+@pytest.mark.parametrize(("shape", "dtype"), CLUSTER_CASES, ids=lambda c: str(c).replace(" ", "").replace("torch.", ""))
+def test_cluster_select_triton_equals_reference(top_p, shape, dtype):
+    kv_clusters = shape[3]
+    q_centroids, k_centroids, offsets = _clusters(*shape, dtype, seed=200 + kv_clusters)
+    scores = selection.cluster_scores_reference(q_centroids, k_centroids, offsets)
+    assert _ambiguous_rows(scores, top_p) == 0
+    assert bool((scores[:, :, :, 1] == 0).all())  # an empty cluster scores 0
+    expected = selection.cluster_select_top_p_reference(q_centroids, k_centroids, offsets, top_p)
+    got = selection.cluster_select_top_p(q_centroids, k_centroids, offsets, top_p, backend="triton")
+    _check_layout(*got, kv_clusters, kv_clusters)
+    assert torch.equal(got[1], expected[1]) and torch.equal(got[0], expected[0])
+    # The same kept set as the unfused path SemanticKMeans ran before (scores, then select_blocks_top_p).
+    old = kv_block_mask(*selection.select_blocks_top_p(scores, top_p), kv_clusters)
+    kept = kv_block_mask(*got, kv_clusters)
+    assert torch.equal(kept, old)
+    if top_p < 1.0:
+        assert not bool(kept[..., 1].any() | kept[..., 4].any())  # empty clusters are never needed
+        assert 0 < float(got[1].float().mean()) < kv_clusters
+
+
+@interpreted
+@pytest.mark.parametrize(("min_blocks", "max_blocks"), [(3, None), (1, 4), (2, 2)])
+def test_cluster_select_clamps_width_and_int64_offsets(min_blocks, max_blocks):
+    q_centroids, k_centroids, offsets = _clusters(2, 2, 6, 11, 64, torch.float32, seed=210)
+    args = (q_centroids, k_centroids, offsets.long(), 0.3)
+    options = {"min_blocks": min_blocks, "max_blocks": max_blocks, "scale": 0.05}
+    expected = selection.cluster_select_top_p_reference(*args, **options)
+    got = selection.cluster_select_top_p(*args, **options, backend="triton")
+    width = 11 if max_blocks is None else max_blocks
+    _check_layout(*got, 11, width)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert int(got[1].min()) >= min_blocks and int(got[1].max()) <= (max_blocks or 11)
+
+
+def test_cluster_select_is_one_static_node_and_checks_arguments():
+    q_centroids, k_centroids, offsets = _clusters(1, 2, 4, 6, 16, torch.float32, seed=220)
+
+    def select(a, b, o):
+        return selection.cluster_select_top_p(a, b, o, 0.8)
+
+    eager = select(q_centroids, k_centroids, offsets)
+    compiled = torch.compile(select, backend="aot_eager", fullgraph=True)(q_centroids, k_centroids, offsets)
+    assert all(torch.equal(a, b) for a, b in zip(compiled, eager, strict=True))
+    assert tuple(eager[0].shape) == (1, 2, 4, 6)
+    torch.library.opcheck(
+        torch.ops.vdopt.cluster_select_top_p.default,
+        (q_centroids, k_centroids, offsets, 0.8, None, 1, None, "reference"),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    with pytest.raises(ValueError, match="kv_offsets"):
+        select(q_centroids, k_centroids, offsets[..., :-1])
+    with pytest.raises(ValueError, match="head_dim"):
+        select(q_centroids, k_centroids[..., :8], offsets)

@@ -27,13 +27,15 @@ def _random(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tens
 
 
 def _mixture(
-    batch: int, heads: int, tokens: int, head_dim: int, clusters: int, seed: int
+    batch: int, heads: int, tokens: int, head_dim: int, clusters: int, seed: int, empty: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Well-separated Gaussian clusters and their centers. Started from the centers, no token is near a tie, so
-    every implementation must agree exactly."""
+    every implementation must agree exactly. Cluster ``empty`` (if given) gets no token."""
     generator = torch.Generator().manual_seed(seed)
     centers = 8.0 * torch.randn(batch, heads, clusters, head_dim, generator=generator)
     which = torch.randint(0, clusters, (batch, heads, tokens), generator=generator)
+    if empty is not None:
+        which = torch.where(which == empty, (empty + 1) % clusters, which)
     noise = 0.3 * torch.randn(batch, heads, tokens, head_dim, generator=generator)
     return centers.gather(2, which[..., None].expand(-1, -1, -1, head_dim)) + noise, centers
 
@@ -128,6 +130,47 @@ def test_initial_centroids_are_distinct_tokens():
         km.kmeans(x, 4, init_centroids=torch.zeros(2, 3, 5, 16))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize(("tokens", "clusters"), [(93, 6), (150, 70)])
+def test_fused_lloyd_iterations_match_reference(dtype, head_dim, tokens, clusters):
+    # One pass assigns and sums (6 clusters); past one program's 64 clusters (70) an assignment pass comes first
+    # and cluster groups sum. Cluster 1 gets no token and must keep its centroid.
+    x, centers = _mixture(2, 3, tokens, head_dim, clusters, seed=tokens + head_dim, empty=1)
+    x = x.to(dtype)
+    labels, centroids = km.kmeans(x, clusters, iterations=2, init_centroids=centers, backend="triton")
+    ref_labels, ref_centroids = km.kmeans_reference(x, clusters, iterations=2, init_centroids=centers)
+    assert torch.equal(labels, ref_labels)
+    assert not bool((labels == 1).any())
+    torch.testing.assert_close(centroids, ref_centroids, rtol=1e-5, atol=1e-5)
+    assert torch.equal(centroids[:, :, 1], centers[:, :, 1])
+    # Sums read through strides: a [B, N, H, D] projection viewed as [B, H, N, D].
+    strided = x.transpose(1, 2).contiguous().transpose(1, 2)
+    assert torch.equal(km._update_triton(strided, labels, centers), km._update_triton(x, labels, centers))
+
+
+@pytest.mark.parametrize("label_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize(("tokens", "clusters"), [(53, 6), (300, 70), (17, 1)])
+def test_counting_sort_equals_stable_sort(label_dtype, tokens, clusters):
+    generator = torch.Generator().manual_seed(tokens)
+    labels = torch.randint(0, clusters, (2, 3, tokens), generator=generator, dtype=label_dtype)
+    labels[0, 1] = labels[0, 1].clamp(max=max(clusters - 3, 0))  # the last clusters empty in one head
+    got = km.permutation_from_labels(labels, clusters, backend="triton")
+    expected = km.permutation_from_labels_reference(labels, clusters)
+    for value, reference in zip(got, expected, strict=True):
+        assert value.dtype == reference.dtype and torch.equal(value, reference)
+    labels[1, 2, tokens // 2] = clusters
+    with pytest.raises(ValueError, match="num_clusters"):
+        km.permutation_from_labels(labels, clusters, backend="triton")
+
+
+def test_counting_sort_falls_back_past_its_cluster_limit(monkeypatch):
+    labels = torch.randint(0, 9, (1, 2, 40), generator=torch.Generator().manual_seed(15), dtype=torch.int32)
+    monkeypatch.setattr(km, "MAX_COUNTING_SORT_CLUSTERS", 8)
+    got = km.permutation_from_labels(labels, 9, backend="triton")
+    assert all(torch.equal(a, b) for a, b in zip(got, km.permutation_from_labels_reference(labels, 9), strict=True))
+
+
 def test_permutation_from_labels():
     labels = torch.randint(0, 6, (2, 3, 53), generator=torch.Generator().manual_seed(11), dtype=torch.int32)
     labels[0, 0] = labels[0, 0].clamp(max=3)  # clusters 4 and 5 empty in one head
@@ -183,8 +226,14 @@ def test_ops_are_single_nodes_under_export():
         assert f"vdopt.{op}.default" in targets
     out, _, _ = program.module()(q, init)
     assert torch.equal(out, q)
-    torch.library.opcheck(
-        torch.ops.vdopt.kmeans.default,
-        (q, 4, 2, init, 0, "reference"),
-        test_utils=("test_schema", "test_faketensor"),
-    )
+    for backend in ("reference", "triton"):
+        torch.library.opcheck(
+            torch.ops.vdopt.kmeans.default,
+            (q, 4, 2, init, 0, backend),
+            test_utils=("test_schema", "test_faketensor"),
+        )
+        torch.library.opcheck(
+            torch.ops.vdopt.permutation_from_labels.default,
+            (km.kmeans(q, 4, 1, init_centroids=init)[0], 4, backend),
+            test_utils=("test_schema", "test_faketensor"),
+        )

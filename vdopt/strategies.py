@@ -417,7 +417,7 @@ class SemanticKMeans(Strategy):
 
     def build(self, q: torch.Tensor, k: torch.Tensor, ctx: PatternContext) -> SparsePattern:
         from vdopt.kernels.kmeans import kmeans, permutation_from_labels
-        from vdopt.kernels.selection import select_blocks_top_p
+        from vdopt.kernels.selection import cluster_select_top_p
 
         n = q.shape[2]
         cq, ck = min(self.q_clusters, n), min(self.kv_clusters, n)
@@ -428,12 +428,8 @@ class SemanticKMeans(Strategy):
         ctx.state[key] = (q_centroids, k_centroids)
         q_perm, _, q_offsets = permutation_from_labels(q_labels, cq)
         kv_perm, _, kv_offsets = permutation_from_labels(k_labels, ck)
-        kv_sizes = (kv_offsets[..., 1:] - kv_offsets[..., :-1]).float()
-        logits = torch.einsum("bgqd,bgkd->bgqk", q_centroids, k_centroids) * q.shape[-1] ** -0.5
-        logits = logits + torch.log(kv_sizes.clamp(min=1e-6))[:, :, None, :]
-        logits = logits.masked_fill(kv_sizes[:, :, None, :] == 0, float("-inf"))
-        scores = torch.softmax(logits, dim=-1)
-        indices, counts = select_blocks_top_p(scores, self.top_p)
+        # Per query cluster, the key clusters holding top_p of the centroid-estimated mass (weighted by cluster size).
+        indices, counts = cluster_select_top_p(q_centroids, k_centroids, kv_offsets, self.top_p)
         return SparsePattern(indices, counts, ctx.block_size, n, q_perm=q_perm, kv_perm=kv_perm,
                              q_offsets=q_offsets, kv_offsets=kv_offsets)
 
