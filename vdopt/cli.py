@@ -93,13 +93,17 @@ def search_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib", default=None, help="prompts .txt or .pt list of forward kwargs (proxy: built-in)")
     parser.add_argument("--target", default="h100", help=f"one of {', '.join(available_targets())}")
     parser.add_argument("--out", default="plan.json", help="where to write the plan JSON (heatmap PNGs go beside it)")
-    parser.add_argument("--budget", choices=("recall", "error", "density"), default="recall",
-                        help="quality budget: recall floor per head (default), predicted output error per site, or "
-                             "'density': the least predicted output error at a mean attention density (--density)")
+    parser.add_argument("--budget", choices=("recall", "error", "density", "time"), default="recall",
+                        help="quality budget: recall floor per head (default), predicted output error per site, "
+                             "'density': the least predicted output error at a mean attention density (--density), or "
+                             "'time': the same at a mean attention time per step priced by the target's cost model "
+                             "(--time-ms)")
     parser.add_argument("--recall", type=float, default=0.95, help="attention-mass recall floor per head")
     parser.add_argument("--error", type=float, default=0.05, help="relative output-error budget per site (--budget error)")
     parser.add_argument("--density", type=float, default=0.2,
                         help="mean attention density after the warm-up (--budget density)")
+    parser.add_argument("--time-ms", type=float, default=0.0,
+                        help="mean attention ms per denoising call after the warm-up, all sites (--budget time)")
     parser.add_argument("--warmup", type=float, default=0.0, help="fraction of the noisiest time forced dense")
     parser.add_argument("--max-ranges", type=int, default=4, help="most step ranges per site")
     parser.add_argument("--tokens", type=int, default=None,
@@ -122,6 +126,7 @@ def search_main(argv: list[str] | None = None) -> int:
         try:
             search_config = SearchConfig(recall_budget=args.recall, min_dense_warmup=args.warmup, budget=args.budget,
                                          error_budget=args.error, density_budget=args.density,
+                                         time_budget_ms=args.time_ms,
                                          max_step_ranges=args.max_ranges, tokens=args.tokens,
                                          **extra)
         except ValueError as error:

@@ -38,7 +38,14 @@ from vdopt.calibrate import (
 from vdopt.capture import capture, export_kwargs, forward_kwargs, replace_attention_nodes
 from vdopt.plan import ModelFingerprint, Plan, SitePlan, StepRange
 from vdopt.runtime import OptimizedModel, denoising_time, input_signature
-from vdopt.search import SearchConfig, predicted_quality, search
+from vdopt.search import (
+    LaunchCost,
+    SearchConfig,
+    SiteCosts,
+    predicted_attention_seconds,
+    predicted_quality,
+    search,
+)
 from vdopt.sites import AttentionSite, TokenLayout
 from vdopt.strategies import (
     Dense,
@@ -372,34 +379,106 @@ def _median_ms(fn: Callable[[], Any], device: torch.device, warmup: int, repeats
     return sorted(times)[len(times) // 2]
 
 
+def site_runner(site: AttentionSite, strategies: Sequence[Strategy], block_size: int, q: torch.Tensor,
+                seed: int = 0) -> Callable[..., torch.Tensor]:
+    """One site's attention with head ``h`` running ``strategies[h]``, as vdopt's runtime runs it in a compiled
+    phase: a :class:`~vdopt.passes.lower_attention.LoweredAttention` (patterns built once, fused selections, one
+    launch per head group), or, for strategies that cannot be lowered (semantic k-means), the eager
+    :class:`~vdopt.passes.sparsify_attention.PlannedAttention`. All-dense: SDPA."""
+    from vdopt.passes.lower_attention import LoweredAttention, NotLowerable
+    from vdopt.passes.sparsify_attention import DenoisingClock, PlannedAttention
+
+    if all(isinstance(s, Dense) for s in strategies):
+        return F.scaled_dot_product_attention
+    try:
+        return LoweredAttention(site, list(strategies), block_size, tuple(q.shape), q.device, seed)
+    except NotLowerable:
+        site_plan = SitePlan(site.name, len(strategies), block_size, [StepRange(1.0, 0.0, list(strategies))])
+        return PlannedAttention(site, site_plan, DenoisingClock(), seed)
+
+
 def attention_milliseconds(plan: Plan | None, sites: Sequence[AttentionSite], recorded: dict[str, tuple], t: float,
                            warmup: int = 3, repeats: int = 10) -> dict[str, Any]:
     """Measured time of every sparsifiable site's attention at denoising time ``t`` under ``plan`` (None: dense).
 
-    Each site runs as the eager runtime runs it (:class:`~vdopt.passes.sparsify_attention.PlannedAttention`,
-    pattern building, selection and permutation included) on the recorded real inputs; the warm-up calls also
-    warm-start stateful strategies (k-means centroids), as consecutive denoising steps do. CUDA events on GPU,
-    wall clock elsewhere; the median of ``repeats`` calls per site. Returns ``{"total_ms", "per_site_ms"}``.
+    Each site runs through :func:`site_runner` (pattern building, selection and permutation included) on the
+    recorded real inputs; the warm-up calls also warm-start stateful strategies (k-means centroids), as
+    consecutive denoising steps do. CUDA events on GPU, wall clock elsewhere; the median of ``repeats`` calls per
+    site. Returns ``{"total_ms", "per_site_ms"}``.
     """
-    from vdopt.passes.sparsify_attention import DenoisingClock, PlannedAttention
-
     per_site: dict[str, float] = {}
     for site in sites:
         q, k, v, mask, scale = recorded[site.name]
         site_plan = None if plan is None else plan.site(site.name)
-        if site_plan is None or all(s.name == "dense" for s in site_plan.strategies_at(t)):
-            def run(q=q, k=k, v=v, mask=mask, scale=scale) -> torch.Tensor:
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-        else:
-            clock = DenoisingClock()
-            clock.t = t
-            module = PlannedAttention(site, site_plan, clock, int(plan.calibration.get("seed", 0)))  # type: ignore[union-attr]
+        strategies = site_plan.strategies_at(t) if site_plan is not None else [Dense()] * q.shape[1]
+        block = site_plan.block_size if site_plan is not None else 64
+        seed = int(plan.calibration.get("seed", 0)) if plan is not None else 0
+        module = site_runner(site, strategies, block, q, seed)
 
-            def run(module=module, q=q, k=k, v=v, mask=mask, scale=scale) -> torch.Tensor:
-                return module(q, k, v, attn_mask=mask, scale=scale)
+        def run(module=module, q=q, k=k, v=v, mask=mask, scale=scale) -> torch.Tensor:
+            return module(q, k, v, attn_mask=mask, scale=scale)
         with torch.no_grad():
             per_site[site.name] = _median_ms(run, q.device, warmup, repeats)
     return {"total_ms": sum(per_site.values()), "per_site_ms": per_site}
+
+
+def _measure_shape_class(site: AttentionSite, inputs: tuple, candidates: dict[str, Strategy], block_size: int,
+                         seed: int, warmup: int, repeats: int, progress: bool) -> tuple[dict[str, LaunchCost], float]:
+    from tqdm.auto import tqdm
+
+    q, k, v, mask, scale = inputs
+    heads = q.shape[1]
+
+    def timed(strategies: list[Strategy], n: int) -> float:
+        module = site_runner(site, strategies, block_size, q[:, :n], seed)
+        args = (q[:, :n], k[:, :n], v[:, :n])
+        with torch.no_grad():
+            return _median_ms(lambda: module(*args, attn_mask=mask, scale=scale), q.device, warmup, repeats) * 1e-3
+
+    def launch_cost(strategy: Strategy) -> LaunchCost:
+        all_heads = timed([strategy] * heads, heads)
+        one = timed([strategy], 1)
+        slope = max((all_heads - one) / (heads - 1), 0.0) if heads > 1 else all_heads
+        return LaunchCost(max(all_heads - slope * heads, 0.0), slope)
+
+    table = {"dense": launch_cost(Dense())}
+    for label, strategy in tqdm(list(candidates.items()), desc=f"vdopt: timing candidates at {site.name}",
+                                disable=not progress, leave=False):
+        if not isinstance(strategy, Dense):
+            table[label] = launch_cost(strategy)
+    mix = 0.0
+    static = next(((label, s) for label, s in candidates.items() if not s.dynamic and not isinstance(s, Dense)), None)
+    if static is not None and heads > 1:
+        half = heads // 2
+        split = timed([static[1]] * half + [Dense()] * (heads - half), heads)
+        parts = (table[static[0]].fixed + table[static[0]].per_head * half + table["dense"].fixed
+                 + table["dense"].per_head * (heads - half))
+        mix = max(split - parts, 0.0)
+    return table, mix
+
+
+def measure_site_costs(sites: Sequence[AttentionSite], recorded: dict[str, tuple], candidates: dict[str, Strategy],
+                       block_size: int, seed: int = 0, warmup: int = 3, repeats: int = 10,
+                       progress: bool = False) -> SiteCosts:
+    """:class:`~vdopt.search.SiteCosts` measured on this device: per shape class of ``sites`` (one representative
+    site, its recorded q/k/v), every candidate timed through :func:`site_runner` on all heads and on one head
+    (fixed = one-head time minus the per-head slope), dense likewise with SDPA, and the mixing cost as what a site
+    split between a static candidate and dense takes beyond its two groups."""
+    classes: dict[tuple, list[AttentionSite]] = {}
+    for site in sites:
+        q = recorded[site.name][0]
+        classes.setdefault((tuple(q.shape), site.layout), []).append(site)
+    per_site: dict[str, dict[str, LaunchCost]] = {}
+    mixing: dict[str, float] = {}
+    for members in classes.values():
+        table, mix = _measure_shape_class(members[0], recorded[members[0].name], candidates, block_size, seed,
+                                          warmup, repeats, progress)
+        for member in members:
+            per_site[member.name] = table
+            mixing[member.name] = mix
+    device = next(iter(recorded.values()))[0].device
+    return SiteCosts(per_site, mixing, f"measured on {device.type} through site_runner: median of {repeats} calls "
+                                       f"after {warmup} warm-up calls, all heads and one head per candidate")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -530,6 +609,8 @@ class MethodPlan:
     parameters: list[str]
     predicted_sq_error: float | None = None
     matched_to: str | None = None
+    matched_on: str | None = None
+    predicted_attention_ms: float | None = None
 
 
 def _static_choices(grids: dict[str, list[list[Strategy]]], layout: TokenLayout, block_size: int,
@@ -594,29 +675,47 @@ def baseline_plan(method: str, grids: dict[str, list[list[Strategy]]], calibrati
 
 def searched_plans(calibration: CalibrationResult, sites: list[AttentionSite], model: nn.Module,
                    target_density: float, t_warmup: float, target: str, baselines: Sequence[MethodPlan] = (),
-                   step_ranges: int = 1, matched: bool = True) -> list[MethodPlan]:
-    """vdopt's search at a density budget over every calibrated candidate, the ``baselines`` as incumbents.
+                   step_ranges: int = 1, matched: bool = True, site_costs: SiteCosts | None = None,
+                   match: str = "density") -> list[MethodPlan]:
+    """vdopt's search over every calibrated candidate, the ``baselines`` as incumbents.
 
-    The first plan has the budget ``target_density``; with ``matched``, one more per baseline has that baseline's
-    predicted density as its budget (``matched_to`` names it), so each comparison is at equal density and the
-    searched plan's predicted error is, by construction, at most the baseline's. Warm-up: dense for ``t > t_warmup``.
+    The first plan has the density budget ``target_density``. With ``matched``, one more per baseline and ``match``
+    (``"density"``, ``"time"`` or ``"both"``): at that baseline's predicted density, or at its predicted attention
+    time under ``site_costs`` (``matched_to`` names the baseline, ``matched_on`` the budget), so the searched plan's
+    predicted error is, by construction, at most the baseline's at the same predicted density or time.
+    Warm-up: dense for ``t > t_warmup``.
     """
+    if match not in ("density", "time", "both"):
+        raise ValueError(f"match must be 'density', 'time' or 'both', got {match!r}")
+    if match != "density" and site_costs is None:
+        raise ValueError(f"match={match!r} needs site_costs (measure_site_costs or SiteCosts.from_cost_model)")
     cutoff = _sparse_cutoff(calibration, t_warmup)
-    budgets: list[tuple[float, MethodPlan | None]] = [(target_density, None)]
-    if matched:
-        budgets += [(b.predicted_density, b) for b in baselines]
+
+    def predicted_ms(plan: Plan) -> float | None:
+        return None if site_costs is None else predicted_attention_seconds(plan, calibration, site_costs, cutoff) * 1e3
+
+    budgets: list[tuple[str, float, MethodPlan | None]] = [("density", target_density, None)]
+    if matched and match in ("density", "both"):
+        budgets += [("density", b.predicted_density, b) for b in baselines]
+    if matched and match in ("time", "both"):
+        budgets += [("time", predicted_ms(b.plan), b) for b in baselines]  # type: ignore[misc]
     out = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "no measured efficiency table"
-        for budget, baseline in budgets:
-            config = SearchConfig(budget="density", density_budget=min(max(budget, 1e-6), 1.0),
-                                  min_dense_warmup=1.0 - cutoff, max_step_ranges=step_ranges, progress=False)
+        for kind, budget, baseline in budgets:
+            if kind == "density":
+                config = SearchConfig(budget="density", density_budget=min(max(budget, 1e-6), 1.0),
+                                      min_dense_warmup=1.0 - cutoff, max_step_ranges=step_ranges, progress=False)
+            else:
+                config = SearchConfig(budget="time", time_budget_ms=budget, min_dense_warmup=1.0 - cutoff,
+                                      max_step_ranges=step_ranges, progress=False)
             incumbents = [b.plan for b in baselines] if baseline is None else [baseline.plan]
-            plan = with_dense_warmup(search(model, calibration, sites, target, config, incumbents), t_warmup)
+            plan = with_dense_warmup(search(model, calibration, sites, target, config, incumbents, site_costs), t_warmup)
             estimate = predicted_quality(plan, calibration, cutoff)
             used = sorted({s.label() for site in plan.sites for r in site.schedule for s in r.heads})
             out.append(MethodPlan("searched", target_density, plan, estimate.density, used, estimate.sq_error,
-                                  None if baseline is None else baseline.method))
+                                  None if baseline is None else baseline.method, None if baseline is None else kind,
+                                  predicted_ms(plan)))
     return out
 
 
@@ -636,7 +735,9 @@ class QualityConfig:
     ``matched``: also search at each baseline's predicted density (so every comparison is at equal density);
     ``sensitivity_probe``: strategy calibration uses to measure each site's output gain, which weights the searched
     plan's objective (None: sites weighted alike); ``time_attention``: measure each plan's attention time on the
-    q/k/v of one real denoising call after the warm-up, at the generation batch (None: on CUDA only).
+    q/k/v of one real denoising call after the warm-up, at the generation batch (None: on CUDA only); ``match``:
+    the matched searches' budget, each baseline's predicted ``"density"``, its predicted attention ``"time"``
+    (priced by candidate timings measured on that call), ``"both"``, or ``"auto"`` (time when attention is timed).
     """
 
     prompts: int = 14
@@ -658,6 +759,7 @@ class QualityConfig:
     matched: bool = True
     sensitivity_probe: Strategy | None = field(default_factory=lambda: SpatialWindow(0))
     time_attention: bool | None = None
+    match: str = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -668,6 +770,8 @@ class QualityConfig:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         if self.steps < 1 or self.prompts < 1 or self.seeds < 1:
             raise ValueError(f"steps, prompts and seeds must be >= 1, got {self.steps}, {self.prompts}, {self.seeds}")
+        if self.match not in ("auto", "density", "time", "both"):
+            raise ValueError(f"match must be 'auto', 'density', 'time' or 'both', got {self.match!r}")
         bad = [d for d in self.densities if not 0.0 < d <= 1.0]
         if bad:
             raise ValueError(f"target densities must be in (0, 1], got {bad[0]}")
@@ -680,6 +784,7 @@ class QualityResult:
     records: list[dict[str, Any]]
     recall_report: dict[str, Any]
     plans: dict[str, Plan] = field(default_factory=dict)
+    site_costs: SiteCosts | None = None
 
 
 def _frame_block_size(layout: TokenLayout) -> int:
@@ -833,14 +938,25 @@ def run_quality(pipe: Any, config: QualityConfig = QualityConfig(), proxy: str =
                                          query_rows=config.calib_query_rows, seed=config.seed, block_size=block_size,
                                          candidates=candidates, sensitivity_probe=config.sensitivity_probe)
         calibration, sites = calibrate(original, inputs, calib_config)
+        match = ("time" if timing is not None else "density") if config.match == "auto" else config.match
+        site_costs = None
+        if timing is not None:
+            site_costs = measure_site_costs(timing[0], timing[1], calibration.candidates, block_size, config.seed,
+                                            progress=progress)
+        elif match != "density":
+            raise ValueError(f"match={match!r} needs measured attention times; set time_attention=True")
+        cutoff = _sparse_cutoff(calibration, t_warmup)
 
         method_plans: list[MethodPlan] = []
         for d in config.densities:
             baselines = [baseline_plan(method, grids, calibration, original, d, t_warmup, config.target, config.seed)
                          for method in config.methods if method != "searched"]
+            if site_costs is not None:
+                for b in baselines:
+                    b.predicted_attention_ms = predicted_attention_seconds(b.plan, calibration, site_costs, cutoff) * 1e3
             if "searched" in config.methods:
                 method_plans += searched_plans(calibration, sites, original, d, t_warmup, config.target, baselines,
-                                               config.step_ranges, config.matched)
+                                               config.step_ranges, config.matched, site_costs, match)
             method_plans += baselines
         report["calibration"] = {"prompts": calib_prompts, **calibration.provenance}
 
@@ -849,7 +965,7 @@ def run_quality(pipe: Any, config: QualityConfig = QualityConfig(), proxy: str =
                     "attention_ms": dense_attention_ms,
                     "note": "the reference itself (psnr is infinite, stored as null)", **common}]
         plans: dict[str, Plan] = {}
-        result = QualityResult(records, report, plans)
+        result = QualityResult(records, report, plans, site_costs)
         if on_update is not None:
             on_update(result)
         bar = tqdm(method_plans, desc="vdopt: quality", disable=not progress)
@@ -867,7 +983,8 @@ def run_quality(pipe: Any, config: QualityConfig = QualityConfig(), proxy: str =
                 "method": mp.method, "target_density": mp.target_density,
                 "density": recorder.density(t_warmup), "density_all_steps": recorder.density(),
                 "predicted_density": mp.predicted_density, "predicted_sq_error": mp.predicted_sq_error,
-                "matched_to": mp.matched_to, **_metrics(videos, reference, pairs),
+                "matched_to": mp.matched_to, "matched_on": mp.matched_on,
+                "predicted_attention_ms": mp.predicted_attention_ms, **_metrics(videos, reference, pairs),
                 "seconds_per_video": seconds,
                 "speedup_vs_dense": dense_seconds / seconds if seconds and dense_seconds else None,
                 "attention_ms": attention_ms,
@@ -877,7 +994,8 @@ def run_quality(pipe: Any, config: QualityConfig = QualityConfig(), proxy: str =
                 "description": METHOD_DESCRIPTIONS[mp.method], **common,
             }
             records.append(record)
-            plans[f"{mp.method}@{mp.target_density:g}" + (f"~{mp.matched_to}" if mp.matched_to else "")] = mp.plan
+            plans[f"{mp.method}@{mp.target_density:g}" + (f"~{mp.matched_to}:{mp.matched_on}" if mp.matched_to else "")
+                  ] = mp.plan
             if on_update is not None:
                 on_update(result)
         return result
@@ -1005,17 +1123,30 @@ def comparison(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for r in records:
         if r["method"] in ("dense", "searched") or r.get("psnr") is None:
             continue
-        match = next((m for m in records if m["method"] == "searched" and m.get("matched_to") == r["method"]
-                      and m["target_density"] == r["target_density"] and m.get("psnr") is not None), None)
-        if match is not None:
+        for match in [m for m in records if m["method"] == "searched" and m.get("matched_to") == r["method"]
+                      and m["target_density"] == r["target_density"] and m.get("psnr") is not None]:
             pairs.append({"baseline": r["method"], "target_density": r["target_density"],
+                          "matched_on": match.get("matched_on") or "density",
+                          "baseline_predicted_attention_ms": r.get("predicted_attention_ms"),
+                          "searched_predicted_attention_ms": match.get("predicted_attention_ms"),
+                          "baseline_attention_ms": r.get("attention_ms"),
+                          "searched_attention_ms": match.get("attention_ms"),
                           "baseline_density": r["density"], "baseline_psnr": r["psnr"],
                           "searched_density": match["density"], "searched_psnr": match["psnr"],
                           "psnr_gain": match["psnr"] - r["psnr"]})
     scored = [r for r in records if r["method"] != "dense" and r.get("psnr") is not None
               and r.get("predicted_sq_error") is not None]
     pareto = pareto_comparison(records)
+    both = [r for r in records if r["method"] != "dense" and r.get("attention_ms") and r.get("predicted_attention_ms")]
+    errors = sorted(abs(r["predicted_attention_ms"] / r["attention_ms"] - 1.0) for r in both)
     return {
+        "attention_time_prediction": {
+            "records": len(both),
+            "median_abs_rel_error": errors[len(errors) // 2] if errors else None,
+            "worst_abs_rel_error": errors[-1] if errors else None,
+            "rank_correlation": rank_correlation([r["predicted_attention_ms"] for r in both],
+                                                 [r["attention_ms"] for r in both]),
+        },
         "pareto": pareto,
         "pareto_wins_at_equal_time": sum(p["wins_at_equal_time"] for p in pareto),
         "pareto_wins_at_equal_psnr": sum(p["wins_at_equal_psnr"] for p in pareto),
@@ -1039,7 +1170,14 @@ def write_results(result: QualityResult, out: str | Path) -> dict[str, Path]:
              "comparison": out / "quality_comparison.json", "plot": out / "quality_pareto.png"}
     paths["records"].write_text(json.dumps(_jsonable(result.records), indent=1) + "\n")
     paths["recall"].write_text(json.dumps(_jsonable(result.recall_report), indent=1) + "\n")
-    paths["comparison"].write_text(json.dumps(_jsonable(comparison(result.records)), indent=1) + "\n")
+    summary = comparison(result.records)
+    if result.site_costs is not None:
+        costs = result.site_costs
+        first = next(iter(costs.per_site))
+        summary["site_costs"] = {"source": costs.source, "site": first, "mixing_ms": costs.mixing[first] * 1e3,
+                                 "per_candidate_ms": {label: {"fixed": c.fixed * 1e3, "per_head": c.per_head * 1e3}
+                                                      for label, c in costs.per_site[first].items()}}
+    paths["comparison"].write_text(json.dumps(_jsonable(summary), indent=1) + "\n")
     plot_pareto(result.records, paths["plot"])
     return paths
 
@@ -1079,11 +1217,21 @@ def format_comparison(records: Sequence[dict[str, Any]]) -> str:
                      "baseline records")
     if not result["pairs"]:
         return "\n".join(lines)
-    lines += [f"{'baseline':<18} {'target':>6} {'density':>8} {'PSNR':>7} | {'searched':>8} {'PSNR':>7} {'gain':>6}"]
+    lines.append(f"{'baseline':<18} {'target':>6} {'on':>7} {'density':>8} {'attn ms':>8} {'PSNR':>7} | "
+                 f"{'density':>8} {'attn ms':>8} {'PSNR':>7} {'gain':>6}")
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
     for p in result["pairs"]:
-        lines.append(f"{p['baseline']:<18} {p['target_density']:>6.2f} {p['baseline_density']:>8.3f} "
-                     f"{p['baseline_psnr']:>7.2f} | {p['searched_density']:>8.3f} {p['searched_psnr']:>7.2f} "
-                     f"{p['psnr_gain']:>+6.2f}")
+        lines.append(f"{p['baseline']:<18} {p['target_density']:>6.2f} {p['matched_on']:>7} {p['baseline_density']:>8.3f} "
+                     f"{ms(p['baseline_attention_ms']):>8} {p['baseline_psnr']:>7.2f} | {p['searched_density']:>8.3f} "
+                     f"{ms(p['searched_attention_ms']):>8} {p['searched_psnr']:>7.2f} {p['psnr_gain']:>+6.2f}")
+    timing = result["attention_time_prediction"]
+    if timing["records"]:
+        lines.append(f"attention time predicted by the measured candidate costs vs measured per plan: median error "
+                     f"{timing['median_abs_rel_error']:.1%}, worst {timing['worst_abs_rel_error']:.1%} over "
+                     f"{timing['records']} plans")
     rho = result["rank_correlation_psnr_vs_predicted_error"]
     lines.append(f"searched plan ahead in {result['searched_wins']} of {result['pairs_compared']} pairs; rank "
                  f"correlation of PSNR with -predicted error over {result['records_ranked']} records: "
@@ -1153,6 +1301,8 @@ def quality_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timing-repeats", type=int, default=2, help="timed single-video runs per method (CUDA)")
     parser.add_argument("--time-attention", choices=("auto", "yes", "no"), default="auto",
                         help="time each plan's attention on one real call's q/k/v (auto: on CUDA)")
+    parser.add_argument("--match", choices=("auto", "density", "time", "both"), default="auto",
+                        help="budget of the searches matched to each baseline (auto: time when attention is timed)")
     parser.add_argument("--step-ranges", type=int, default=1, help="most step ranges after the warm-up (searched plan)")
     parser.add_argument("--no-matched", dest="matched", action="store_false",
                         help="skip the searched plans at each baseline's own density (run only one per target)")
@@ -1163,7 +1313,8 @@ def quality_main(argv: list[str] | None = None) -> int:
                                warmup_fraction=args.warmup_fraction, methods=tuple(args.methods.split(",")),
                                calib_prompts=args.calib_prompts, batch_size=args.batch_size,
                                timing_repeats=args.timing_repeats, step_ranges=args.step_ranges, matched=args.matched,
-                               time_attention={"auto": None, "yes": True, "no": False}[args.time_attention])
+                               time_attention={"auto": None, "yes": True, "no": False}[args.time_attention],
+                               match=args.match)
         pipe, weights_meta = _load_pipe(args.proxy, device, getattr(torch, args.dtype), args.weights)
     except (ValueError, FileNotFoundError) as error:
         print(f"vdopt-bench quality: error: {error}", file=sys.stderr)

@@ -30,6 +30,14 @@ after ``min_dense_warmup`` is split into at most ``max_step_ranges`` ranges of c
 ``incumbents`` (e.g. single-strategy baselines) are scored by the same objective and win when the discretised DP
 does worse, so the result's predicted error is never above that of any incumbent within the budget.
 
+**Time budget** (``budget="time"``): the same objective at a mean attention time per step after the warm-up of at
+most ``time_budget_ms`` (all sites), the time of a site's head assignment priced by :class:`SiteCosts`: per head
+group a fixed cost (launch, selection, permutation) plus a per-head cost, and a mixing cost when a site runs more
+than one group. The costs come from the target's cost model, or from timings of the runtime on the actual shapes
+(the quality harness measures them on the GPU it runs on). Per site and step group, every set of at most
+``max_site_groups`` groups is priced exactly; across sites a Lagrange multiplier on time is bisected to the budget.
+Incumbents are scored by the same time model and win when they are better within the budget.
+
 No randomness: ties go to the candidate listed first (calibration's order) and to fewer ranges, so a fixed
 calibration (fixed seed) gives the same plan.
 """
@@ -68,7 +76,9 @@ class SearchConfig:
     calibration sample of its range: the minimum over samples, not the mean, so it holds on unseen inputs) or
     ``"error"`` (each site's predicted output relative error <= ``error_budget`` at every range, heads traded
     against each other by the knapsack) or ``"density"`` (the least predicted output error, summed over sites,
-    at a mean attention density <= ``density_budget`` after the dense warm-up; see the module docstring).
+    at a mean attention density <= ``density_budget`` after the dense warm-up; see the module docstring) or
+    ``"time"`` (the same objective at a mean attention time per step <= ``time_budget_ms``, priced by
+    :class:`SiteCosts`; ``max_site_groups``: most head groups, dense included, one site may run).
     ``error_bins`` / ``density_bins``: discretisation of the error / density budget for the DP.
     ``min_dense_warmup``: fraction of the noisiest denoising time kept dense whatever the data says.
     ``max_step_ranges``: most step ranges per site (each range is another pattern set to build and cache).
@@ -87,6 +97,8 @@ class SearchConfig:
     density_budget: float = 0.2
     density_bins: int = 8192
     max_step_ranges: int = 4
+    time_budget_ms: float = 0.0
+    max_site_groups: int = 2
     tokens: int | None = None
     attention_share: float = WAN_1_3B_ATTENTION_SHARE
     progress: bool = True
@@ -96,9 +108,15 @@ class SearchConfig:
             raise ValueError(f"recall_budget must be in (0, 1], got {self.recall_budget}")
         if not 0.0 <= self.min_dense_warmup <= 1.0:
             raise ValueError(f"min_dense_warmup must be in [0, 1], got {self.min_dense_warmup}")
-        if self.budget not in ("recall", "error", "density"):
-            raise ValueError(f"budget must be 'recall' (per-head recall floor), 'error' (site error) or 'density' "
-                             f"(least error at a mean density), got {self.budget!r}")
+        if self.budget not in ("recall", "error", "density", "time"):
+            raise ValueError(f"budget must be 'recall' (per-head recall floor), 'error' (site error), 'density' "
+                             f"(least error at a mean density) or 'time' (least error at a mean attention time), "
+                             f"got {self.budget!r}")
+        if self.budget == "time" and not self.time_budget_ms > 0.0:
+            raise ValueError(f"budget='time' needs time_budget_ms > 0 (mean attention ms per step after the warm-up, "
+                             f"all sites), got {self.time_budget_ms}")
+        if self.max_site_groups < 1:
+            raise ValueError(f"max_site_groups must be >= 1, got {self.max_site_groups}")
         if not 0.0 < self.density_budget <= 1.0:
             raise ValueError(f"density_budget must be in (0, 1] (mean kept fraction, e.g. 0.2), got {self.density_budget}")
         if self.density_bins < 1:
@@ -675,10 +693,189 @@ def _density_choice(calibration: CalibrationResult, config: SearchConfig, incumb
     return items, choice, groups, t_warmup, record
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Time budget: the same objective at a mean attention time, head groups priced by SiteCosts
+
+
+@dataclass(frozen=True)
+class LaunchCost:
+    """Seconds of one head group at a site: ``fixed`` once per group (launch, selection, permutation in and out),
+    ``per_head`` for each head in it."""
+
+    fixed: float
+    per_head: float
+
+
+@dataclass
+class SiteCosts:
+    """Attention seconds of any head assignment at each site.
+
+    ``per_site[site][label]``: the :class:`LaunchCost` of a group running candidate ``label`` (``"dense"``
+    included); ``mixing[site]``: added once when the site runs more than one group (selecting head subsets and
+    assembling the output); ``source``: where the figures come from.
+    """
+
+    per_site: dict[str, dict[str, LaunchCost]]
+    mixing: dict[str, float]
+    source: str
+
+    def seconds(self, site: str, labels: Sequence[str]) -> float:
+        """Seconds of one call of ``site`` with head ``h`` running ``labels[h]``."""
+        table = self.per_site[site]
+        counts: dict[str, int] = {}
+        for label in labels:
+            counts[label] = counts.get(label, 0) + 1
+        missing = [label for label in counts if label not in table]
+        if missing:
+            raise ValueError(f"no cost for {missing[0]!r} at site {site}; measure or price every calibrated candidate")
+        total = sum(table[label].fixed + table[label].per_head * n for label, n in counts.items())
+        return total + (self.mixing.get(site, 0.0) if len(counts) > 1 else 0.0)
+
+    @classmethod
+    def from_cost_model(cls, calibration: CalibrationResult, target: str = "h100",
+                        config: SearchConfig = SearchConfig()) -> SiteCosts:
+        """Prices from the target's cost model at each candidate's mean calibrated density (no mixing cost)."""
+        cost = CostModel.for_target(target)
+        per_site: dict[str, dict[str, LaunchCost]] = {}
+        for name, stats in calibration.sites.items():
+            problem = _SiteProblem(stats, calibration.candidates, cost, config)
+            table = {}
+            for label, strategy in [("dense", Dense()), *calibration.candidates.items()]:
+                if label != "dense" and label not in stats.density:
+                    continue
+                values = [d for sample in stats.density.get(label, [[1.0]]) for d in sample]
+                priced = problem.strategy_cost(label, strategy, sum(values) / len(values))
+                table[label] = LaunchCost(sum(priced.groups.values()), priced.per_head)
+            per_site[name] = table
+        return cls(per_site, {name: 0.0 for name in per_site}, f"cost model for {target}")
+
+
+def _blocks(items: list[_DensityItem]) -> dict[tuple[str, int], list[int]]:
+    """Item indices per (site, step group), in head order."""
+    out: dict[tuple[str, int], list[int]] = {}
+    for k, item in enumerate(items):
+        out.setdefault((item.site, item.group), []).append(k)
+    return out
+
+
+def _block_seconds(costs: SiteCosts, items: list[_DensityItem], members: list[int], picks: list[int]) -> float:
+    site = items[members[0]].site
+    return costs.seconds(site, [items[k].options[i].label for k, i in zip(members, picks)])
+
+
+def predicted_attention_seconds(plan: Plan, calibration: CalibrationResult, costs: SiteCosts,
+                                t_warmup: float) -> float:
+    """Mean attention seconds per call after the warm-up (all calibrated sites) of ``plan``, priced by ``costs``
+    at every calibration time with ``t <= t_warmup``."""
+    total, times = 0.0, sorted({t for st in calibration.sites.values() for t in st.times if t <= t_warmup + 1e-9})
+    if not times:
+        raise ValueError(f"no calibration sample with t <= {t_warmup:g}")
+    for t in times:
+        for name, stats in calibration.sites.items():
+            site_plan = plan.site(name)
+            labels = [s.label() for s in site_plan.strategies_at(t)] if site_plan else ["dense"] * stats.site.heads
+            total += costs.seconds(name, labels)
+    return total / len(times)
+
+
+def _time_choice(calibration: CalibrationResult, config: SearchConfig, costs: SiteCosts, incumbents: list[Plan],
+                 ) -> tuple[list[_DensityItem], list[int], list[list[float]], float, dict[str, Any]]:
+    """Least predicted error at mean attention seconds per step <= the budget; same returns as _density_choice."""
+    t_warmup = 1.0 - config.min_dense_warmup
+    times = sorted({t for stats in calibration.sites.values() for t in stats.times if t <= t_warmup + 1e-9}, reverse=True)
+    if not times:
+        raise ValueError(f"no calibration sample after the dense warm-up (t <= {t_warmup:g}); lower min_dense_warmup "
+                         "or record later denoising steps")
+    groups = _step_groups(times, config.max_step_ranges)
+    items = _density_items(calibration, groups, t_warmup)
+    budget = config.time_budget_ms * 1e-3
+    blocks = _blocks(items)
+    # Per block: the error of every option per head, and every allowed group set with its seconds.
+    prepared = []
+    for (site, g), members in blocks.items():
+        weight = len(groups[g]) / len(times)  # share of the post-warm-up steps this step group covers
+        error = np.array([[o.seconds for o in items[k].options] for k in members])  # [heads, labels]
+        labels = [o.label for o in items[members[0]].options]
+        table = costs.per_site.get(site)
+        if table is None or any(label not in table for label in labels):
+            raise ValueError(f"SiteCosts has no price for every calibrated candidate at site {site}")
+        per_head = np.array([table[label].per_head for label in labels]) * weight
+        fixed = np.array([table[label].fixed for label in labels]) * weight
+        mixing = costs.mixing.get(site, 0.0) * weight
+        sets = [c for r in range(1, config.max_site_groups + 1) for c in itertools.combinations(range(len(labels)), r)]
+        prepared.append((members, error, per_head, fixed, mixing, sets))
+
+    def solve(lam: float) -> tuple[float, float, list[int]]:
+        err_total, sec_total = 0.0, 0.0
+        choice = [0] * len(items)
+        for members, error, per_head, fixed, mixing, sets in prepared:
+            value = error + lam * per_head[None, :]
+            best = None
+            for combo in sets:
+                idx = list(combo)
+                local = value[:, idx]
+                pick = local.argmin(1)
+                v = float(local[np.arange(len(members)), pick].sum()) + lam * (float(fixed[idx].sum())
+                                                                              + (mixing if len(idx) > 1 else 0.0))
+                if best is None or v < best[0] - 1e-18:
+                    best = (v, [idx[i] for i in pick])
+            picks = best[1]  # type: ignore[index]
+            used = set(picks)
+            err_total += float(sum(error[h, i] for h, i in enumerate(picks)))
+            sec_total += float(sum(per_head[i] for i in picks) + sum(fixed[i] for i in used)
+                               + (mixing if len(used) > 1 else 0.0))
+            for k, i in zip(members, picks):
+                choice[k] = i
+        return err_total, sec_total, choice
+
+    lo, hi = 0.0, 1.0
+    error, seconds, choice = solve(hi)
+    while seconds > budget * (1 + 1e-9):
+        if hi > 1e15:
+            raise RuntimeError(f"no plan meets the time budget {config.time_budget_ms:g} ms per step even at the "
+                               f"fastest option of every head (fastest found: {seconds * 1e3:.3f} ms)")
+        lo, hi = hi, hi * 16
+        error, seconds, choice = solve(hi)
+    for _ in range(60):  # the least multiplier (least error) that still meets the budget
+        mid = math.sqrt(lo * hi) if lo > 0 else hi / 1e6
+        e, sec, c = solve(mid)
+        if sec <= budget * (1 + 1e-9):
+            hi, error, seconds, choice = mid, e, sec, c
+        else:
+            lo = mid
+        if lo > 0 and hi / lo < 1 + 1e-6:
+            break
+    winner = None
+    for plan in incumbents:
+        picked = _incumbent_choice(plan, items, calibration, groups, t_warmup)
+        if picked is None:
+            continue
+        inc_error = sum(items[k].options[i].seconds for k, i in enumerate(picked))
+        inc_seconds = sum(_block_seconds(costs, items, members, [picked[k] for k in members])
+                          * len(groups[g]) / len(times) for (_, g), members in blocks.items())
+        if inc_seconds <= budget * (1 + 1e-9) and inc_error < error - 1e-15:
+            error, seconds, choice, winner = inc_error, inc_seconds, picked, plan.search.get("method", "incumbent")
+    record = {"predicted_sq_error": error,
+              "objective": ("model-output relative squared error, sites weighted by measured output gains"
+                            if _output_gains(calibration) else "sum over sites of squared relative attention error "
+                            "(calibration measured no output gains)"),
+              "predicted_attention_ms": seconds * 1e3, "time_budget_ms": config.time_budget_ms,
+              "site_costs": costs.source, "max_site_groups": config.max_site_groups,
+              "density_after_warmup": sum(items[k].options[i].weight for k, i in enumerate(choice)),
+              "from_incumbent": winner}
+    return items, choice, groups, t_warmup, record
+
+
 def _density_schedules(calibration: CalibrationResult, cost: CostModel, config: SearchConfig, incumbents: list[Plan],
+                       site_costs: SiteCosts | None = None,
                        ) -> tuple[dict[str, list[tuple[float, float, _RangeResult]]], dict[str, Any]]:
-    """Per site, its ranges (t_start, t_end, result) under the density budget; plus the search-wide record."""
-    items, choice, groups, t_warmup, record = _density_choice(calibration, config, incumbents)
+    """Per site, its ranges (t_start, t_end, result) under the density (or time) budget; plus the search-wide record."""
+    if config.budget == "time":
+        if site_costs is None:
+            raise ValueError("budget='time' needs site_costs (SiteCosts.from_cost_model or measured timings)")
+        items, choice, groups, t_warmup, record = _time_choice(calibration, config, site_costs, incumbents)
+    else:
+        items, choice, groups, t_warmup, record = _density_choice(calibration, config, incumbents)
     picked: dict[tuple[str, int], list[Option]] = {}
     for item, i in zip(items, choice):
         picked.setdefault((item.site, item.group), []).append(item.options[i])
@@ -749,14 +946,17 @@ def _range_result(problem: _SiteProblem, chosen: list[Option], rel_error: float,
 
 def search_with_report(model: nn.Module, calibration: CalibrationResult, sites: list[AttentionSite],
                        target: str = "h100", config: SearchConfig = SearchConfig(),
-                       incumbents: Sequence[Plan] = ()) -> tuple[Plan, SearchReport]:
+                       incumbents: Sequence[Plan] = (), site_costs: SiteCosts | None = None,
+                       ) -> tuple[Plan, SearchReport]:
     """:func:`search`, also returning what it decided and why (for ``--explain``)."""
     cost = CostModel.for_target(target)
     report = SearchReport(config, target)
     per_site: dict[str, list[tuple[float, float, _RangeResult]]] = {}
     record: dict[str, Any] = {}
-    if config.budget == "density":
-        per_site, record = _density_schedules(calibration, cost, config, list(incumbents))
+    if config.budget in ("density", "time"):
+        if config.budget == "time" and site_costs is None:
+            site_costs = SiteCosts.from_cost_model(calibration, target, config)
+        per_site, record = _density_schedules(calibration, cost, config, list(incumbents), site_costs)
     else:
         stats_list = list(calibration.sites.values())
         for stats in tqdm(stats_list, desc="vdopt: searching sites", leave=False, disable=not config.progress or None):
@@ -795,7 +995,9 @@ def search_with_report(model: nn.Module, calibration: CalibrationResult, sites: 
     starts = [r.t_start for s in site_plans for r in s.schedule if not all(isinstance(h, Dense) for h in r.heads)]
     budgets = {"recall": f"recall >= {config.recall_budget:g} per head",
                "error": f"site relative error <= {config.error_budget:g}",
-               "density": f"least predicted error at mean density <= {config.density_budget:g} after the warm-up"}
+               "density": f"least predicted error at mean density <= {config.density_budget:g} after the warm-up",
+               "time": f"least predicted error at mean attention time <= {config.time_budget_ms:g} ms per step after "
+                       "the warm-up"}
     predictions: dict[str, Any] = {
         "attention_speedup": attention_speedup,
         "end_to_end_speedup": 1.0 / ((1.0 - share) + share / attention_speedup),
@@ -821,10 +1023,12 @@ def search_with_report(model: nn.Module, calibration: CalibrationResult, sites: 
 
 
 def search(model: nn.Module, calibration: CalibrationResult, sites: list[AttentionSite], target: str = "h100",
-           config: SearchConfig = SearchConfig(), incumbents: Sequence[Plan] = ()) -> Plan:
+           config: SearchConfig = SearchConfig(), incumbents: Sequence[Plan] = (),
+           site_costs: SiteCosts | None = None) -> Plan:
     """Choose a strategy per head, step range and site that minimises predicted latency under the budget (or, with
-    ``budget="density"``, the predicted error under a density budget; ``incumbents`` are plans it must match)."""
-    return search_with_report(model, calibration, sites, target, config, incumbents)[0]
+    ``budget="density"`` / ``"time"``, the predicted error under a density / attention-time budget, the latter priced
+    by ``site_costs`` or the target's cost model; ``incumbents`` are plans it must match)."""
+    return search_with_report(model, calibration, sites, target, config, incumbents, site_costs)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
