@@ -197,11 +197,13 @@ class LoweredAttention(nn.Module):
             sparse_out = video_out.to(query.dtype)
         if self.sparse_all_heads:
             return sparse_out
+        out = torch.empty_like(query)
+        out[:, self.sparse_index] = sparse_out
+        if not self.dense_heads:  # every head sparse, in another order than the model's (e.g. permuted heads first)
+            return out
         dense_out = F.scaled_dot_product_attention(query.index_select(1, self.dense_index),
                                                    key.index_select(1, self.dense_index),
                                                    value.index_select(1, self.dense_index), scale=scale)
-        out = torch.empty_like(query)
-        out[:, self.sparse_index] = sparse_out
         out[:, self.dense_index] = dense_out
         return out
 

@@ -243,7 +243,11 @@ def test_attention_milliseconds_runs_each_site_as_planned() -> None:
 
     site = sites[0]
     q, k, v, mask, scale = recorded[site.name]
+    from vdopt.strategies import TemporalWindow
+
     for strategies, kind in (([SpatialWindow(0), Dense()] * (site.heads // 2), LoweredAttention),
+                             # every head sparse, permuted heads launched after in-order ones: a head reorder
+                             ([SpatialWindow(0), TemporalWindow(1)] * (site.heads // 2), LoweredAttention),
                              ([SemanticKMeans(4, 4, 0.9)] * site.heads, PlannedAttention)):
         runner = site_runner(site, strategies, 16, q)
         assert isinstance(runner, kind)
