@@ -648,17 +648,23 @@ def _incumbent_choice(plan: Plan, items: list[_DensityItem], calibration: Calibr
     return choice
 
 
-def _density_choice(calibration: CalibrationResult, config: SearchConfig, incumbents: list[Plan],
-                    ) -> tuple[list[_DensityItem], list[int], list[list[float]], float, dict[str, Any]]:
-    """Solve the density knapsack; returns the items, the chosen option per item, the step groups, the warm-up time
-    and what the predictions should record (objective, lower bound, winning incumbent)."""
+def _post_warmup_items(calibration: CalibrationResult, config: SearchConfig,
+                       ) -> tuple[float, list[float], list[list[float]], list[_DensityItem]]:
+    """The warm-up cut, the calibration times after it (noisiest first), their step groups and the knapsack items."""
     t_warmup = 1.0 - config.min_dense_warmup
     times = sorted({t for stats in calibration.sites.values() for t in stats.times if t <= t_warmup + 1e-9}, reverse=True)
     if not times:
         raise ValueError(f"no calibration sample after the dense warm-up (t <= {t_warmup:g}); lower min_dense_warmup "
                          "or record later denoising steps")
     groups = _step_groups(times, config.max_step_ranges)
-    items = _density_items(calibration, groups, t_warmup)
+    return t_warmup, times, groups, _density_items(calibration, groups, t_warmup)
+
+
+def _density_choice(calibration: CalibrationResult, config: SearchConfig, incumbents: list[Plan],
+                    ) -> tuple[list[_DensityItem], list[int], list[list[float]], float, dict[str, Any]]:
+    """Solve the density knapsack; returns the items, the chosen option per item, the step groups, the warm-up time
+    and what the predictions should record (objective, lower bound, winning incumbent)."""
+    t_warmup, _, groups, items = _post_warmup_items(calibration, config)
     options = [item.options for item in items]
     capacity = config.density_bins
     unit = config.density_budget / capacity
@@ -781,13 +787,7 @@ def predicted_attention_seconds(plan: Plan, calibration: CalibrationResult, cost
 def _time_choice(calibration: CalibrationResult, config: SearchConfig, costs: SiteCosts, incumbents: list[Plan],
                  ) -> tuple[list[_DensityItem], list[int], list[list[float]], float, dict[str, Any]]:
     """Least predicted error at mean attention seconds per step <= the budget; same returns as _density_choice."""
-    t_warmup = 1.0 - config.min_dense_warmup
-    times = sorted({t for stats in calibration.sites.values() for t in stats.times if t <= t_warmup + 1e-9}, reverse=True)
-    if not times:
-        raise ValueError(f"no calibration sample after the dense warm-up (t <= {t_warmup:g}); lower min_dense_warmup "
-                         "or record later denoising steps")
-    groups = _step_groups(times, config.max_step_ranges)
-    items = _density_items(calibration, groups, t_warmup)
+    t_warmup, times, groups, items = _post_warmup_items(calibration, config)
     budget = config.time_budget_ms * 1e-3
     blocks = _blocks(items)
     # Per block: the error of every option per head, and every allowed group set with its seconds.
