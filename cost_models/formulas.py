@@ -145,9 +145,10 @@ def overhead_kernels(strategy_kind: str, iterations: int) -> list[tuple[str, int
     ``strategy_kind``: ``"static"`` (layout-only, token order unchanged), ``"permuted"`` (layout-only with a
     token permutation: gather Q, K, V and scatter O), ``"pooled"`` (pooled block selection), ``"kmeans"``
     (Sparse VideoGen2's semantic permutation, ``iterations`` Lloyd steps over Q and over K). The k-means counts
-    follow kernels/kmeans.py: an iteration is one assignment and one update (the update sorts the labels itself,
-    inside ``kmeans_update``'s measured time), then one sort makes the permutation; after attention the output and
-    its fp32 log-sum-exp are scattered back (vdopt/attention.py).
+    follow kernels/kmeans.py: an iteration is one fused pass (assignment and per-cluster sums, then a finalize),
+    priced as ``kmeans_assign`` plus ``kmeans_update`` (what the fused iteration takes beyond assigning), then one
+    counting sort makes the permutation; after attention the output and its fp32 log-sum-exp are scattered back
+    (vdopt/attention.py).
     """
     if strategy_kind == "static":
         return []
