@@ -916,9 +916,10 @@ def run_quality(pipe: Any, config: QualityConfig = QualityConfig(), proxy: str =
             dense_attention_ms = attention_milliseconds(None, timed_sites, recorded, t_timed)["total_ms"]
             common["attention_timing"] = (
                 f"attention_ms: the {len(timed_sites)} self-attention sites of one transformer call at t={t_timed:.3f} "
-                f"(after the warm-up), batch {2 * len(pairs[:config.batch_size])} (CFG), run as the eager runtime "
-                "runs them (selection, permutation included) on that call's q/k/v; per site the median of 10 "
-                "timed calls (CUDA events) after 3 warm-up calls; dense = SDPA")
+                f"(after the warm-up), batch {2 * len(pairs[:config.batch_size])} (CFG), each site run through "
+                "site_runner as a compiled phase runs it, uncompiled (LoweredAttention; k-means sites the eager "
+                "PlannedAttention; selection and permutation included) on that call's q/k/v; per site the median of "
+                "10 timed calls (CUDA events) after 3 warm-up calls; dense = SDPA")
         timing_inputs.clear()
         dense_seconds = seconds_per_video(pipe, pairs[0][0], pairs[0][1], config.steps, config.timing_repeats)
 
