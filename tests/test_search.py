@@ -429,6 +429,12 @@ def test_time_search_meets_its_budget_and_matches_brute_force_with_the_optimum_a
             except RuntimeError:
                 errors.append(float("inf"))
         assert errors == sorted(errors, reverse=True)
+        # One group per site: every head of a site runs the same candidate (or all are dense).
+        single = SearchConfig(budget="time", time_budget_ms=budget * 1e3, min_dense_warmup=1 - t_warmup,
+                              max_step_ranges=1, max_site_groups=1, progress=False)
+        one = search(model, calibration, sites, "h100", single, site_costs=costs)
+        assert all(len({h.label() for h in site.strategies_at(0.1)}) == 1 for site in one.sites)
+        assert _seconds_by_hand(one, calibration, costs, t_warmup) <= budget * (1 + 1e-9)
         with pytest.raises(RuntimeError, match="no plan meets the time budget"):
             search(model, calibration, sites, "h100", SearchConfig(budget="time", time_budget_ms=1e-6,
                                                                     min_dense_warmup=1 - t_warmup, progress=False),

@@ -802,28 +802,31 @@ def _time_choice(calibration: CalibrationResult, config: SearchConfig, costs: Si
         per_head = np.array([table[label].per_head for label in labels]) * weight
         fixed = np.array([table[label].fixed for label in labels]) * weight
         mixing = costs.mixing.get(site, 0.0) * weight
-        sets = [c for r in range(1, config.max_site_groups + 1) for c in itertools.combinations(range(len(labels)), r)]
+        # Every set of 1..max_site_groups groups, by size then lexicographically (ties go to the first listed).
+        sets = []
+        for r in range(1, min(config.max_site_groups, len(labels)) + 1):
+            combos = np.array(list(itertools.combinations(range(len(labels)), r)), dtype=np.int64)
+            sets.append((combos, fixed[combos].sum(1) + (mixing if r > 1 else 0.0)))
         prepared.append((members, error, per_head, fixed, mixing, sets))
 
     def solve(lam: float) -> tuple[float, float, list[int]]:
         err_total, sec_total = 0.0, 0.0
         choice = [0] * len(items)
+        heads_axis = None
         for members, error, per_head, fixed, mixing, sets in prepared:
-            value = error + lam * per_head[None, :]
-            best = None
-            for combo in sets:
-                idx = list(combo)
-                local = value[:, idx]
-                pick = local.argmin(1)
-                v = float(local[np.arange(len(members)), pick].sum()) + lam * (float(fixed[idx].sum())
-                                                                              + (mixing if len(idx) > 1 else 0.0))
-                if best is None or v < best[0] - 1e-18:
-                    best = (v, [idx[i] for i in pick])
-            picks = best[1]  # type: ignore[index]
+            value = error + lam * per_head[None, :]  # [heads, labels]
+            best: tuple[float, np.ndarray] | None = None
+            for combos, combo_fixed in sets:
+                local = value[:, combos]  # [heads, sets, r]
+                totals = local.min(2).sum(0) + lam * combo_fixed
+                s = int(totals.argmin())
+                if best is None or totals[s] < best[0] - 1e-18:
+                    heads_axis = np.arange(len(members))
+                    best = (float(totals[s]), combos[s][local[:, s, :].argmin(1)])
+            picks = [int(i) for i in best[1]]  # type: ignore[index]
             used = set(picks)
-            err_total += float(sum(error[h, i] for h, i in enumerate(picks)))
-            sec_total += float(sum(per_head[i] for i in picks) + sum(fixed[i] for i in used)
-                               + (mixing if len(used) > 1 else 0.0))
+            err_total += float(error[heads_axis, picks].sum())
+            sec_total += float(per_head[picks].sum() + sum(fixed[i] for i in used) + (mixing if len(used) > 1 else 0.0))
             for k, i in zip(members, picks):
                 choice[k] = i
         return err_total, sec_total, choice
