@@ -411,6 +411,7 @@ def test_time_search_meets_its_budget_and_matches_brute_force_with_the_optimum_a
         assert predicted_attention_seconds(plan, calibration, costs, t_warmup) == pytest.approx(seconds, rel=1e-9)
         assert plan.predictions["predicted_attention_ms"] == pytest.approx(seconds * 1e3, rel=1e-9)
         assert plan.predictions["predicted_sq_error"] == pytest.approx(error, rel=1e-9)
+        assert plan.predictions["optimality_gap"] is None and "not bounded" in plan.summary()
         assert best <= error + 1e-12
         # The Lagrangian bisection reaches the convex hull of (time, error), not always the optimum; on these random
         # instances it stays within 2x of it.

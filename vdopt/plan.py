@@ -340,7 +340,8 @@ class Plan:
             (f"predicted quality ({p.get('quality_budget', '?')}): site error mean {num('attention_rel_error', '.3f')}, "
              f"max {num('max_rel_error', '.3f')}; min head recall {num('min_recall', '.3f')}; density "
              f"{num('attention_density', '.3f')}; dense warm-up {num('dense_warmup_fraction', '.0%')} of t; "
-             f"optimality gap <= {num('optimality_gap', '.1%')}"),
+             + (f"optimality gap <= {num('optimality_gap', '.1%')}" if p.get("optimality_gap", 0.0) is not None
+                else "optimality gap not bounded (Lagrangian search)")),
         ]
         if self.cache is not None:
             skip = self.cache.predicted.get("reused_fraction")

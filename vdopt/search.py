@@ -865,7 +865,8 @@ def _time_choice(calibration: CalibrationResult, config: SearchConfig, costs: Si
               "predicted_attention_ms": seconds * 1e3, "time_budget_ms": config.time_budget_ms,
               "site_costs": costs.source, "max_site_groups": config.max_site_groups,
               "density_after_warmup": sum(items[k].options[i].weight for k, i in enumerate(choice)),
-              "from_incumbent": winner}
+              "from_incumbent": winner,
+              "optimality_gap": None}  # the Lagrangian reaches the convex hull; it gives no bound on the gap
     return items, choice, groups, t_warmup, record
 
 
