@@ -165,6 +165,8 @@ def test_harness_end_to_end_on_tiny_untrained_proxy(tmp_path) -> None:
         assert record["predicted_attention_ms"] <= baseline["predicted_attention_ms"] * (1 + 1e-6)
         assert record["predicted_sq_error"] <= baseline["predicted_sq_error"] + 1e-12
     assert all(r["attention_ms"] > 0.0 for r in records) and "attention_timing" in records[0]
+    assert all(r["attention_ms"] == min(r["attention_ms_passes"]) and len(r["attention_ms_passes"]) == 2
+               for r in records)
     summary = _strict_json(paths["comparison"].read_text())
     assert [p["baseline"] for p in summary["pareto"]] == baselines
     assert summary["attention_time_prediction"]["records"] == len(records) - 1

@@ -919,7 +919,9 @@ def run_quality(pipe: Any, config: QualityConfig = QualityConfig(), proxy: str =
                 f"(after the warm-up), batch {2 * len(pairs[:config.batch_size])} (CFG), each site run through "
                 "site_runner as a compiled phase runs it, uncompiled (LoweredAttention; k-means sites the eager "
                 "PlannedAttention; selection and permutation included) on that call's q/k/v; per site the median of "
-                "10 timed calls (CUDA events) after 3 warm-up calls; dense = SDPA")
+                "10 timed calls (CUDA events) after 3 warm-up calls, summed over sites; every plan is timed twice "
+                "(after its videos, and in a second pass over all plans) and keeps the lesser total "
+                "(attention_ms_passes has both); dense = SDPA")
         timing_inputs.clear()
         dense_seconds = seconds_per_video(pipe, pairs[0][0], pairs[0][1], config.steps, config.timing_repeats)
 
@@ -997,6 +999,19 @@ def run_quality(pipe: Any, config: QualityConfig = QualityConfig(), proxy: str =
             records.append(record)
             plans[f"{mp.method}@{mp.target_density:g}" + (f"~{mp.matched_to}:{mp.matched_on}" if mp.matched_to else "")
                   ] = mp.plan
+            if on_update is not None:
+                on_update(result)
+        if timing is not None:
+            # A second timing pass over every plan, in the same order: interference (host jitter, clocks) only adds
+            # time, so each plan keeps the lesser of its two totals; both are recorded.
+            dense_again = attention_milliseconds(None, *timing)["total_ms"]
+            records[0]["attention_ms_passes"] = [records[0]["attention_ms"], dense_again]
+            records[0]["attention_ms"] = min(records[0]["attention_ms"], dense_again)
+            for mp, record in zip(method_plans, records[1:]):
+                again = attention_milliseconds(mp.plan, *timing)["total_ms"]
+                record["attention_ms_passes"] = [record["attention_ms"], again]
+                record["attention_ms"] = min(record["attention_ms"], again)
+                record["attention_speedup_vs_dense"] = records[0]["attention_ms"] / record["attention_ms"]
             if on_update is not None:
                 on_update(result)
         return result
