@@ -258,3 +258,24 @@ def test_attention_milliseconds_runs_each_site_as_planned() -> None:
         torch.testing.assert_close(runner(q, k, v, attn_mask=mask, scale=scale),
                                    eager(q, k, v, attn_mask=mask, scale=scale), rtol=1e-4, atol=1e-5)
     assert site_runner(site, [Dense()] * site.heads, 16, q) is torch.nn.functional.scaled_dot_product_attention
+
+
+def test_load_records_restores_infinite_psnr(tmp_path) -> None:
+    import math
+
+    from vdopt.quality import QualityResult, load_records, pareto_comparison
+
+    run = {"n_prompts": 1, "n_seeds": 1, "steps": 4, "warmup_steps": 1, "device": "cpu"}
+    records = [{"method": "dense", "target_density": 1.0, "density": 1.0, "psnr": math.inf, "ssim": 1.0,
+                "rel_l2": 0.0, "attention_ms": 10.0, **run},
+               {"method": "searched", "target_density": 0.2, "density": 1.0, "psnr": math.inf, "ssim": 1.0,
+                "rel_l2": 0.0, "attention_ms": 9.0, **run},
+               {"method": "a", "target_density": 0.2, "density": 0.2, "psnr": 20.0, "ssim": 0.8, "rel_l2": 0.1,
+                "attention_ms": 12.0, **run}]
+    write_results(QualityResult(records, {"layers": []}), tmp_path)
+    text = (tmp_path / "quality.json").read_text()
+    assert "Infinity" not in text and _strict_json(text)[1]["psnr"] is None
+    loaded = load_records(tmp_path / "quality.json")
+    assert loaded[1]["psnr"] == math.inf and loaded[2]["psnr"] == 20.0
+    (entry,) = pareto_comparison(loaded)
+    assert entry["wins_at_equal_time"] and entry["searched_at_equal_time_equals_dense"]

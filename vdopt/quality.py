@@ -1125,6 +1125,8 @@ def pareto_comparison(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]
         out.append({
             "baseline": b["method"], "target_density": b["target_density"], "baseline_attention_ms": b["attention_ms"],
             "baseline_psnr": b["psnr"], "searched_psnr_at_equal_time": psnr_at_time,
+            # JSON has no infinity: a searched plan identical to dense (PSNR inf) is written as null, so say so.
+            "searched_at_equal_time_equals_dense": psnr_at_time is not None and math.isinf(psnr_at_time),
             "searched_attention_ms_at_equal_psnr": time_at_psnr,
             "wins_at_equal_time": psnr_at_time is not None and psnr_at_time > b["psnr"],
             "wins_at_equal_psnr": time_at_psnr is not None and time_at_psnr < b["attention_ms"],
@@ -1175,6 +1177,16 @@ def comparison(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "note": ("searched plans with matched_to were searched at that baseline's predicted density; densities "
                  "here are as measured on the evaluation prompts (dynamic patterns drift from calibration)"),
     }
+
+
+def load_records(path: str | Path) -> list[dict[str, Any]]:
+    """Records from a ``quality.json``, with the PSNR of videos identical to dense (written as null, since JSON
+    has no infinity; relative L2 0) restored to ``inf``."""
+    records = json.loads(Path(path).read_text())
+    for r in records:
+        if r.get("psnr") is None and r.get("rel_l2") == 0.0:
+            r["psnr"] = math.inf
+    return records
 
 
 def write_results(result: QualityResult, out: str | Path) -> dict[str, Path]:
