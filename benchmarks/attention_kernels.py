@@ -15,7 +15,10 @@ self-attention shapes on the same random per-head block masks:
                 every denoising step; the record names the backend that ran
   op_unmemoized the op with the lists' version counter bumped before every call, so its conversion of the lists
                 for FA4 runs every time (what freshly built lists, e.g. a dynamic selection's, cost)
-  cluster       vdopt's variable-size cluster kernel on random cluster sizes, at (close to) equal kept FLOPs
+  cluster       vdopt's variable-size cluster kernel on random cluster sizes, at (close to) equal kept FLOPs,
+                through the op: padded key tiles (cluster_*), packed key tiles (cluster_packed_*), and packed with
+                64-row query tiles called directly (cluster_packed_m64_*); cluster_*tile_tflop are the FLOPs of the
+                tiles each mode computes, padding included
 FA4 and the op are timed in alternating rounds (``--rounds``, the median kept; ``vdopt_vs_fa4`` is the median of
 the rounds' ratios), so drift of the GPU's clocks between them does not read as op overhead. Host time per call
 (``*_host_us``: enqueueing 10 calls, no synchronisation) is recorded beside, to show how far the host runs ahead.
@@ -173,12 +176,17 @@ def kept_flops_clusters(q_offsets, kv_offsets, indices, counts, head_dim) -> flo
     return float(4 * head_dim * (kept * q_sizes).sum())
 
 
-def computed_flops_clusters(q_offsets, kv_offsets, indices, counts, head_dim, block_m=128, block_n=64) -> float:
-    """FLOPs the cluster kernel actually runs: whole BLOCK_M x BLOCK_N tiles, partial ones included."""
+def computed_flops_clusters(q_offsets, kv_offsets, indices, counts, head_dim, block_m=128, block_n=64,
+                            kv_packing=False) -> float:
+    """FLOPs the cluster kernel actually runs: whole BLOCK_M x BLOCK_N tiles, partial ones included. Key tiles
+    per query cluster: padded, the sum over kept clusters of ceil(size / BLOCK_N); packed, ceil(kept keys / BLOCK_N)."""
     q_tiles = torch.div(q_offsets[..., 1:] - q_offsets[..., :-1] + block_m - 1, block_m, rounding_mode="floor")
-    kv_tiles = torch.div(kv_offsets[..., 1:] - kv_offsets[..., :-1] + block_n - 1, block_n, rounding_mode="floor")
+    sizes = kv_offsets[..., 1:] - kv_offsets[..., :-1]
+    per_cluster = sizes if kv_packing else torch.div(sizes + block_n - 1, block_n, rounding_mode="floor")
     used = torch.arange(indices.shape[-1], device=indices.device) < counts[..., None]
-    kept = torch.where(used, kv_tiles.gather(-1, indices.long().flatten(2)).view_as(indices), 0).sum(-1)
+    kept = torch.where(used, per_cluster.gather(-1, indices.long().flatten(2)).view_as(indices), 0).sum(-1)
+    if kv_packing:
+        kept = torch.div(kept + block_n - 1, block_n, rounding_mode="floor")
     return float(4 * head_dim * block_m * block_n * (kept.double() * q_tiles.double()).sum())
 
 
@@ -354,12 +362,16 @@ SWEEP_BLOCK = {  # name: (config (BLOCK_M, BLOCK_N, stages, warps), use_tma, rag
     "ptr_128x64_s3_w8_br": ((128, 64, 3, 8), False, 2),
     "ptr_128x64_s2_w4_br": ((128, 64, 2, 4), False, 2),
 }
-SWEEP_CLUSTER = {
-    "tma_128x64_s2_w4_br": ((128, 64, 2, 4), True, 2),
-    "tma_128x64_s2_w4_all": ((128, 64, 2, 4), True, 1),
-    "tma_64x64_s2_w4_br": ((64, 64, 2, 4), True, 2),
-    "tma_128x128_s2_w8_br": ((128, 128, 2, 8), True, 2),
-    "tma_128x64_s3_w4_br": ((128, 64, 3, 4), True, 2),
+SWEEP_CLUSTER = {  # name: (config, use_tma, ragged mode, kv_packing); packed tiles gather K and V (TMA for Q only)
+    "tma_128x64_s2_w4_br": ((128, 64, 2, 4), True, 2, False),
+    "tma_128x64_s2_w4_all": ((128, 64, 2, 4), True, 1, False),
+    "tma_64x64_s2_w4_br": ((64, 64, 2, 4), True, 2, False),
+    "tma_128x128_s2_w8_br": ((128, 128, 2, 8), True, 2, False),
+    "tma_128x64_s3_w4_br": ((128, 64, 3, 4), True, 2, False),
+    "packed_128x64_s2_w4_br": ((128, 64, 2, 4), True, 2, True),
+    "packed_128x64_s3_w8_br": ((128, 64, 3, 8), True, 2, True),
+    "packed_64x64_s2_w4_br": ((64, 64, 2, 4), True, 2, True),
+    "packed_128x128_s2_w8_br": ((128, 128, 2, 8), True, 2, True),
 }
 
 
@@ -377,9 +389,10 @@ def sweep(args) -> None:
             worst = float("inf")
         if not math.isfinite(worst):
             bad.add(name)
-    for name, (config, tma, mode) in SWEEP_CLUSTER.items():
+    for name, (config, tma, mode, packing) in SWEEP_CLUSTER.items():
         try:
-            worst = check_cluster("cluster_" + name, device, config=config, use_tma=tma, kv_ragged_mode=mode)
+            worst = check_cluster("cluster_" + name, device, config=config, use_tma=tma, kv_ragged_mode=mode,
+                                  kv_packing=packing)
         except Exception as e:  # noqa: BLE001
             log(f"  cluster_{name}: ERROR {type(e).__name__}: {str(e)[:400]}")
             worst = float("inf")
@@ -421,11 +434,11 @@ def sweep(args) -> None:
                 kv_off = random_clusters(batch, heads, tokens, nb, 12, device)
                 cidx, ccnt = random_block_lists(batch, heads, nb, nb, kept, 13, device)
                 cflops = kept_flops_clusters(q_off, kv_off, cidx, ccnt, head_dim)
-                for name, (config, tma, mode) in SWEEP_CLUSTER.items():
+                for name, (config, tma, mode, packing) in SWEEP_CLUSTER.items():
                     if "cluster_" + name in bad:
                         continue
                     ms = bench(partial(csa.cluster_sparse_attention_triton, q, k, v, q_off, kv_off, cidx, ccnt,
-                                       config=config, use_tma=tma, kv_ragged_mode=mode))
+                                       config=config, use_tma=tma, kv_ragged_mode=mode, kv_packing=packing))
                     tf = cflops / ms / 1e9
                     results.append({"shape": shape_name, "density": density, "kernel": "cluster_" + name,
                                     "ms": ms, "tflops": tf})
@@ -480,9 +493,19 @@ def full(args) -> None:
                           shapes=check_shapes),
         "triton_fp16": check_block(bsa.block_sparse_attention_triton, "triton_fp16", device, dtype=torch.float16,
                                    shapes=check_shapes),
-        "cluster": check_cluster("cluster", device) if clock.cuda else check_cluster(
-            "cluster", device, shapes=((1, 1, 300, 64, 5), (2, 1, 200, 32, 4))),
     }
+    cluster_check_shapes = ((1, 2, 3000, 128, 24), (2, 2, 777, 64, 9)) if clock.cuda else (
+        (1, 1, 300, 64, 5), (2, 1, 200, 32, 4))
+    # Cluster modes: name -> keywords of cluster_sparse_attention_triton. A mode that fails its check (or to
+    # compile) is recorded as such and not timed; the other kernels still run.
+    cluster_modes = {"cluster": {"kv_packing": False}, "cluster_packed": {"kv_packing": True},
+                     "cluster_packed_m64": {"kv_packing": True, "config": (64, 64, 2, 4)}}
+    for name, kw in cluster_modes.items():
+        try:
+            checks[name] = check_cluster(name, device, shapes=cluster_check_shapes, **kw)
+        except Exception as e:  # noqa: BLE001
+            log(f"  check {name}: ERROR {type(e).__name__}: {str(e)[:400]}")
+            checks[name] = float("inf")
     # FA4 is timed only where it imports and matched the reference.
     run_fa4 = fa4_backend.fa4_available()
     if run_fa4:
@@ -574,17 +597,38 @@ def full(args) -> None:
                 rec["flex_effective_tflops"] = flops / rec["flex_ms"] / 1e9
             except Exception as e:  # noqa: BLE001 -- recorded, the other kernels still run
                 rec["flex_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            # Cluster kernel: as many clusters as blocks, sizes 64..192, same number of kept clusters.
+            # Cluster kernel: as many clusters as blocks, sizes 64..192, same number of kept clusters; padded key
+            # tiles and packed ones through the op, packed with 64-row query tiles directly (the op has no config).
             q_off = random_clusters(batch, heads, tokens, nb, 11, device)
             kv_off = random_clusters(batch, heads, tokens, nb, 12, device)
             cidx, ccnt = random_block_lists(batch, heads, nb, nb, kept, 13, device)
             cflops = kept_flops_clusters(q_off, kv_off, cidx, ccnt, head_dim)
-            rec["cluster_ms"] = clock.ms(partial(csa.cluster_sparse_attention, q, k, v, q_off, kv_off, cidx, ccnt), rep)
             rec["cluster_kept_tflop"] = cflops / 1e12
-            rec["cluster_effective_tflops"] = cflops / rec["cluster_ms"] / 1e9
-            rec["cluster_vs_block_rate"] = rec["cluster_effective_tflops"] / rec["triton_effective_tflops"]
-            # Rate on the tiles it computes, padding included: separates tile waste from kernel speed.
-            rec["cluster_tile_tflops"] = computed_flops_clusters(q_off, kv_off, cidx, ccnt, head_dim) / rec["cluster_ms"] / 1e9
+            cluster_runs = {
+                "cluster": partial(csa.cluster_sparse_attention, q, k, v, q_off, kv_off, cidx, ccnt, kv_packing=False),
+                "cluster_packed": partial(csa.cluster_sparse_attention, q, k, v, q_off, kv_off, cidx, ccnt,
+                                          kv_packing=True),
+                "cluster_packed_m64": partial(csa.cluster_sparse_attention_triton, q, k, v, q_off, kv_off, cidx, ccnt,
+                                              **cluster_modes["cluster_packed_m64"]),
+            }
+            for name, run in cluster_runs.items():
+                kw = cluster_modes[name]
+                block_m, block_n = kw.get("config", csa.DEFAULT_CONFIG)[:2]
+                # FLOPs of the tiles this mode computes, padding included: separates tile waste from kernel speed.
+                tile_flops = computed_flops_clusters(q_off, kv_off, cidx, ccnt, head_dim, block_m, block_n,
+                                                     kv_packing=kw["kv_packing"])
+                rec[f"{name}_tile_tflop"] = tile_flops / 1e12
+                if not math.isfinite(checks[name]):
+                    rec[f"{name}_error"] = "failed its correctness check; not timed"
+                    continue
+                try:
+                    rec[f"{name}_ms"] = clock.ms(run, rep)
+                except Exception as e:  # noqa: BLE001 -- recorded, the other kernels still run
+                    rec[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    continue
+                rec[f"{name}_effective_tflops"] = cflops / rec[f"{name}_ms"] / 1e9
+                rec[f"{name}_vs_block_rate"] = rec[f"{name}_effective_tflops"] / rec["triton_effective_tflops"]
+                rec[f"{name}_tile_tflops"] = tile_flops / rec[f"{name}_ms"] / 1e9
             rec["triton_config"] = str(getattr(bsa._block_sparse_fwd_autotuned, "best_config", None))
             record_peers(rec, model, density, flops)
             records.append(rec)
@@ -595,7 +639,9 @@ def full(args) -> None:
                 f"{rec.get('vdopt_vs_fa4', float('nan')):.3f} of fa4, unmemoized "
                 f"{rec.get('vdopt_unmemoized_ms', float('nan')):.3f} | host us fa4 "
                 f"{rec.get('fa4_host_us', float('nan')):.0f} op {rec['vdopt_host_us']:.0f} | flex "
-                f"{rec.get('flex_ms', float('nan')):.3f} | cluster {rec['cluster_effective_tflops']:.0f} TF | spot "
+                f"{rec.get('flex_ms', float('nan')):.3f} | cluster {rec.get('cluster_effective_tflops', float('nan')):.0f}"
+                f" packed {rec.get('cluster_packed_effective_tflops', float('nan')):.0f} packed_m64 "
+                f"{rec.get('cluster_packed_m64_effective_tflops', float('nan')):.0f} TF | spot "
                 f"{rec['spot_rel_l2']:.1e}")
         del q, k, v
         if clock.cuda:
@@ -606,7 +652,7 @@ def full(args) -> None:
     log("== summary: TFLOP/s on kept blocks (x = speedup of the op vs cuDNN dense; op/fa4 = median ratio of the "
         "rounds' times; peer* = from the peer file)")
     log(f"{'shape':16s} {'dens':>5} {'cudnn':>6} {'triton':>6} {'fa4':>6} {'op':>6} {'op ran':>7} {'op/fa4':>7} "
-        f"{'flex':>6} {'cluster':>7} {'best peer':>20}")
+        f"{'flex':>6} {'cluster':>7} {'packed':>7} {'best peer':>20}")
     for r in records:
         peer = "-"
         if r.get("best_peer"):
@@ -615,7 +661,9 @@ def full(args) -> None:
         log(f"{r['shape']:16s} {r['density']:5.2f} {r['cudnn_dense_tflops']:6.0f} {r['triton_effective_tflops']:6.0f} "
             f"{r.get('fa4_effective_tflops', float('nan')):6.0f} {r['effective_tflops']:6.0f} {r['vdopt_backend']:>7s} "
             f"{r.get('vdopt_vs_fa4', float('nan')):7.3f} {r.get('flex_effective_tflops', float('nan')):6.0f} "
-            f"{r['cluster_effective_tflops']:7.0f} {peer:>20s}  x{r['cudnn_dense_ms'] / r['vdopt_ms']:.2f}")
+            f"{r.get('cluster_effective_tflops', float('nan')):7.0f} "
+            f"{r.get('cluster_packed_effective_tflops', float('nan')):7.0f} {peer:>20s}  "
+            f"x{r['cudnn_dense_ms'] / r['vdopt_ms']:.2f}")
     if skipped:
         log(f"skipped (deadline): {', '.join(skipped)}")
 
@@ -639,8 +687,10 @@ def plot(records, path) -> None:
         ax.plot(d, [r["cudnn_dense_ms"] / r["triton_ms"] for r in rs], "s-", label="vdopt triton")
         if all("fa4_ms" in r for r in rs):
             ax.plot(d, [r["cudnn_dense_ms"] / r["fa4_ms"] for r in rs], "d-", label="FA4 called directly (run here)")
-        ax.plot(d, [r["cudnn_dense_ms"] * r["cluster_effective_tflops"] * 1e9 / (r["kept_tflop"] * 1e12)
-                    for r in rs], "^-", label="vdopt cluster (same kept FLOPs)")
+        for key, label in (("cluster", "vdopt cluster, padded keys"), ("cluster_packed", "vdopt cluster, packed keys")):
+            if all(f"{key}_effective_tflops" in r for r in rs):
+                ax.plot(d, [r["cudnn_dense_ms"] * r[f"{key}_effective_tflops"] * 1e9 / (r["kept_tflop"] * 1e12)
+                            for r in rs], "^-" if key == "cluster" else "v-", label=f"{label} (same kept FLOPs)")
         if all("flex_ms" in r for r in rs):
             ax.plot(d, [r["cudnn_dense_ms"] / r["flex_ms"] for r in rs], "x-", label="FlexAttention")
         if all(r.get("best_peer_ms") and r["best_peer_source"] == PEER_FILE_SOURCE for r in rs):

@@ -7,10 +7,20 @@ heads, kv_tokens, head_dim]`` (any strides), ``q_offsets: int [batch, heads, q_c
 ``kv_cluster_indices: int [batch, heads, q_clusters, max_kept]`` with ``kv_cluster_counts``. A query cluster with
 no key cluster gets output 0 and log-sum-exp -inf. Returns ``(out, lse)`` as the block op does.
 
-Two launches: a planning kernel cuts each query cluster's kept key clusters into key tiles of ``BLOCK_N`` rows
-(the last tile of a cluster is partial and masked), then the attention kernel walks that flat tile list with the
-same pipelined loop as the block kernel. Query tiles start at each cluster's first row; rows past the cluster's
-end are computed but not stored.
+Two launches: a planning kernel lists each query cluster's key tiles, then the attention kernel walks that flat
+tile list with the same pipelined loop as the block kernel. Query tiles start at each cluster's first row; rows past
+the cluster's end are computed but not stored. Key tiles come in two modes (``kv_packing``):
+
+- padded: each kept key cluster is cut into tiles of ``BLOCK_N`` consecutive rows, so every cluster's last tile is
+  partial and masked; K and V load as one box per tile (TMA where it applies).
+- packed: the kept key clusters are laid end to end and that list is cut into full ``BLOCK_N`` tiles that may span
+  several clusters; only the list's last tile is partial. Each tile's rows are found from the clusters' ranges
+  (a window of at most ``BLOCK_N`` segment ends, compared against the tile's packed positions) and K and V are
+  gathered row by row with pointer loads. Q keeps its TMA load.
+
+Packed mode runs fewer key tiles whenever key clusters are not multiples of ``BLOCK_N`` (at 64..192-token clusters and
+``BLOCK_N`` 64, ~20% fewer); whether a gathered tile costs more than a TMA box on a GPU is unmeasured, so
+``kv_packing=None`` picks it only when the tile count it saves exceeds :data:`PACKED_KEYS_MIN_SAVING`.
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ from vdopt.kernels.reference import cluster_sparse_attention_reference, validate
 
 _LOG2E = 1.4426950408889634
 _OP = "cluster_sparse_attention"
-# A schedule entry packs a key tile as start * 256 + valid rows (1..BLOCK_N <= 128), one int32 per tile.
+# Padded mode: a schedule entry encodes a key tile as start * 256 + valid rows (1..BLOCK_N <= 128), one int32 per tile.
 _LENGTH_BITS = 8
 
 
@@ -78,18 +88,59 @@ def _cluster_tile_plan_kernel(
 
 
 @triton.jit
+def _cluster_packed_plan_kernel(
+    KvOffsets, KvIndices, KvCounts, SegEnds, SegShifts, KeyCounts, Schedule,
+    stride_ob, stride_oh, stride_ib, stride_ih, stride_iq, stride_cb, stride_ch,
+    heads, q_clusters, max_kept, schedule_stride,
+    KEPT_P: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """Packed keys, for query cluster ``program_id(0)`` of (batch, head) ``program_id(1)``: its kept key clusters
+    laid end to end. Writes the non-empty ones' packed ends and shifts (key row = packed position + shift), their
+    number and the kept key count, and for each BLOCK_N tile of the packed list the segment its first row is in."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // heads).to(tl.int64)
+    h = bh % heads
+    count = tl.load(KvCounts + b * stride_cb + h * stride_ch + c)
+    pos = tl.arange(0, KEPT_P)
+    used = pos < count
+    kept = tl.load(KvIndices + b * stride_ib + h * stride_ih + c * stride_iq + pos, mask=used, other=0)
+    offsets = KvOffsets + b * stride_ob + h * stride_oh
+    start = tl.load(offsets + kept, mask=used, other=0)
+    stop = tl.load(offsets + kept + 1, mask=used, other=0)
+    sizes = tl.where(used, stop - start, 0)
+    nonempty = sizes > 0
+    ends = tl.cumsum(sizes, 0)
+    # Empty clusters are dropped, so a tile of BLOCK_N packed rows meets at most BLOCK_N segments.
+    slot = tl.cumsum(nonempty.to(tl.int32), 0) - 1
+    row = bh.to(tl.int64) * q_clusters + c
+    tl.store(SegEnds + row * max_kept + slot, ends, mask=nonempty)
+    tl.store(SegShifts + row * max_kept + slot, start - (ends - sizes), mask=nonempty)
+    total = tl.sum(sizes, 0)
+    tl.store(KeyCounts + 2 * row, total)
+    tl.store(KeyCounts + 2 * row + 1, tl.sum(nonempty.to(tl.int32), 0))
+    for chunk in range(0, (total + BLOCK_N - 1) // BLOCK_N, CHUNK):
+        tiles = chunk + tl.arange(0, CHUNK)
+        first = tl.sum((nonempty[None, :] & (ends[None, :] <= tiles[:, None] * BLOCK_N)).to(tl.int32), 1)
+        tl.store(Schedule + row * schedule_stride + tiles, first, mask=tiles * BLOCK_N < total)
+
+
+@triton.jit
 def _cluster_sparse_fwd_kernel(
-    Q, K, V, Out, Lse, QOffsets, Schedule, TileCounts,
+    Q, K, V, Out, Lse, QOffsets, Schedule, Counts, SegEnds, SegShifts,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
     stride_qob, stride_qoh,
-    heads, q_clusters, q_tokens, kv_tokens, schedule_stride, qk_scale,
+    heads, q_clusters, q_tokens, kv_tokens, schedule_stride, max_kept, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
     CLUSTERS_P: tl.constexpr, USE_TMA: tl.constexpr, KV_RAGGED: tl.constexpr, PRECISION: tl.constexpr,
-    DOT_UPCAST: tl.constexpr, LENGTH_BITS: tl.constexpr,
+    DOT_UPCAST: tl.constexpr, LENGTH_BITS: tl.constexpr, KV_PACKED: tl.constexpr, WINDOW: tl.constexpr,
 ):
+    # Padded mode: Schedule holds key tiles as start << LENGTH_BITS | rows, Counts[plan row] their number. Packed
+    # mode: Schedule holds each tile's first segment, Counts[2 * plan row] the kept keys and [+ 1] the segments, SegEnds
+    # and SegShifts the segments (see _cluster_packed_plan_kernel).
     # Grid: (query-tile slots, batch * heads). A head has at most ceil(q_tokens / BLOCK_M) + q_clusters query
     # tiles; slot p finds its cluster from the running tile count, slots past the last tile exit.
     p = tl.program_id(0)
@@ -109,8 +160,16 @@ def _cluster_sparse_fwd_kernel(
     row0 = tl.sum(tl.where(pick, starts + (p - (ends - tiles)) * BLOCK_M, 0), 0)
     row_stop = tl.sum(tl.where(pick, stops, 0), 0)
     plan_row = bh.to(tl.int64) * q_clusters + c
-    total = tl.load(TileCounts + plan_row)
     schedule_row = Schedule + plan_row * schedule_stride
+    if KV_PACKED:
+        kv_total = tl.load(Counts + 2 * plan_row)
+        segments = tl.load(Counts + 2 * plan_row + 1)
+        total = (kv_total + BLOCK_N - 1) // BLOCK_N
+        seg_ends = SegEnds + plan_row * max_kept
+        seg_shifts = SegShifts + plan_row * max_kept
+        offs_w = tl.arange(0, WINDOW)
+    else:
+        total = tl.load(Counts + plan_row)
     q_base = Q + b * stride_qb + h * stride_qh
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
@@ -118,8 +177,12 @@ def _cluster_sparse_fwd_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     if USE_TMA:
         q_desc = tl.make_tensor_descriptor(q_base, [q_tokens, HEAD_DIM], [stride_qn, 1], [BLOCK_M, HEAD_DIM])
-        k_desc = tl.make_tensor_descriptor(k_base, [kv_tokens, HEAD_DIM], [stride_kn, 1], [BLOCK_N, HEAD_DIM])
-        v_desc = tl.make_tensor_descriptor(v_base, [kv_tokens, HEAD_DIM], [stride_vn, 1], [BLOCK_N, HEAD_DIM])
+        # A packed key tile is not one box of consecutive rows (Hopper's TMA has no row gather), and switching per
+        # tile between a box load and a gather would leave the loop two load forms to pipeline: packed tiles
+        # always gather, only Q keeps TMA.
+        if not KV_PACKED:
+            k_desc = tl.make_tensor_descriptor(k_base, [kv_tokens, HEAD_DIM], [stride_kn, 1], [BLOCK_N, HEAD_DIM])
+            v_desc = tl.make_tensor_descriptor(v_base, [kv_tokens, HEAD_DIM], [stride_vn, 1], [BLOCK_N, HEAD_DIM])
         q = q_desc.load([row0, 0])
     else:
         offs_m = row0 + tl.arange(0, BLOCK_M)
@@ -128,16 +191,33 @@ def _cluster_sparse_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for t in tl.range(0, total, num_stages=NUM_STAGES):
-        entry = tl.load(schedule_row + t)
-        kv_start = entry >> LENGTH_BITS
-        kv_stop = kv_start + (entry & ((1 << LENGTH_BITS) - 1))
-        if USE_TMA:
-            k = k_desc.load([kv_start, 0])
-            v = v_desc.load([kv_start, 0])
+        if KV_PACKED:
+            # Positions in the packed list; the segment of each is its tile's first segment plus the number of
+            # segment ends at or before it (all within BLOCK_N segments of the first, as none is empty).
+            kv_start = t * BLOCK_N
+            kv_stop = kv_total
+            packed = kv_start + offs_n
+            first = tl.load(schedule_row + t)
+            window = first + offs_w
+            window_ends = tl.load(seg_ends + window, mask=window < segments, other=kv_total)
+            seg = first + tl.sum((window_ends[None, :] <= packed[:, None]).to(tl.int32), 1)
+            live = packed < kv_total
+            rows = packed + tl.load(seg_shifts + seg, mask=live, other=0)
+            k = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :], mask=live[:, None], other=0.0)
+            v = tl.load(v_base + rows[:, None] * stride_vn + offs_d[None, :], mask=live[:, None], other=0.0)
         else:
-            rows = kv_start + offs_n
-            k = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :], mask=rows[:, None] < kv_tokens, other=0.0)
-            v = tl.load(v_base + rows[:, None] * stride_vn + offs_d[None, :], mask=rows[:, None] < kv_tokens, other=0.0)
+            entry = tl.load(schedule_row + t)
+            kv_start = entry >> LENGTH_BITS
+            kv_stop = kv_start + (entry & ((1 << LENGTH_BITS) - 1))
+            if USE_TMA:
+                k = k_desc.load([kv_start, 0])
+                v = v_desc.load([kv_start, 0])
+            else:
+                rows = kv_start + offs_n
+                k = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :], mask=rows[:, None] < kv_tokens,
+                            other=0.0)
+                v = tl.load(v_base + rows[:, None] * stride_vn + offs_d[None, :], mask=rows[:, None] < kv_tokens,
+                            other=0.0)
         acc, l_i, m_i = attend_tile(
             acc, l_i, m_i, q, k, v, qk_scale, kv_start, kv_stop, BLOCK_N, KV_RAGGED, PRECISION, DOT_UPCAST
         )
@@ -150,6 +230,23 @@ def _cluster_sparse_fwd_kernel(
 # (BLOCK_M, BLOCK_N, stages, warps) used when the caller pins none; from the H100 sweep
 # (benchmarks/notes_attention_kernels.md).
 DEFAULT_CONFIG: tuple[int, int, int, int] = (128, 64, 2, 4)
+#: ``kv_packing=None`` packs keys when that is expected to save at least this fraction of the key tiles. A guess at
+#: what gathering a key tile row by row costs over a TMA box, unmeasured on GPU: benchmarks/attention_kernels.py
+#: times both modes (cluster_ms, cluster_packed_ms).
+PACKED_KEYS_MIN_SAVING = 0.15
+
+
+def packed_key_tile_saving(kv_tokens: int, kv_clusters: int, block_n: int) -> float:
+    """Expected fraction of key tiles that packing saves, from the mean key-cluster size ``kv_tokens / kv_clusters``.
+
+    Padded mode runs ``max(size / BLOCK_N + 1/2, 1)`` tiles per kept cluster (its last tile half empty on average,
+    as cost_models' CLUSTER_KV_TILES counts), packed mode ``size / BLOCK_N`` (one partial tile per query cluster's
+    whole list, not counted).
+    """
+    if kv_clusters <= 0 or kv_tokens <= 0:
+        return 0.0
+    tiles = kv_tokens / kv_clusters / block_n
+    return 1.0 - tiles / max(tiles + 0.5, 1.0)
 
 
 def cluster_sparse_attention_triton(
@@ -164,11 +261,15 @@ def cluster_sparse_attention_triton(
     config: tuple[int, int, int, int] | None = None,
     use_tma: bool | None = None,
     kv_ragged_mode: int = RAGGED_MASK_IN_BRANCH,
+    kv_packing: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plan and launch the Triton kernels (no validation; see :func:`cluster_sparse_attention`).
 
-    ``config = (BLOCK_M, BLOCK_N, stages, warps)``, BLOCK_N <= 128. The plan's buffer holds
-    ``ceil(kv_tokens / BLOCK_N) + max_kept`` int32 entries per query cluster (enough when every key is kept).
+    ``config = (BLOCK_M, BLOCK_N, stages, warps)``, BLOCK_N <= 128. ``kv_packing``: True packs the kept key
+    clusters into full tiles, False pads each cluster to whole tiles, None packs when
+    :func:`packed_key_tile_saving` >= :data:`PACKED_KEYS_MIN_SAVING` (see the module docstring). The plan's buffers
+    hold per query cluster ``ceil(kv_tokens / BLOCK_N) + max_kept`` int32 entries (padded) or
+    ``ceil(kv_tokens / BLOCK_N) + 2 * max_kept`` (packed): enough when every key is kept.
     """
     batch, heads, q_tokens, head_dim = q.shape
     kv_tokens = k.shape[2]
@@ -195,34 +296,55 @@ def cluster_sparse_attention_triton(
     )
     if kv_cluster_indices.stride(-1) != 1:
         kv_cluster_indices = kv_cluster_indices.contiguous()
-    schedule_stride = triton.cdiv(kv_tokens, block_n) + max_kept
-    schedule = torch.empty(batch * heads * q_clusters, schedule_stride, dtype=torch.int32, device=q.device)
-    tile_counts = torch.empty(batch * heads * q_clusters, dtype=torch.int32, device=q.device)
+    rows = batch * heads * q_clusters
     kept_p = max(16, triton.next_power_of_2(max_kept))
-    _cluster_tile_plan_kernel[(q_clusters, batch * heads)](
-        kv_offsets, kv_cluster_indices, kv_cluster_counts, schedule, tile_counts,
+    list_strides = (
         kv_offsets.stride(0), kv_offsets.stride(1),
         kv_cluster_indices.stride(0), kv_cluster_indices.stride(1), kv_cluster_indices.stride(2),
         kv_cluster_counts.stride(0), kv_cluster_counts.stride(1),
-        heads, q_clusters, schedule_stride,
-        KEPT_P=kept_p, BLOCK_N=block_n, CHUNK=max(16, 4096 // kept_p), LENGTH_BITS=_LENGTH_BITS,
-        num_warps=4,
     )
+    if kv_packing is None:
+        kv_packing = packed_key_tile_saving(kv_tokens, kv_offsets.shape[-1] - 1, block_n) >= PACKED_KEYS_MIN_SAVING
+    if kv_packing:
+        schedule_stride = triton.cdiv(kv_tokens, block_n)
+        seg_stride = max(max_kept, 1)
+        schedule = torch.empty(rows, schedule_stride, dtype=torch.int32, device=q.device)
+        counts = torch.empty(rows, 2, dtype=torch.int32, device=q.device)
+        seg_ends = torch.empty(rows, seg_stride, dtype=torch.int32, device=q.device)
+        seg_shifts = torch.empty(rows, seg_stride, dtype=torch.int32, device=q.device)
+        _cluster_packed_plan_kernel[(q_clusters, batch * heads)](
+            kv_offsets, kv_cluster_indices, kv_cluster_counts, seg_ends, seg_shifts, counts, schedule,
+            *list_strides, heads, q_clusters, seg_stride, schedule_stride,
+            KEPT_P=kept_p, BLOCK_N=block_n, CHUNK=max(16, 4096 // kept_p), num_warps=4,
+        )
+    else:
+        schedule_stride = triton.cdiv(kv_tokens, block_n) + max_kept
+        seg_stride = 0
+        schedule = torch.empty(rows, schedule_stride, dtype=torch.int32, device=q.device)
+        counts = torch.empty(rows, dtype=torch.int32, device=q.device)
+        seg_ends = seg_shifts = schedule  # not read in padded mode
+        _cluster_tile_plan_kernel[(q_clusters, batch * heads)](
+            kv_offsets, kv_cluster_indices, kv_cluster_counts, schedule, counts,
+            *list_strides, heads, q_clusters, schedule_stride,
+            KEPT_P=kept_p, BLOCK_N=block_n, CHUNK=max(16, 4096 // kept_p), LENGTH_BITS=_LENGTH_BITS,
+            num_warps=4,
+        )
     grid = (triton.cdiv(q_tokens, block_m) + q_clusters, batch * heads)
     _cluster_sparse_fwd_kernel[grid](
-        q, k, v, out, lse, q_offsets, schedule, tile_counts,
+        q, k, v, out, lse, q_offsets, schedule, counts, seg_ends, seg_shifts,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         q_offsets.stride(0), q_offsets.stride(1),
-        heads, q_clusters, q_tokens, kv_tokens, schedule_stride, scale * _LOG2E,
+        heads, q_clusters, q_tokens, kv_tokens, schedule_stride, seg_stride, scale * _LOG2E,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=stages,
         CLUSTERS_P=max(16, triton.next_power_of_2(q_clusters + 1)),
         USE_TMA=bool(use_tma), KV_RAGGED=kv_ragged_mode,
         PRECISION="ieee" if q.dtype == torch.float32 or _backends.interpreting() else "tf32",
         DOT_UPCAST=q.dtype == torch.bfloat16 and _backends.interpreting(),
-        LENGTH_BITS=_LENGTH_BITS, num_warps=warps, num_stages=stages,
+        LENGTH_BITS=_LENGTH_BITS, KV_PACKED=bool(kv_packing), WINDOW=min(block_n, kept_p),
+        num_warps=warps, num_stages=stages,
     )
     return out, lse
 
@@ -277,6 +399,7 @@ def _cluster_sparse_attention_op(
     scale: float | None = None,
     backend: str = "auto",
     validate: bool | None = None,
+    kv_packing: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     check_attention_inputs(_OP, q, k, v)
     _check_cluster_lists(q, k, q_offsets, kv_offsets, kv_cluster_indices, kv_cluster_counts)
@@ -291,7 +414,7 @@ def _cluster_sparse_attention_op(
         validate_kv_block_list(kv_cluster_indices, kv_cluster_counts, kv_offsets.shape[-1] - 1)
         _validate_offsets(q, k, q_offsets, kv_offsets)
     return cluster_sparse_attention_triton(
-        q, k, v, q_offsets, kv_offsets, kv_cluster_indices, kv_cluster_counts, scale
+        q, k, v, q_offsets, kv_offsets, kv_cluster_indices, kv_cluster_counts, scale, kv_packing=kv_packing
     )
 
 
@@ -307,6 +430,7 @@ def _cluster_sparse_attention_fake(
     scale: float | None = None,
     backend: str = "auto",
     validate: bool | None = None,
+    kv_packing: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     out = output_like(q, q.shape[1], v.shape[-1])
     return out, q.new_empty(q.shape[0], q.shape[1], q.shape[2], dtype=torch.float32)
@@ -323,16 +447,18 @@ def cluster_sparse_attention(
     scale: float | None = None,
     backend: str = "auto",
     validate: bool | None = None,
+    kv_packing: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cluster-sparse attention through the registered op ``torch.ops.vdopt.cluster_sparse_attention``.
 
     q: [B, H, Nq, D]; k, v: [B, H, Nk, D] (any strides), already permuted so clusters are contiguous;
     q_offsets: int32 [B, H, Cq + 1]; kv_offsets: int32 [B, H, Ck + 1]; kv_cluster_indices: int32
-    [B, H, Cq, max_kept]; kv_cluster_counts: int32 [B, H, Cq]. backend/validate as in block_sparse_attention.
+    [B, H, Cq, max_kept]; kv_cluster_counts: int32 [B, H, Cq]. backend/validate as in block_sparse_attention;
+    kv_packing as in :func:`cluster_sparse_attention_triton` (the reference ignores it).
     Returns (out [B, H, Nq, D] in q's dtype and memory order, lse float32 [B, H, Nq], natural log).
     """
     return torch.ops.vdopt.cluster_sparse_attention(
-        q, k, v, q_offsets, kv_offsets, kv_cluster_indices, kv_cluster_counts, scale, backend, validate
+        q, k, v, q_offsets, kv_offsets, kv_cluster_indices, kv_cluster_counts, scale, backend, validate, kv_packing
     )
 
 

@@ -66,7 +66,8 @@ def assert_matches(out, lse, ref, ref_lse, dtype):
     [(torch.float32, 64, 1), (torch.float16, 64, 2), (torch.bfloat16, 128, 2), (torch.float16, 128, 1)],
 )
 @pytest.mark.parametrize("use_tma", [True, False], ids=["tma", "pointer"])
-def test_kernel_matches_reference(dtype, head_dim, batch, use_tma):
+@pytest.mark.parametrize("kv_packing", [False, True], ids=["padded", "packed"])
+def test_kernel_matches_reference(dtype, head_dim, batch, use_tma, kv_packing):
     """Random cluster sizes (some larger than a tile, some empty), unequal q/k token counts, an empty key list."""
     q, k, v = random_inputs(batch, 2, 90, 75, head_dim, dtype)
     q_off = random_offsets(batch, 2, 90, 5, empty=[(0, 1, 3)])
@@ -75,10 +76,37 @@ def test_kernel_matches_reference(dtype, head_dim, batch, use_tma):
     mask[0, 0, 1] = False
     idx, cnt = kv_block_list_from_mask(mask)
     out, lse = csa.cluster_sparse_attention_triton(
-        q, k, v, q_off, kv_off, idx, cnt, config=(16, 16, 2, 4), use_tma=use_tma
+        q, k, v, q_off, kv_off, idx, cnt, config=(16, 16, 2, 4), use_tma=use_tma, kv_packing=kv_packing
     )
     ref, ref_lse = cluster_sparse_attention_reference(q, k, v, q_off, kv_off, idx, cnt)
     assert_matches(out, lse, ref, ref_lse, dtype)
+
+
+@interpreted
+@pytest.mark.parametrize("config", [(16, 16, 1, 4), (32, 32, 1, 4)], ids=["16x16", "32x32"])
+def test_packed_keys_tiles_span_many_clusters(config):
+    """Packed keys on 50 key clusters of 0..~6 tokens in 64 keys, kept in shuffled order: one key tile spans up to
+    BLOCK_N clusters (empty ones skipped), some lists hold every key (64: the last tile full) and some none."""
+    torch.manual_seed(5)
+    q, k, v = random_inputs(2, 2, 40, 64, 16, torch.float32)
+    q_off = random_offsets(2, 2, 40, 4)
+    kv_off = random_offsets(2, 2, 64, 50)
+    mask = torch.rand(2, 2, 4, 50) < 0.6
+    mask[0, 0, 0], mask[1, 1, 2] = True, False
+    idx, cnt = kv_block_list_from_mask(mask)
+    order = torch.argsort(torch.rand(idx.shape) + (torch.arange(idx.shape[-1]) >= cnt[..., None]), -1)
+    idx = idx.gather(-1, order)  # kept clusters in any order; unused slots stay last
+    out, lse = csa.cluster_sparse_attention_triton(q, k, v, q_off, kv_off, idx, cnt, config=config, kv_packing=True)
+    ref, ref_lse = cluster_sparse_attention_reference(q, k, v, q_off, kv_off, idx, cnt)
+    assert_matches(out, lse, ref, ref_lse, torch.float32)
+
+
+def test_packed_key_tile_saving_picks_packing_for_small_clusters():
+    """Mean key clusters of 128 tokens in 64-row tiles: padded mode runs 2.5 tiles per cluster, packed mode 2."""
+    assert csa.packed_key_tile_saving(32768, 256, 64) == pytest.approx(0.2)
+    assert csa.packed_key_tile_saving(32768, 1024, 64) == pytest.approx(0.5)
+    assert csa.packed_key_tile_saving(32768, 32, 64) < csa.PACKED_KEYS_MIN_SAVING
+    assert csa.packed_key_tile_saving(0, 0, 64) == 0.0
 
 
 @interpreted
@@ -101,8 +129,9 @@ def test_empty_key_lists_give_zero_and_minus_inf():
     q, k, v = random_inputs(1, 1, 30, 30, 16, torch.float16)
     off = random_offsets(1, 1, 30, 3)
     idx, cnt = torch.zeros(1, 1, 3, 2, dtype=torch.int32), torch.zeros(1, 1, 3, dtype=torch.int32)
-    out, lse = csa.cluster_sparse_attention(q, k, v, off, off, idx, cnt, backend="triton")
-    assert (out == 0).all() and (lse == float("-inf")).all()
+    for kv_packing in (False, True):
+        out, lse = csa.cluster_sparse_attention(q, k, v, off, off, idx, cnt, backend="triton", kv_packing=kv_packing)
+        assert (out == 0).all() and (lse == float("-inf")).all()
 
 
 @interpreted
@@ -153,7 +182,8 @@ def test_gpu_matches_reference(dtype, head_dim):
     q_off = random_offsets(2, 3, 1500, 11, empty=[(1, 1, 4)]).cuda()
     kv_off = random_offsets(2, 3, 1300, 9).cuda()
     idx, cnt = (t.cuda() for t in kv_block_list_from_mask(torch.rand(2, 3, 11, 9) < 0.4))
-    out, lse = csa.cluster_sparse_attention(q, k, v, q_off, kv_off, idx, cnt, validate=True)
-    assert csa.last_backend() == "triton"
     ref, ref_lse = cluster_sparse_attention_reference(q, k, v, q_off, kv_off, idx, cnt)
-    assert_matches(out, lse, ref, ref_lse, dtype)
+    for kv_packing in (False, True):
+        out, lse = csa.cluster_sparse_attention(q, k, v, q_off, kv_off, idx, cnt, validate=True, kv_packing=kv_packing)
+        assert csa.last_backend() == "triton"
+        assert_matches(out, lse, ref, ref_lse, dtype)
