@@ -17,8 +17,10 @@ self-attention shapes on the same random per-head block masks:
                 for FA4 runs every time (what freshly built lists, e.g. a dynamic selection's, cost)
   cluster       vdopt's variable-size cluster kernel on random cluster sizes, at (close to) equal kept FLOPs,
                 through the op: padded key tiles (cluster_*), packed key tiles (cluster_packed_*), and packed with
-                64-row query tiles called directly (cluster_packed_m64_*); cluster_*tile_tflop are the FLOPs of the
-                tiles each mode computes, padding included
+                64-row query tiles called directly (cluster_packed_m64_*), and packed or padded with random
+                per-head permutations fused into the kernel's loads and stores (cluster_packed_permuted_*,
+                cluster_padded_permuted_*: q, k, v in original order, as the k-means strategy runs it);
+                cluster_*tile_tflop are the FLOPs of the tiles each mode computes, padding included
 FA4 and the op are timed in alternating rounds (``--rounds``, the median kept; ``vdopt_vs_fa4`` is the median of
 the rounds' ratios), so drift of the GPU's clocks between them does not read as op overhead. Host time per call
 (``*_host_us``: enqueueing 10 calls, no synchronisation) is recorded beside, to show how far the host runs ahead.
@@ -215,7 +217,16 @@ def check_block(fn, name, device, dtype=torch.bfloat16, shapes=((1, 2, 4000, 128
     return worst
 
 
-def check_cluster(name, device, dtype=torch.bfloat16, shapes=((1, 2, 3000, 128, 24), (2, 2, 777, 64, 9)), **kw):
+def random_permutations(batch, heads, tokens, seed, device):
+    """Random per-head token permutations, int32 [batch, heads, tokens] (as a k-means permutation scatters rows)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.argsort(torch.rand(batch, heads, tokens, generator=g), -1).to(torch.int32).to(device)
+
+
+def check_cluster(name, device, dtype=torch.bfloat16, shapes=((1, 2, 3000, 128, 24), (2, 2, 777, 64, 9)),
+                  permuted=False, **kw):
+    """Worst relative L2 of the cluster kernel (``kw``: its options) against the reference; ``permuted``: q, k, v
+    in original order with random permutations fused into the kernel."""
     worst = 0.0
     for seed, (batch, heads, tokens, head_dim, clusters) in enumerate(shapes):
         torch.manual_seed(2000 + seed)
@@ -224,8 +235,11 @@ def check_cluster(name, device, dtype=torch.bfloat16, shapes=((1, 2, 3000, 128, 
         kv_off = random_clusters(batch, heads, tokens, clusters + 3, seed + 7, device, spread=0.9)
         idx, cnt = random_block_lists(batch, heads, clusters, clusters + 3, max(1, clusters // 3), seed, device)
         cnt[0, 0, 0] = 0
-        out, lse = csa.cluster_sparse_attention_triton(q, k, v, q_off, kv_off, idx, cnt, **kw)
-        ref, ref_lse = cluster_sparse_attention_reference(q.float(), k.float(), v.float(), q_off, kv_off, idx, cnt)
+        perms = {"q_perm": random_permutations(batch, heads, tokens, seed, device),
+                 "kv_perm": random_permutations(batch, heads, tokens, seed + 1, device)} if permuted else {}
+        out, lse = csa.cluster_sparse_attention_triton(q, k, v, q_off, kv_off, idx, cnt, **kw, **perms)
+        ref, ref_lse = cluster_sparse_attention_reference(q.float(), k.float(), v.float(), q_off, kv_off, idx, cnt,
+                                                          **perms)
         err = rel_l2(out, ref)
         finite = torch.isfinite(ref_lse)
         lse_err = float((lse[finite] - ref_lse[finite]).abs().max())
@@ -499,7 +513,9 @@ def full(args) -> None:
     # Cluster modes: name -> keywords of cluster_sparse_attention_triton. A mode that fails its check (or to
     # compile) is recorded as such and not timed; the other kernels still run.
     cluster_modes = {"cluster": {"kv_packing": False}, "cluster_packed": {"kv_packing": True},
-                     "cluster_packed_m64": {"kv_packing": True, "config": (64, 64, 2, 4)}}
+                     "cluster_packed_m64": {"kv_packing": True, "config": (64, 64, 2, 4)},
+                     "cluster_packed_permuted": {"kv_packing": True, "permuted": True},
+                     "cluster_padded_permuted": {"kv_packing": False, "permuted": True}}
     for name, kw in cluster_modes.items():
         try:
             checks[name] = check_cluster(name, device, shapes=cluster_check_shapes, **kw)
@@ -604,12 +620,20 @@ def full(args) -> None:
             cidx, ccnt = random_block_lists(batch, heads, nb, nb, kept, 13, device)
             cflops = kept_flops_clusters(q_off, kv_off, cidx, ccnt, head_dim)
             rec["cluster_kept_tflop"] = cflops / 1e12
+            # Permuted modes: q, k, v in their original order, random per-head permutations applied by the kernel
+            # as it loads rows and stores outputs (what the k-means strategy runs: no gather or scatter launches).
+            perms = {"q_perm": random_permutations(batch, heads, tokens, 14, device),
+                     "kv_perm": random_permutations(batch, heads, tokens, 15, device)}
             cluster_runs = {
                 "cluster": partial(csa.cluster_sparse_attention, q, k, v, q_off, kv_off, cidx, ccnt, kv_packing=False),
                 "cluster_packed": partial(csa.cluster_sparse_attention, q, k, v, q_off, kv_off, cidx, ccnt,
                                           kv_packing=True),
                 "cluster_packed_m64": partial(csa.cluster_sparse_attention_triton, q, k, v, q_off, kv_off, cidx, ccnt,
                                               **cluster_modes["cluster_packed_m64"]),
+                "cluster_packed_permuted": partial(csa.cluster_sparse_attention, q, k, v, q_off, kv_off, cidx, ccnt,
+                                                   kv_packing=True, **perms),
+                "cluster_padded_permuted": partial(csa.cluster_sparse_attention, q, k, v, q_off, kv_off, cidx, ccnt,
+                                                   kv_packing=False, **perms),
             }
             for name, run in cluster_runs.items():
                 kw = cluster_modes[name]

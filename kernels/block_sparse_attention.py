@@ -69,18 +69,24 @@ def store_rows(
 ):
     """Normalise and write rows ``[row0, row_stop)`` of one tile; rows with no key get 0 and lse -inf."""
     offs_m = row0 + tl.arange(0, BLOCK_M)
+    store_rows_at(Out, acc, l_i, m_i, out_base, lse_base, offs_m, offs_m < row_stop, stride_on, HEAD_DIM)
+
+
+@triton.jit
+def store_rows_at(Out, acc, l_i, m_i, out_base, lse_base, dest_rows, row_ok, stride_on, HEAD_DIM: tl.constexpr):
+    """Normalise a tile and write its row ``i`` to output row ``dest_rows[i]`` where ``row_ok[i]`` (a scatter
+    when the rows are permuted); rows with no key get 0 and lse -inf."""
     offs_d = tl.arange(0, HEAD_DIM)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     # m is in log2 units (scores were scaled by log2(e)); lse = ln(2) * (m + log2(l)).
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
-    row_ok = offs_m < row_stop
     tl.store(
-        out_base + offs_m[:, None] * stride_on + offs_d[None, :],
+        out_base + dest_rows[:, None] * stride_on + offs_d[None, :],
         out.to(Out.dtype.element_ty),
         mask=row_ok[:, None],
     )
-    tl.store(lse_base + offs_m, lse, mask=row_ok)
+    tl.store(lse_base + dest_rows, lse, mask=row_ok)
 
 
 @triton.jit

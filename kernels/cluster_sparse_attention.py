@@ -35,6 +35,7 @@ from vdopt.kernels.block_sparse_attention import (
     check_attention_inputs,
     output_like,
     store_rows,
+    store_rows_at,
     triton_head_dim_ok,
 )
 from vdopt.kernels.reference import cluster_sparse_attention_reference, validate_kv_block_list
@@ -127,7 +128,7 @@ def _cluster_packed_plan_kernel(
 
 @triton.jit
 def _cluster_sparse_fwd_kernel(
-    Q, K, V, Out, Lse, QOffsets, Schedule, Counts, SegEnds, SegShifts,
+    Q, K, V, Out, Lse, QOffsets, Schedule, Counts, SegEnds, SegShifts, QPerm, KvPerm,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -137,10 +138,13 @@ def _cluster_sparse_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
     CLUSTERS_P: tl.constexpr, USE_TMA: tl.constexpr, KV_RAGGED: tl.constexpr, PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr, LENGTH_BITS: tl.constexpr, KV_PACKED: tl.constexpr, WINDOW: tl.constexpr,
+    Q_PERMUTED: tl.constexpr, KV_PERMUTED: tl.constexpr,
 ):
     # Padded mode: Schedule holds key tiles as start << LENGTH_BITS | rows, Counts[plan row] their number. Packed
     # mode: Schedule holds each tile's first segment, Counts[2 * plan row] the kept keys and [+ 1] the segments, SegEnds
     # and SegShifts the segments (see _cluster_packed_plan_kernel).
+    # Permuted (QPerm/KvPerm: int32 [batch * heads, tokens], position -> original row): q, k, v and out stay in
+    # their original order and rows are gathered on load and scattered on store, so no permuted copy is made.
     # Grid: (query-tile slots, batch * heads). A head has at most ceil(q_tokens / BLOCK_M) + q_clusters query
     # tiles; slot p finds its cluster from the running tile count, slots past the last tile exit.
     p = tl.program_id(0)
@@ -173,17 +177,23 @@ def _cluster_sparse_fwd_kernel(
     q_base = Q + b * stride_qb + h * stride_qh
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
+    kv_perm_row = KvPerm + bh.to(tl.int64) * kv_tokens
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    if USE_TMA:
+    # A packed or permuted key tile is not one box of consecutive rows (Hopper's TMA has no row gather), and
+    # switching per tile between a box load and a gather would leave the loop two load forms to pipeline: such
+    # tiles always gather. Likewise a permuted query tile.
+    KV_TMA: tl.constexpr = USE_TMA and not KV_PACKED and not KV_PERMUTED
+    if KV_TMA:
+        k_desc = tl.make_tensor_descriptor(k_base, [kv_tokens, HEAD_DIM], [stride_kn, 1], [BLOCK_N, HEAD_DIM])
+        v_desc = tl.make_tensor_descriptor(v_base, [kv_tokens, HEAD_DIM], [stride_vn, 1], [BLOCK_N, HEAD_DIM])
+    if USE_TMA and not Q_PERMUTED:
         q_desc = tl.make_tensor_descriptor(q_base, [q_tokens, HEAD_DIM], [stride_qn, 1], [BLOCK_M, HEAD_DIM])
-        # A packed key tile is not one box of consecutive rows (Hopper's TMA has no row gather), and switching per
-        # tile between a box load and a gather would leave the loop two load forms to pipeline: packed tiles
-        # always gather, only Q keeps TMA.
-        if not KV_PACKED:
-            k_desc = tl.make_tensor_descriptor(k_base, [kv_tokens, HEAD_DIM], [stride_kn, 1], [BLOCK_N, HEAD_DIM])
-            v_desc = tl.make_tensor_descriptor(v_base, [kv_tokens, HEAD_DIM], [stride_vn, 1], [BLOCK_N, HEAD_DIM])
         q = q_desc.load([row0, 0])
+    elif Q_PERMUTED:
+        offs_m = row0 + tl.arange(0, BLOCK_M)
+        q_rows = tl.load(QPerm + bh.to(tl.int64) * q_tokens + offs_m, mask=offs_m < q_tokens, other=0)
+        q = tl.load(q_base + q_rows[:, None] * stride_qn + offs_d[None, :], mask=offs_m[:, None] < q_tokens, other=0.0)
     else:
         offs_m = row0 + tl.arange(0, BLOCK_M)
         q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=offs_m[:, None] < q_tokens, other=0.0)
@@ -203,28 +213,37 @@ def _cluster_sparse_fwd_kernel(
             seg = first + tl.sum((window_ends[None, :] <= packed[:, None]).to(tl.int32), 1)
             live = packed < kv_total
             rows = packed + tl.load(seg_shifts + seg, mask=live, other=0)
+            if KV_PERMUTED:
+                rows = tl.load(kv_perm_row + rows, mask=live, other=0)
             k = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :], mask=live[:, None], other=0.0)
             v = tl.load(v_base + rows[:, None] * stride_vn + offs_d[None, :], mask=live[:, None], other=0.0)
         else:
             entry = tl.load(schedule_row + t)
             kv_start = entry >> LENGTH_BITS
             kv_stop = kv_start + (entry & ((1 << LENGTH_BITS) - 1))
-            if USE_TMA:
+            if KV_TMA:
                 k = k_desc.load([kv_start, 0])
                 v = v_desc.load([kv_start, 0])
             else:
                 rows = kv_start + offs_n
-                k = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :], mask=rows[:, None] < kv_tokens,
-                            other=0.0)
-                v = tl.load(v_base + rows[:, None] * stride_vn + offs_d[None, :], mask=rows[:, None] < kv_tokens,
-                            other=0.0)
+                live = rows < kv_tokens
+                if KV_PERMUTED:
+                    rows = tl.load(kv_perm_row + rows, mask=live, other=0)
+                k = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :], mask=live[:, None], other=0.0)
+                v = tl.load(v_base + rows[:, None] * stride_vn + offs_d[None, :], mask=live[:, None], other=0.0)
         acc, l_i, m_i = attend_tile(
             acc, l_i, m_i, q, k, v, qk_scale, kv_start, kv_stop, BLOCK_N, KV_RAGGED, PRECISION, DOT_UPCAST
         )
-    store_rows(
-        Out, Lse, acc, l_i, m_i, Out + b * stride_ob + h * stride_oh, Lse + bh.to(tl.int64) * q_tokens,
-        row0, row_stop, stride_on, BLOCK_M, HEAD_DIM,
-    )
+    if Q_PERMUTED:
+        store_rows_at(
+            Out, acc, l_i, m_i, Out + b * stride_ob + h * stride_oh, Lse + bh.to(tl.int64) * q_tokens,
+            q_rows, offs_m < row_stop, stride_on, HEAD_DIM,
+        )
+    else:
+        store_rows(
+            Out, Lse, acc, l_i, m_i, Out + b * stride_ob + h * stride_oh, Lse + bh.to(tl.int64) * q_tokens,
+            row0, row_stop, stride_on, BLOCK_M, HEAD_DIM,
+        )
 
 
 # (BLOCK_M, BLOCK_N, stages, warps) used when the caller pins none; from the H100 sweep
@@ -262,6 +281,8 @@ def cluster_sparse_attention_triton(
     use_tma: bool | None = None,
     kv_ragged_mode: int = RAGGED_MASK_IN_BRANCH,
     kv_packing: bool | None = None,
+    q_perm: torch.Tensor | None = None,
+    kv_perm: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plan and launch the Triton kernels (no validation; see :func:`cluster_sparse_attention`).
 
@@ -269,7 +290,9 @@ def cluster_sparse_attention_triton(
     clusters into full tiles, False pads each cluster to whole tiles, None packs when
     :func:`packed_key_tile_saving` >= :data:`PACKED_KEYS_MIN_SAVING` (see the module docstring). The plan's buffers
     hold per query cluster ``ceil(kv_tokens / BLOCK_N) + max_kept`` int32 entries (padded) or
-    ``ceil(kv_tokens / BLOCK_N) + 2 * max_kept`` (packed): enough when every key is kept.
+    ``ceil(kv_tokens / BLOCK_N) + 2 * max_kept`` (packed): enough when every key is kept. ``q_perm`` /
+    ``kv_perm`` (``[tokens]`` or ``[batch, heads, tokens]``) fuse the permutation, as in
+    :func:`cluster_sparse_attention`.
     """
     batch, heads, q_tokens, head_dim = q.shape
     kv_tokens = k.shape[2]
@@ -296,6 +319,8 @@ def cluster_sparse_attention_triton(
     )
     if kv_cluster_indices.stride(-1) != 1:
         kv_cluster_indices = kv_cluster_indices.contiguous()
+    q_perm, kv_perm = (None if perm is None else perm.expand(batch, heads, -1).to(torch.int32).contiguous()
+                       for perm in (q_perm, kv_perm))
     rows = batch * heads * q_clusters
     kept_p = max(16, triton.next_power_of_2(max_kept))
     list_strides = (
@@ -332,6 +357,7 @@ def cluster_sparse_attention_triton(
     grid = (triton.cdiv(q_tokens, block_m) + q_clusters, batch * heads)
     _cluster_sparse_fwd_kernel[grid](
         q, k, v, out, lse, q_offsets, schedule, counts, seg_ends, seg_shifts,
+        counts if q_perm is None else q_perm, counts if kv_perm is None else kv_perm,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -344,6 +370,7 @@ def cluster_sparse_attention_triton(
         PRECISION="ieee" if q.dtype == torch.float32 or _backends.interpreting() else "tf32",
         DOT_UPCAST=q.dtype == torch.bfloat16 and _backends.interpreting(),
         LENGTH_BITS=_LENGTH_BITS, KV_PACKED=bool(kv_packing), WINDOW=min(block_n, kept_p),
+        Q_PERMUTED=q_perm is not None, KV_PERMUTED=kv_perm is not None,
         num_warps=warps, num_stages=stages,
     )
     return out, lse
@@ -379,6 +406,19 @@ def _check_cluster_lists(
             raise ValueError(f"{_OP}: {name} must be int32 (or int64) on {q.device}; got {t.dtype} on {t.device}")
 
 
+def _check_perms(q: torch.Tensor, k: torch.Tensor, q_perm: torch.Tensor | None, kv_perm: torch.Tensor | None) -> None:
+    for name, perm, x in (("q_perm", q_perm, q), ("kv_perm", kv_perm, k)):
+        if perm is None:
+            continue
+        if perm.dtype not in (torch.int32, torch.int64) or perm.device != q.device:
+            raise ValueError(f"{_OP}: {name} must be int32 (or int64) on {q.device}; got {perm.dtype} on {perm.device}")
+        if perm.shape not in ((x.shape[2],), tuple(x.shape[:3])):
+            raise ValueError(
+                f"{_OP}: {name} must be [tokens] = [{x.shape[2]}] or [batch, heads, tokens] = {list(x.shape[:3])}, "
+                f"got {tuple(perm.shape)}"
+            )
+
+
 def _validate_offsets(q: torch.Tensor, k: torch.Tensor, q_offsets: torch.Tensor, kv_offsets: torch.Tensor) -> None:
     for name, offsets, tokens in (("q_offsets", q_offsets, q.shape[2]), ("kv_offsets", kv_offsets, k.shape[2])):
         if bool((offsets[..., 0] != 0).any()) or bool((offsets[..., -1] != tokens).any()):
@@ -400,21 +440,32 @@ def _cluster_sparse_attention_op(
     backend: str = "auto",
     validate: bool | None = None,
     kv_packing: bool | None = None,
+    q_perm: torch.Tensor | None = None,
+    kv_perm: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     check_attention_inputs(_OP, q, k, v)
     _check_cluster_lists(q, k, q_offsets, kv_offsets, kv_cluster_indices, kv_cluster_counts)
+    _check_perms(q, k, q_perm, kv_perm)
     chosen = _backends.resolve_backend(_OP, backend, q.device)
     _backends.record_backend(_OP, chosen)
-    if chosen == "reference":
-        return cluster_sparse_attention_reference(
-            q, k, v, q_offsets, kv_offsets, kv_cluster_indices, kv_cluster_counts, scale
-        )
     # Validation synchronises with the device, so on GPU it runs only when asked.
+    if validate or (validate is None and q.device.type == "cpu"):
+        for name, perm, tokens in (("q_perm", q_perm, q.shape[2]), ("kv_perm", kv_perm, k.shape[2])):
+            if perm is not None and not torch.equal(perm.sort(-1).values.long(),
+                                                    torch.arange(tokens, device=perm.device).expand_as(perm)):
+                raise ValueError(f"{_OP}: {name} must hold each of 0..{tokens - 1} once (a permutation of the tokens)")
+    if chosen == "reference":
+        out, lse = cluster_sparse_attention_reference(
+            q, k, v, q_offsets, kv_offsets, kv_cluster_indices, kv_cluster_counts, scale, q_perm, kv_perm
+        )
+        # The op's contract (and its fake) is q's memory order.
+        return output_like(q, out.shape[1], out.shape[-1]).copy_(out), lse
     if validate or (validate is None and q.device.type == "cpu"):
         validate_kv_block_list(kv_cluster_indices, kv_cluster_counts, kv_offsets.shape[-1] - 1)
         _validate_offsets(q, k, q_offsets, kv_offsets)
     return cluster_sparse_attention_triton(
-        q, k, v, q_offsets, kv_offsets, kv_cluster_indices, kv_cluster_counts, scale, kv_packing=kv_packing
+        q, k, v, q_offsets, kv_offsets, kv_cluster_indices, kv_cluster_counts, scale, kv_packing=kv_packing,
+        q_perm=q_perm, kv_perm=kv_perm,
     )
 
 
@@ -431,6 +482,8 @@ def _cluster_sparse_attention_fake(
     backend: str = "auto",
     validate: bool | None = None,
     kv_packing: bool | None = None,
+    q_perm: torch.Tensor | None = None,
+    kv_perm: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     out = output_like(q, q.shape[1], v.shape[-1])
     return out, q.new_empty(q.shape[0], q.shape[1], q.shape[2], dtype=torch.float32)
@@ -448,17 +501,23 @@ def cluster_sparse_attention(
     backend: str = "auto",
     validate: bool | None = None,
     kv_packing: bool | None = None,
+    q_perm: torch.Tensor | None = None,
+    kv_perm: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cluster-sparse attention through the registered op ``torch.ops.vdopt.cluster_sparse_attention``.
 
-    q: [B, H, Nq, D]; k, v: [B, H, Nk, D] (any strides), already permuted so clusters are contiguous;
+    q: [B, H, Nq, D]; k, v: [B, H, Nk, D] (any strides), permuted so clusters are contiguous -- or in their
+    original order with ``q_perm`` / ``kv_perm`` (int32 ``[N]`` or ``[B, H, N]``: position p of the clustered order
+    holds original token ``perm[p]``), which the kernel applies as it loads rows and stores outputs, so no permuted
+    copy of q, k, v or out is made; out and lse then come back in q's original order.
     q_offsets: int32 [B, H, Cq + 1]; kv_offsets: int32 [B, H, Ck + 1]; kv_cluster_indices: int32
     [B, H, Cq, max_kept]; kv_cluster_counts: int32 [B, H, Cq]. backend/validate as in block_sparse_attention;
     kv_packing as in :func:`cluster_sparse_attention_triton` (the reference ignores it).
     Returns (out [B, H, Nq, D] in q's dtype and memory order, lse float32 [B, H, Nq], natural log).
     """
     return torch.ops.vdopt.cluster_sparse_attention(
-        q, k, v, q_offsets, kv_offsets, kv_cluster_indices, kv_cluster_counts, scale, backend, validate, kv_packing
+        q, k, v, q_offsets, kv_offsets, kv_cluster_indices, kv_cluster_counts, scale, backend, validate, kv_packing,
+        q_perm, kv_perm,
     )
 
 

@@ -101,6 +101,63 @@ def test_packed_keys_tiles_span_many_clusters(config):
     assert_matches(out, lse, ref, ref_lse, torch.float32)
 
 
+def random_permutations(batch, heads, tokens):
+    return torch.argsort(torch.rand(batch, heads, tokens), -1).to(torch.int32)
+
+
+def test_reference_with_permutations_is_gather_then_scatter():
+    """The reference's fused-permutation form against permuting by hand (index_select / inverse index)."""
+    q, k, v = random_inputs(1, 1, 30, 26, 16, torch.float32)
+    q_perm, kv_perm = torch.randperm(30, dtype=torch.int32), torch.randperm(26, dtype=torch.int32)
+    q_off, kv_off = random_offsets(1, 1, 30, 4), random_offsets(1, 1, 26, 3)
+    idx, cnt = kv_block_list_from_mask(torch.rand(1, 1, 4, 3) < 0.7)
+    out, lse = cluster_sparse_attention_reference(q, k, v, q_off, kv_off, idx, cnt, q_perm=q_perm, kv_perm=kv_perm)
+    permuted, permuted_lse = cluster_sparse_attention_reference(
+        q[:, :, q_perm.long()], k[:, :, kv_perm.long()], v[:, :, kv_perm.long()], q_off, kv_off, idx, cnt)
+    inverse = torch.argsort(q_perm.long())
+    torch.testing.assert_close(out, permuted[:, :, inverse], atol=0, rtol=0)
+    torch.testing.assert_close(lse, permuted_lse[:, :, inverse], atol=0, rtol=0)
+
+
+@interpreted
+@pytest.mark.parametrize("kv_packing", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("dtype,head_dim,batch", [(torch.float32, 32, 2), (torch.bfloat16, 64, 1),
+                                                  (torch.float16, 16, 2)])
+def test_kernel_fuses_permutations(kv_packing, dtype, head_dim, batch):
+    """q, k, v in their original order with per-head permutations (and a shared 1-D one): rows gathered on load,
+    out and lse scattered on store, equal to the reference that permutes first; ragged clusters, an empty one."""
+    q, k, v = random_inputs(batch, 2, 70, 53, head_dim, dtype)
+    q_off = random_offsets(batch, 2, 70, 5, empty=[(0, 1, 2)])
+    kv_off = random_offsets(batch, 2, 53, 4)
+    idx, cnt = kv_block_list_from_mask(torch.rand(batch, 2, 5, 4) < 0.6)
+    for q_perm, kv_perm in ((random_permutations(batch, 2, 70), random_permutations(batch, 2, 53)),
+                            (torch.randperm(70, dtype=torch.int32), None)):
+        out, lse = csa.cluster_sparse_attention_triton(q, k, v, q_off, kv_off, idx, cnt, config=(16, 16, 1, 4),
+                                                       kv_packing=kv_packing, q_perm=q_perm, kv_perm=kv_perm)
+        ref, ref_lse = cluster_sparse_attention_reference(q, k, v, q_off, kv_off, idx, cnt, q_perm=q_perm,
+                                                          kv_perm=kv_perm)
+        assert_matches(out, lse, ref, ref_lse, dtype)
+
+
+@interpreted
+def test_op_with_permutations_checks_them():
+    q, k, v = random_inputs(1, 2, 40, 40, 16, torch.float16)
+    off = random_offsets(1, 2, 40, 3)
+    idx, cnt = kv_block_list_from_mask(torch.rand(1, 2, 3, 3) < 0.8)
+    perm = random_permutations(1, 2, 40)
+    out, lse = csa.cluster_sparse_attention(q, k, v, off, off, idx, cnt, backend="triton", q_perm=perm, kv_perm=perm)
+    ref, ref_lse = csa.cluster_sparse_attention(q, k, v, off, off, idx, cnt, backend="reference", q_perm=perm,
+                                                kv_perm=perm)
+    assert_matches(out, lse, ref, ref_lse, torch.float16)
+    assert out.stride() == q.stride()  # q's memory order, as the fake says
+    with pytest.raises(ValueError, match=r"q_perm must be \[tokens\] = \[40\]"):
+        csa.cluster_sparse_attention(q, k, v, off, off, idx, cnt, q_perm=perm[0, 0, :39])
+    repeated = perm.clone()
+    repeated[0, 1, 0] = repeated[0, 1, 1]
+    with pytest.raises(ValueError, match="kv_perm must hold each of 0..39 once"):
+        csa.cluster_sparse_attention(q, k, v, off, off, idx, cnt, kv_perm=repeated)
+
+
 def test_packed_key_tile_saving_picks_packing_for_small_clusters():
     """Mean key clusters of 128 tokens in 64-row tiles: padded mode runs 2.5 tiles per cluster, packed mode 2."""
     assert csa.packed_key_tile_saving(32768, 256, 64) == pytest.approx(0.2)
