@@ -19,8 +19,11 @@ the cluster's end are computed but not stored. Key tiles come in two modes (``kv
   gathered row by row with pointer loads. Q keeps its TMA load.
 
 Packed mode runs fewer key tiles whenever key clusters are not multiples of ``BLOCK_N`` (at 64..192-token clusters and
-``BLOCK_N`` 64, ~20% fewer); whether a gathered tile costs more than a TMA box on a GPU is unmeasured, so
-``kv_packing=None`` picks it only when the tile count it saves exceeds :data:`PACKED_KEYS_MIN_SAVING`.
+``BLOCK_N`` 64, ~20% fewer), but gathers each tile row by row where padded mode loads one TMA box. Permutations
+(``q_perm``, ``kv_perm``) can be fused the same way: rows are gathered from q, k, v in their original order and
+outputs scattered back, in place of four permutation launches. Neither has been timed on a GPU yet
+(benchmarks/attention_kernels.py and strategy_overheads.py time both), so the defaults are the measured ones:
+padded keys, and vdopt's runtime permutes with separate launches (vdopt/attention.py).
 """
 
 from __future__ import annotations
@@ -249,23 +252,6 @@ def _cluster_sparse_fwd_kernel(
 # (BLOCK_M, BLOCK_N, stages, warps) used when the caller pins none; from the H100 sweep
 # (benchmarks/notes_attention_kernels.md).
 DEFAULT_CONFIG: tuple[int, int, int, int] = (128, 64, 2, 4)
-#: ``kv_packing=None`` packs keys when that is expected to save at least this fraction of the key tiles. A guess at
-#: what gathering a key tile row by row costs over a TMA box, unmeasured on GPU: benchmarks/attention_kernels.py
-#: times both modes (cluster_ms, cluster_packed_ms).
-PACKED_KEYS_MIN_SAVING = 0.15
-
-
-def packed_key_tile_saving(kv_tokens: int, kv_clusters: int, block_n: int) -> float:
-    """Expected fraction of key tiles that packing saves, from the mean key-cluster size ``kv_tokens / kv_clusters``.
-
-    Padded mode runs ``max(size / BLOCK_N + 1/2, 1)`` tiles per kept cluster (its last tile half empty on average,
-    as cost_models' CLUSTER_KV_TILES counts), packed mode ``size / BLOCK_N`` (one partial tile per query cluster's
-    whole list, not counted).
-    """
-    if kv_clusters <= 0 or kv_tokens <= 0:
-        return 0.0
-    tiles = kv_tokens / kv_clusters / block_n
-    return 1.0 - tiles / max(tiles + 0.5, 1.0)
 
 
 def cluster_sparse_attention_triton(
@@ -280,15 +266,14 @@ def cluster_sparse_attention_triton(
     config: tuple[int, int, int, int] | None = None,
     use_tma: bool | None = None,
     kv_ragged_mode: int = RAGGED_MASK_IN_BRANCH,
-    kv_packing: bool | None = None,
+    kv_packing: bool = False,
     q_perm: torch.Tensor | None = None,
     kv_perm: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plan and launch the Triton kernels (no validation; see :func:`cluster_sparse_attention`).
 
     ``config = (BLOCK_M, BLOCK_N, stages, warps)``, BLOCK_N <= 128. ``kv_packing``: True packs the kept key
-    clusters into full tiles, False pads each cluster to whole tiles, None packs when
-    :func:`packed_key_tile_saving` >= :data:`PACKED_KEYS_MIN_SAVING` (see the module docstring). The plan's buffers
+    clusters into full tiles, False pads each cluster to whole tiles (see the module docstring). The plan's buffers
     hold per query cluster ``ceil(kv_tokens / BLOCK_N) + max_kept`` int32 entries (padded) or
     ``ceil(kv_tokens / BLOCK_N) + 2 * max_kept`` (packed): enough when every key is kept. ``q_perm`` /
     ``kv_perm`` (``[tokens]`` or ``[batch, heads, tokens]``) fuse the permutation, as in
@@ -328,8 +313,6 @@ def cluster_sparse_attention_triton(
         kv_cluster_indices.stride(0), kv_cluster_indices.stride(1), kv_cluster_indices.stride(2),
         kv_cluster_counts.stride(0), kv_cluster_counts.stride(1),
     )
-    if kv_packing is None:
-        kv_packing = packed_key_tile_saving(kv_tokens, kv_offsets.shape[-1] - 1, block_n) >= PACKED_KEYS_MIN_SAVING
     if kv_packing:
         schedule_stride = triton.cdiv(kv_tokens, block_n)
         seg_stride = max(max_kept, 1)
@@ -439,7 +422,7 @@ def _cluster_sparse_attention_op(
     scale: float | None = None,
     backend: str = "auto",
     validate: bool | None = None,
-    kv_packing: bool | None = None,
+    kv_packing: bool = False,
     q_perm: torch.Tensor | None = None,
     kv_perm: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -481,7 +464,7 @@ def _cluster_sparse_attention_fake(
     scale: float | None = None,
     backend: str = "auto",
     validate: bool | None = None,
-    kv_packing: bool | None = None,
+    kv_packing: bool = False,
     q_perm: torch.Tensor | None = None,
     kv_perm: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -500,7 +483,7 @@ def cluster_sparse_attention(
     scale: float | None = None,
     backend: str = "auto",
     validate: bool | None = None,
-    kv_packing: bool | None = None,
+    kv_packing: bool = False,
     q_perm: torch.Tensor | None = None,
     kv_perm: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -509,7 +492,8 @@ def cluster_sparse_attention(
     q: [B, H, Nq, D]; k, v: [B, H, Nk, D] (any strides), permuted so clusters are contiguous -- or in their
     original order with ``q_perm`` / ``kv_perm`` (int32 ``[N]`` or ``[B, H, N]``: position p of the clustered order
     holds original token ``perm[p]``), which the kernel applies as it loads rows and stores outputs, so no permuted
-    copy of q, k, v or out is made; out and lse then come back in q's original order.
+    copy of q, k, v or out is made; out and lse then come back in q's original order (not yet timed on a GPU, so
+    the runtime does not use it; see the module docstring).
     q_offsets: int32 [B, H, Cq + 1]; kv_offsets: int32 [B, H, Ck + 1]; kv_cluster_indices: int32
     [B, H, Cq, max_kept]; kv_cluster_counts: int32 [B, H, Cq]. backend/validate as in block_sparse_attention;
     kv_packing as in :func:`cluster_sparse_attention_triton` (the reference ignores it).

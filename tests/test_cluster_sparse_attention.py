@@ -158,14 +158,6 @@ def test_op_with_permutations_checks_them():
         csa.cluster_sparse_attention(q, k, v, off, off, idx, cnt, kv_perm=repeated)
 
 
-def test_packed_key_tile_saving_picks_packing_for_small_clusters():
-    """Mean key clusters of 128 tokens in 64-row tiles: padded mode runs 2.5 tiles per cluster, packed mode 2."""
-    assert csa.packed_key_tile_saving(32768, 256, 64) == pytest.approx(0.2)
-    assert csa.packed_key_tile_saving(32768, 1024, 64) == pytest.approx(0.5)
-    assert csa.packed_key_tile_saving(32768, 32, 64) < csa.PACKED_KEYS_MIN_SAVING
-    assert csa.packed_key_tile_saving(0, 0, 64) == 0.0
-
-
 @interpreted
 def test_op_dispatch_one_cluster_and_layout():
     q, k, v = random_inputs(1, 2, 40, 40, 32, torch.bfloat16)

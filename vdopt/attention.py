@@ -32,19 +32,19 @@ def pattern_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: SparsePattern, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of video tokens ``q, k, v: [B, G, N, D]`` under ``pattern`` -> (out, lse float32), original order."""
+    qp, kp, vp = _permute(q, pattern.q_perm), _permute(k, pattern.kv_perm), _permute(v, pattern.kv_perm)
     if pattern.is_clustered:
         from vdopt.kernels.cluster_sparse_attention import cluster_sparse_attention
 
-        # The cluster kernel applies the permutations as it loads and stores rows: no permuted copies.
-        return cluster_sparse_attention(
-            q, k, v, pattern.q_offsets, pattern.kv_offsets, pattern.kv_block_indices, pattern.kv_block_counts,
-            scale=scale, q_perm=pattern.q_perm, kv_perm=pattern.kv_perm,
+        out, lse = cluster_sparse_attention(
+            qp, kp, vp, pattern.q_offsets, pattern.kv_offsets, pattern.kv_block_indices, pattern.kv_block_counts,
+            scale=scale,
         )
-    qp, kp, vp = _permute(q, pattern.q_perm), _permute(k, pattern.kv_perm), _permute(v, pattern.kv_perm)
-    out, lse = block_sparse_attention(
-        qp, kp, vp, pattern.kv_block_indices, pattern.kv_block_counts, pattern.block_size, pattern.block_size,
-        scale=scale,
-    )
+    else:
+        out, lse = block_sparse_attention(
+            qp, kp, vp, pattern.kv_block_indices, pattern.kv_block_counts, pattern.block_size, pattern.block_size,
+            scale=scale,
+        )
     out = _permute(out, pattern.q_perm, inverse=True)
     lse = _permute(lse[..., None], pattern.q_perm, inverse=True)[..., 0]
     return out, lse

@@ -1,0 +1,91 @@
+"""Compile vdopt's attention kernels for Hopper (sm_90) on a machine without a GPU and report what the code holds.
+
+Run as a script with Triton's interpreter off (tests/test_hopper_codegen.py starts it in a subprocess, since the
+test session turns the interpreter on before the kernels are imported). Prints one JSON object per variant:
+its name, whether it compiled, and counts of Hopper instructions in its PTX: ``wgmma`` (warpgroup tensor-core
+MMAs), ``tma`` (bulk tensor copies, the TMA loads), ``cp_async`` (asynchronous copies: gathered rows that the
+software pipeline prefetches), and the shared memory it asks for.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from vdopt.kernels import block_sparse_attention as bsa
+from vdopt.kernels import cluster_sparse_attention as csa
+
+_DATA_POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "Lse": "*fp32"}
+
+
+def compile_for_hopper(kernel, constexprs: dict, num_warps: int, num_stages: int) -> dict:
+    """Compile one ``@triton.jit`` kernel for sm_90: parameters named in capitals are pointers (bf16 tensors,
+    fp32 lse, int32 lists), ``qk_scale`` is fp32 and the other scalars int32."""
+    params = list(inspect.signature(kernel.fn).parameters)
+    signature = {}
+    for name in params:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name[0].isupper():
+            signature[name] = _DATA_POINTERS.get(name, "*i32")
+        else:
+            signature[name] = "fp32" if name == "qk_scale" else "i32"
+    source = ASTSource(fn=kernel, signature=signature,
+                       constexprs={(params.index(k),): v for k, v in constexprs.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    ptx = compiled.asm["ptx"]
+    return {
+        "wgmma": len(re.findall(r"wgmma\.mma_async", ptx)),
+        "tma": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
+        "cp_async": len(re.findall(r"cp\.async\.c[ag]", ptx)),
+        "shared_bytes": compiled.metadata.shared,
+        "cubin_bytes": len(compiled.asm["cubin"]),
+    }
+
+
+def variants() -> dict[str, tuple]:
+    """name -> (kernel, constexprs, warps, stages): the configurations vdopt launches on H100."""
+    block_m, block_n, stages, warps = bsa.TILE_CONFIGS[0]
+    block = {"LAYOUT_BLOCK_M": 128, "LAYOUT_BLOCK_N": 128, "BLOCK_M": block_m, "BLOCK_N": block_n,
+             "NUM_STAGES": stages, "HAS_HEAD_INDICES": False, "USE_TMA": True, "KV_RAGGED": bsa.RAGGED_MASK_IN_BRANCH,
+             "PRECISION": "tf32", "DOT_UPCAST": False}
+    out = {
+        "block_tma_d128": (bsa._block_sparse_fwd_kernel, {**block, "HEAD_DIM": 128}, warps, stages),
+        "block_tma_d64_head_group": (bsa._block_sparse_fwd_kernel,
+                                     {**block, "HEAD_DIM": 64, "HAS_HEAD_INDICES": True}, warps, stages),
+        "block_pointer_d128": (bsa._block_sparse_fwd_kernel, {**block, "HEAD_DIM": 128, "USE_TMA": False}, warps,
+                               stages),
+    }
+    block_m, block_n, stages, warps = csa.DEFAULT_CONFIG
+    cluster = {"HEAD_DIM": 128, "BLOCK_M": block_m, "BLOCK_N": block_n, "NUM_STAGES": stages, "CLUSTERS_P": 512,
+               "USE_TMA": True, "KV_RAGGED": bsa.RAGGED_MASK_IN_BRANCH, "PRECISION": "tf32", "DOT_UPCAST": False,
+               "LENGTH_BITS": 8, "KV_PACKED": False, "WINDOW": 64, "Q_PERMUTED": False, "KV_PERMUTED": False}
+    for name, extra in {
+        "cluster_padded": {},
+        "cluster_packed": {"KV_PACKED": True},
+        "cluster_packed_permuted": {"KV_PACKED": True, "Q_PERMUTED": True, "KV_PERMUTED": True},
+        "cluster_padded_permuted": {"Q_PERMUTED": True, "KV_PERMUTED": True},
+    }.items():
+        out[name] = (csa._cluster_sparse_fwd_kernel, {**cluster, **extra}, warps, stages)
+    return out
+
+
+def main() -> None:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("hopper_codegen.py compiles real GPU code: run it with TRITON_INTERPRET unset")
+    for name, (kernel, constexprs, warps, stages) in variants().items():
+        try:
+            record = {"variant": name, "compiled": True, **compile_for_hopper(kernel, constexprs, warps, stages)}
+        except Exception as error:  # noqa: BLE001 -- reported per variant, the test names the failure
+            record = {"variant": name, "compiled": False, "error": f"{type(error).__name__}: {str(error)[:600]}"}
+        print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    main()
