@@ -50,15 +50,12 @@ _LENGTH_BITS = 8
 
 
 @triton.jit
-def _cluster_tile_plan_kernel(
-    KvOffsets, KvIndices, KvCounts, Schedule, TileCounts,
-    stride_ob, stride_oh, stride_ib, stride_ih, stride_iq, stride_cb, stride_ch,
-    heads, q_clusters, schedule_stride,
-    KEPT_P: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, LENGTH_BITS: tl.constexpr,
+def _kept_key_clusters(
+    KvOffsets, KvIndices, KvCounts, c, bh, heads,
+    stride_ob, stride_oh, stride_ib, stride_ih, stride_iq, stride_cb, stride_ch, KEPT_P: tl.constexpr,
 ):
-    """For query cluster ``program_id(0)`` of (batch, head) ``program_id(1)``: list its key tiles."""
-    c = tl.program_id(0)
-    bh = tl.program_id(1)
+    """Query cluster ``c`` of (batch, head) ``bh``: list positions, which are used, and each kept key cluster's
+    ``[start, stop)`` rows (0 for unused positions)."""
     b = (bh // heads).to(tl.int64)
     h = bh % heads
     count = tl.load(KvCounts + b * stride_cb + h * stride_ch + c)
@@ -68,6 +65,23 @@ def _cluster_tile_plan_kernel(
     offsets = KvOffsets + b * stride_ob + h * stride_oh
     start = tl.load(offsets + kept, mask=used, other=0)
     stop = tl.load(offsets + kept + 1, mask=used, other=0)
+    return pos, used, start, stop
+
+
+@triton.jit
+def _cluster_tile_plan_kernel(
+    KvOffsets, KvIndices, KvCounts, Schedule, TileCounts,
+    stride_ob, stride_oh, stride_ib, stride_ih, stride_iq, stride_cb, stride_ch,
+    heads, q_clusters, schedule_stride,
+    KEPT_P: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, LENGTH_BITS: tl.constexpr,
+):
+    """For query cluster ``program_id(0)`` of (batch, head) ``program_id(1)``: list its key tiles."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    pos, used, start, stop = _kept_key_clusters(
+        KvOffsets, KvIndices, KvCounts, c, bh, heads, stride_ob, stride_oh, stride_ib, stride_ih, stride_iq,
+        stride_cb, stride_ch, KEPT_P,
+    )
     tiles = tl.where(used, (stop - start + BLOCK_N - 1) // BLOCK_N, 0)
     ends = tl.cumsum(tiles, 0)
     total = tl.sum(tiles, 0)
@@ -103,15 +117,10 @@ def _cluster_packed_plan_kernel(
     number and the kept key count, and for each BLOCK_N tile of the packed list the segment its first row is in."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // heads).to(tl.int64)
-    h = bh % heads
-    count = tl.load(KvCounts + b * stride_cb + h * stride_ch + c)
-    pos = tl.arange(0, KEPT_P)
-    used = pos < count
-    kept = tl.load(KvIndices + b * stride_ib + h * stride_ih + c * stride_iq + pos, mask=used, other=0)
-    offsets = KvOffsets + b * stride_ob + h * stride_oh
-    start = tl.load(offsets + kept, mask=used, other=0)
-    stop = tl.load(offsets + kept + 1, mask=used, other=0)
+    _, used, start, stop = _kept_key_clusters(
+        KvOffsets, KvIndices, KvCounts, c, bh, heads, stride_ob, stride_oh, stride_ib, stride_ih, stride_iq,
+        stride_cb, stride_ch, KEPT_P,
+    )
     sizes = tl.where(used, stop - start, 0)
     nonempty = sizes > 0
     ends = tl.cumsum(sizes, 0)

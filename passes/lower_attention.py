@@ -378,7 +378,7 @@ def hoist_token_order(gm: fx.GraphModule) -> fx.GraphModule:
             with graph.inserting_after(nodes[last]):
                 restored = graph.call_function(torch.index_select, (value, axes[value], inverse))
             restored.meta["vdopt_outside_blocks"] = True
-            value.replace_all_uses_with(restored, delete_user_cb=lambda user: user is not restored and not in_block(user))
+            value.replace_all_uses_with(restored, delete_user_cb=lambda user, r=restored: user is not r and not in_block(user))
     graph.lint()
     new.recompile()
     return new

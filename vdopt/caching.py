@@ -12,6 +12,7 @@ between the reused and the true hidden state after the blocks.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -107,7 +108,7 @@ class _ScheduleProbe:
                 if all(e <= config.error_budget for e in errors):
                     graph.add_edge(j, i, weight=1.0 + 1e-6 * sum(errors))
         path = nx.dijkstra_path(graph, 0, n)
-        reused = [k for j, i in zip(path, path[1:]) for k in range(j + 1, i)]
+        reused = [k for j, i in itertools.pairwise(path) for k in range(j + 1, i)]
         if not reused:
             return None
         return reused, [self.errors[(max(p for p in path if p < k), k)] for k in reused]

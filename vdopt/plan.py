@@ -124,7 +124,7 @@ class StepCachePlan:
         if self.warmup_steps < 0 or self.max_consecutive_reuses < 0:
             raise PlanError("cache.warmup_steps and cache.max_consecutive_reuses must be >= 0")
         if self.reuse_steps is not None:
-            self.reuse_steps = tuple(sorted(set(int(i) for i in self.reuse_steps)))
+            self.reuse_steps = tuple(sorted({int(i) for i in self.reuse_steps}))
             if self.schedule_steps is None or self.schedule_steps < 1:
                 raise PlanError(f"cache.schedule_steps must be a step count >= 1 for a reuse schedule, got "
                                 f"{self.schedule_steps}")
