@@ -5,7 +5,8 @@ One process: first every kernel is checked against the PyTorch reference on smal
 self-attention shapes on the same random per-head block masks:
   cudnn_dense   torch SDPA, cuDNN backend, dense (the reference rate)
   flex          torch.compile(flex_attention) with BlockMask.from_kv_blocks of the same 128-token block lists
-  triton        vdopt's Triton kernel called directly (block_sparse_attention_triton)
+  triton        vdopt's Triton kernel called directly (block_sparse_attention_triton); triton_host_desc_* the
+                same with host_descriptors=True (TMA descriptors made once on the host, not per program)
   fa4           FlashAttention-4's block-sparse forward called directly, as a peer would: flash_attn.cute's
                 _flash_attn_fwd with its block-sparse tensors built once before timing and its output and
                 log-sum-exp preallocated (vdopt's adapter not involved), where flash_attn.cute imports in this run
@@ -508,6 +509,13 @@ def full(args) -> None:
         "triton_fp16": check_block(bsa.block_sparse_attention_triton, "triton_fp16", device, dtype=torch.float16,
                                    shapes=check_shapes),
     }
+    # Host-made TMA descriptors (opt-in): checked, then timed beside the default path where they passed.
+    try:
+        checks["triton_host_desc"] = check_block(bsa.block_sparse_attention_triton, "triton_host_desc", device,
+                                                 shapes=check_shapes, host_descriptors=True)
+    except Exception as e:  # noqa: BLE001 -- recorded, the other kernels still run
+        log(f"  check triton_host_desc: ERROR {type(e).__name__}: {str(e)[:400]}")
+        checks["triton_host_desc"] = float("inf")
     cluster_check_shapes = ((1, 2, 3000, 128, 24), (2, 2, 777, 64, 9)) if clock.cuda else (
         (1, 1, 300, 64, 5), (2, 1, 200, 32, 4))
     # Cluster modes: name -> keywords of cluster_sparse_attention_triton. A mode that fails its check (or to
@@ -577,6 +585,15 @@ def full(args) -> None:
             rec["spot_rel_l2"] = rel_l2(out[:1, :1, rows], ref)
             rec["triton_ms"] = clock.ms(partial(bsa.block_sparse_attention_triton, q, k, v, idx, cnt, 128, 128), rep)
             rec["triton_effective_tflops"] = flops / rec["triton_ms"] / 1e9
+            rec["triton_config"] = str(getattr(bsa._block_sparse_fwd_autotuned, "best_config", None))
+            if math.isfinite(checks["triton_host_desc"]):
+                try:
+                    rec["triton_host_desc_ms"] = clock.ms(partial(bsa.block_sparse_attention_triton, q, k, v, idx, cnt,
+                                                                  128, 128, host_descriptors=True), rep)
+                    rec["triton_host_desc_effective_tflops"] = flops / rec["triton_host_desc_ms"] / 1e9
+                    rec["triton_host_desc_config"] = str(getattr(bsa._block_sparse_fwd_autotuned, "best_config", None))
+                except Exception as e:  # noqa: BLE001 -- recorded, the other kernels still run
+                    rec["triton_host_desc_error"] = f"{type(e).__name__}: {str(e)[:300]}"
             # On CPU "auto" means the reference: the smoke run sends the op to the stand-in FA4 by name instead.
             op = partial(bsa.block_sparse_attention, q, k, v, idx, cnt, 128, 128, backend="auto" if clock.cuda else "fa4")
             out, _ = op()
@@ -653,11 +670,11 @@ def full(args) -> None:
                 rec[f"{name}_effective_tflops"] = cflops / rec[f"{name}_ms"] / 1e9
                 rec[f"{name}_vs_block_rate"] = rec[f"{name}_effective_tflops"] / rec["triton_effective_tflops"]
                 rec[f"{name}_tile_tflops"] = tile_flops / rec[f"{name}_ms"] / 1e9
-            rec["triton_config"] = str(getattr(bsa._block_sparse_fwd_autotuned, "best_config", None))
             record_peers(rec, model, density, flops)
             records.append(rec)
             save()
-            log(f"  d={density:<5} triton {rec['triton_ms']:.3f} ms {rec['triton_effective_tflops']:.0f} TF | fa4 "
+            log(f"  d={density:<5} triton {rec['triton_ms']:.3f} ms {rec['triton_effective_tflops']:.0f} TF (host "
+                f"descriptors {rec.get('triton_host_desc_effective_tflops', float('nan')):.0f}) | fa4 "
                 f"{rec.get('fa4_ms', float('nan')):.3f} ms {rec.get('fa4_effective_tflops', float('nan')):.0f} TF | op "
                 f"({rec['vdopt_backend']}) {rec['vdopt_ms']:.3f} ms {rec['effective_tflops']:.0f} TF, x"
                 f"{rec.get('vdopt_vs_fa4', float('nan')):.3f} of fa4, unmemoized "

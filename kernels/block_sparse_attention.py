@@ -90,6 +90,17 @@ def store_rows_at(Out, acc, l_i, m_i, out_base, lse_base, dest_rows, row_ok, str
 
 
 @triton.jit
+def _load_rows_host_tma(desc, b, h, row0, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, LAYOUT: tl.constexpr):
+    """Rows ``[row0, row0 + ROWS)`` of head ``h`` of batch ``b`` through a host-made 4-D descriptor: ``LAYOUT`` 1
+    is [batch, heads, tokens, D], 2 is [batch, tokens, heads, D]; rows past the head's end read as zeros."""
+    if LAYOUT == 1:
+        tile = desc.load([b, h, row0, 0])
+    else:
+        tile = desc.load([b, row0, h, 0])
+    return tile.reshape(ROWS, HEAD_DIM)
+
+
+@triton.jit
 def _block_sparse_fwd_kernel(
     Q, K, V, Out, Lse, KvIndices, KvCounts, HeadIndices,
     stride_qb, stride_qh, stride_qn,
@@ -102,10 +113,13 @@ def _block_sparse_fwd_kernel(
     HEAD_DIM: tl.constexpr, LAYOUT_BLOCK_M: tl.constexpr, LAYOUT_BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
     HAS_HEAD_INDICES: tl.constexpr, USE_TMA: tl.constexpr, KV_RAGGED: tl.constexpr, PRECISION: tl.constexpr,
-    DOT_UPCAST: tl.constexpr,
+    DOT_UPCAST: tl.constexpr, HOST_TMA: tl.constexpr = 0,
 ):
     # Grid: (query tiles, batch * launched heads); query tiles vary fastest so the programs resident at one
     # time share a head and its K/V stays in L2.
+    # HOST_TMA (1 head-major, 2 token-major): Q, K, V are 4-D tensor descriptors made on the host over
+    # [batch, heads, tokens, D] (or [batch, tokens, heads, D], their memory order), so no program builds
+    # descriptors; their per-dimension bounds still read zeros past a head's last row.
     tile_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // group_heads).to(tl.int64)
@@ -118,12 +132,16 @@ def _block_sparse_fwd_kernel(
     q_block = row0 // LAYOUT_BLOCK_M
     count = tl.load(KvCounts + b * stride_cb + g * stride_ch + q_block)
     index_row = KvIndices + b * stride_ib + g * stride_ih + q_block * stride_iq
-    q_base = Q + b * stride_qb + h * stride_qh
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    if USE_TMA:
+    if HOST_TMA:
+        b32 = b.to(tl.int32)
+        h32 = h.to(tl.int32)
+        q = _load_rows_host_tma(Q, b32, h32, row0, BLOCK_M, HEAD_DIM, HOST_TMA)
+    elif USE_TMA:
+        q_base = Q + b * stride_qb + h * stride_qh
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
         # Per-(batch, head) 2-D descriptors: bounds are that head's own rows, so a ragged tile reads zeros
         # instead of the next head, and any head stride works.
         q_desc = tl.make_tensor_descriptor(q_base, [q_tokens, HEAD_DIM], [stride_qn, 1], [BLOCK_M, HEAD_DIM])
@@ -131,6 +149,9 @@ def _block_sparse_fwd_kernel(
         v_desc = tl.make_tensor_descriptor(v_base, [kv_tokens, HEAD_DIM], [stride_vn, 1], [BLOCK_N, HEAD_DIM])
         q = q_desc.load([row0, 0])
     else:
+        q_base = Q + b * stride_qb + h * stride_qh
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
         offs_m = row0 + tl.arange(0, BLOCK_M)
         q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=offs_m[:, None] < q_tokens, other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -140,7 +161,10 @@ def _block_sparse_fwd_kernel(
     for t in tl.range(0, count * TILES_PER_BLOCK, num_stages=NUM_STAGES):
         kv_block = tl.load(index_row + t // TILES_PER_BLOCK)
         kv_start = kv_block * LAYOUT_BLOCK_N + (t % TILES_PER_BLOCK) * BLOCK_N
-        if USE_TMA:
+        if HOST_TMA:
+            k = _load_rows_host_tma(K, b32, h32, kv_start, BLOCK_N, HEAD_DIM, HOST_TMA)
+            v = _load_rows_host_tma(V, b32, h32, kv_start, BLOCK_N, HEAD_DIM, HOST_TMA)
+        elif USE_TMA:
             k = k_desc.load([kv_start, 0])
             v = v_desc.load([kv_start, 0])
         else:
@@ -184,9 +208,17 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs: obj
     return kept or configs[-1:]
 
 
+def _set_host_descriptor_boxes(nargs: dict) -> None:
+    """Autotuner pre-hook: give host-made descriptors the tile shape of the config about to run."""
+    if nargs.get("HOST_TMA"):
+        for name, rows in (("Q", nargs["BLOCK_M"]), ("K", nargs["BLOCK_N"]), ("V", nargs["BLOCK_N"])):
+            nargs[name].block_shape = _descriptor_box(nargs["HOST_TMA"], rows, nargs["HEAD_DIM"])
+
+
 def _autotune_configs() -> list[triton.Config]:
     return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "NUM_STAGES": s}, num_warps=w, num_stages=s)
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "NUM_STAGES": s}, num_warps=w, num_stages=s,
+                      pre_hook=_set_host_descriptor_boxes)
         for m, n, s, w in TILE_CONFIGS
     ]
 
@@ -195,9 +227,44 @@ _block_sparse_fwd_autotuned = triton.autotune(
     configs=_autotune_configs(),
     # Token counts are in the key: tuned once on a short sequence, 64-row tiles won and then ran 10% slower at
     # 32760 tokens (H100 run of 2026-11-25). One tuning per distinct sequence length of a model.
-    key=["HEAD_DIM", "LAYOUT_BLOCK_M", "LAYOUT_BLOCK_N", "KV_RAGGED", "USE_TMA", "q_tokens", "kv_tokens"],
+    key=["HEAD_DIM", "LAYOUT_BLOCK_M", "LAYOUT_BLOCK_N", "KV_RAGGED", "USE_TMA", "HOST_TMA", "q_tokens", "kv_tokens"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_block_sparse_fwd_kernel)
+
+
+# HOST_TMA layouts: which of (heads, tokens) is outer in memory, so the 4-D descriptor's strides descend.
+_HEAD_MAJOR, _TOKEN_MAJOR = 1, 2
+
+
+def _descriptor_box(layout: int, rows: int, head_dim: int) -> list[int]:
+    return [1, 1, rows, head_dim] if layout == _HEAD_MAJOR else [1, rows, 1, head_dim]
+
+
+def host_descriptor_layout(*tensors: torch.Tensor) -> int:
+    """The HOST_TMA layout all of these ``[B, H, N, D]`` tensors share: 1 when heads are outer to tokens in memory
+    (``[B, H, N, D]`` storage), 2 when tokens are (``[B, N, H, D]`` storage), 0 when they differ or the batch
+    is not outermost."""
+    layouts = set()
+    for t in tensors:
+        sb, sh, sn, _ = t.stride()
+        if t.shape[0] > 1 and sb < max(sh * t.shape[1], sn * t.shape[2]):
+            return 0
+        layouts.add(_HEAD_MAJOR if sh >= sn * t.shape[2] or t.shape[1] == 1 else
+                    _TOKEN_MAJOR if sn >= sh * t.shape[1] or t.shape[2] == 1 else 0)
+    return layouts.pop() if len(layouts) == 1 else 0
+
+
+def _host_descriptors(layout: int, tensors: tuple[torch.Tensor, ...], rows: tuple[int, ...]) -> list:
+    """4-D tensor descriptors over ``[B, H, N, D]`` tensors in the memory order ``layout`` names."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    out = []
+    for t, r in zip(tensors, rows):
+        shape, strides = list(t.shape), list(t.stride())
+        if layout == _TOKEN_MAJOR:
+            shape[1], shape[2], strides[1], strides[2] = shape[2], shape[1], strides[2], strides[1]
+        out.append(TensorDescriptor(t, shape, strides, _descriptor_box(layout, r, t.shape[-1])))
+    return out
 
 
 def output_like(q: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
@@ -250,11 +317,15 @@ def block_sparse_attention_triton(
     config: tuple[int, int, int, int] | None = None,
     use_tma: bool | None = None,
     kv_ragged_mode: int = RAGGED_MASK_IN_BRANCH,
+    host_descriptors: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the Triton kernel (no validation of the index lists; see :func:`block_sparse_attention`).
 
     ``config = (BLOCK_M, BLOCK_N, stages, warps)`` pins the tiles (None: autotuned on GPU, (128, 64, 2, 4)
     under the interpreter); ``use_tma`` None picks tensor-descriptor loads wherever the GPU and strides allow.
+    ``host_descriptors``: make the TMA descriptors once on the host (4-D, over the tensors' memory order) instead
+    of three per program inside the kernel; opt-in until a GPU run shows it pays
+    (benchmarks/notes_attention_kernels.md).
     """
     batch, heads, q_tokens, head_dim = q.shape
     kv_tokens = k.shape[2]
@@ -275,7 +346,16 @@ def block_sparse_attention_triton(
         return out, lse
     if use_tma is None:
         use_tma = _backends.tma_compatible(q, k, v)
-    if use_tma:
+    host_layout = 0
+    if host_descriptors:
+        host_layout = host_descriptor_layout(q, k, v)
+        if not (use_tma and host_layout):
+            raise ValueError(
+                f"{_OP}: host_descriptors=True needs TMA-compatible q, k, v (sm90+, 16-byte aligned, unit last stride) "
+                "sharing one memory order ([B, H, N, D] or [B, N, H, D] storage, batch outermost); got strides "
+                f"{q.stride()}, {k.stride()}, {v.stride()}. Call with host_descriptors=False"
+            )
+    elif use_tma:
         _backends.ensure_descriptor_allocator()
     kv_block_indices = kv_block_indices if kv_block_indices.stride(-1) == 1 else kv_block_indices.contiguous()
     if kv_block_counts.stride(-1) != 1:
@@ -290,9 +370,24 @@ def block_sparse_attention_triton(
         "USE_TMA": bool(use_tma),
         "PRECISION": "ieee" if q.dtype == torch.float32 or _backends.interpreting() else "tf32",
         "DOT_UPCAST": q.dtype == torch.bfloat16 and _backends.interpreting(),
+        "HOST_TMA": host_layout,
     }
+    if config is None and (_backends.interpreting() or block_n % _MIN_TMA_TILE_N):
+        config = TILE_CONFIGS[0]
+    tile_m = tile_n = 0
+    if config is not None:
+        tile_m = _largest_pow2_divisor(block_m, config[0])
+        tile_n = _largest_pow2_divisor(block_n, config[1])
+        if tile_n < _MIN_TMA_TILE_N and not _backends.interpreting():
+            if host_layout:
+                raise ValueError(f"{_OP}: host_descriptors=True needs key tiles of >= {_MIN_TMA_TILE_N} rows; "
+                                 f"block_n {block_n} gives {tile_n}")
+            common["USE_TMA"] = False
+    # Autotuned launches set the descriptors' boxes per config (_set_host_descriptor_boxes).
+    qkv = (q, k, v) if not host_layout else _host_descriptors(host_layout, (q, k, v),
+                                                               (tile_m or 64, tile_n or 64, tile_n or 64))
     args = (
-        q, k, v, out, lse, kv_block_indices, kv_block_counts, head_arg,
+        *qkv, out, lse, kv_block_indices, kv_block_counts, head_arg,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -301,8 +396,6 @@ def block_sparse_attention_triton(
         kv_block_counts.stride(0), kv_block_counts.stride(1),
         group, q_tokens, kv_tokens, scale * _LOG2E,
     )
-    if config is None and (_backends.interpreting() or block_n % _MIN_TMA_TILE_N):
-        config = TILE_CONFIGS[0]
     if config is None:
         # The key-tile size is chosen inside the autotuner: mask when the largest tile could cross the end.
         ragged = kv_ragged_mode if kv_tokens % max(c[1] for c in TILE_CONFIGS) else 0
@@ -311,10 +404,6 @@ def block_sparse_attention_triton(
 
         _block_sparse_fwd_autotuned[grid](*args, KV_RAGGED=ragged, **common)
         return out, lse
-    tile_m = _largest_pow2_divisor(block_m, config[0])
-    tile_n = _largest_pow2_divisor(block_n, config[1])
-    if tile_n < _MIN_TMA_TILE_N and not _backends.interpreting():
-        common["USE_TMA"] = False
     ragged = kv_ragged_mode if kv_tokens % tile_n else 0
     grid = (triton.cdiv(q_tokens, tile_m), batch * group)
     _block_sparse_fwd_kernel[grid](

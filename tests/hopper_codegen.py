@@ -23,14 +23,18 @@ from vdopt.kernels import cluster_sparse_attention as csa
 _DATA_POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "Lse": "*fp32"}
 
 
-def compile_for_hopper(kernel, constexprs: dict, num_warps: int, num_stages: int) -> dict:
+def compile_for_hopper(kernel, constexprs: dict, num_warps: int, num_stages: int,
+                       descriptors: dict[str, str] | None = None) -> dict:
     """Compile one ``@triton.jit`` kernel for sm_90: parameters named in capitals are pointers (bf16 tensors,
-    fp32 lse, int32 lists), ``qk_scale`` is fp32 and the other scalars int32."""
+    fp32 lse, int32 lists) unless ``descriptors`` gives them a host tensor-descriptor type, ``qk_scale`` is fp32
+    and the other scalars int32."""
     params = list(inspect.signature(kernel.fn).parameters)
     signature = {}
     for name in params:
         if name in constexprs:
             signature[name] = "constexpr"
+        elif descriptors and name in descriptors:
+            signature[name] = descriptors[name]
         elif name[0].isupper():
             signature[name] = _DATA_POINTERS.get(name, "*i32")
         else:
@@ -44,23 +48,30 @@ def compile_for_hopper(kernel, constexprs: dict, num_warps: int, num_stages: int
         "wgmma": len(re.findall(r"wgmma\.mma_async", ptx)),
         "tma": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
         "cp_async": len(re.findall(r"cp\.async\.c[ag]", ptx)),
+        "tensormap": len(re.findall(r"tensormap\.(?:replace|cp_fenceproxy)|fence\.proxy\.tensormap", ptx)),
         "shared_bytes": compiled.metadata.shared,
         "cubin_bytes": len(compiled.asm["cubin"]),
     }
 
 
 def variants() -> dict[str, tuple]:
-    """name -> (kernel, constexprs, warps, stages): the configurations vdopt launches on H100."""
+    """name -> (kernel, constexprs, warps, stages, host descriptor types): the configurations vdopt launches on
+    H100."""
     block_m, block_n, stages, warps = bsa.TILE_CONFIGS[0]
     block = {"LAYOUT_BLOCK_M": 128, "LAYOUT_BLOCK_N": 128, "BLOCK_M": block_m, "BLOCK_N": block_n,
              "NUM_STAGES": stages, "HAS_HEAD_INDICES": False, "USE_TMA": True, "KV_RAGGED": bsa.RAGGED_MASK_IN_BRANCH,
-             "PRECISION": "tf32", "DOT_UPCAST": False}
+             "PRECISION": "tf32", "DOT_UPCAST": False, "HOST_TMA": 0}
+    # Host-made descriptors over [B, N, H, D] storage (token-major, the layout projections produce).
+    boxes = {"Q": f"tensordesc<bf16[1, {block_m}, 1, 128]>", "K": f"tensordesc<bf16[1, {block_n}, 1, 128]>",
+             "V": f"tensordesc<bf16[1, {block_n}, 1, 128]>"}
     out = {
-        "block_tma_d128": (bsa._block_sparse_fwd_kernel, {**block, "HEAD_DIM": 128}, warps, stages),
+        "block_tma_d128": (bsa._block_sparse_fwd_kernel, {**block, "HEAD_DIM": 128}, warps, stages, None),
         "block_tma_d64_head_group": (bsa._block_sparse_fwd_kernel,
-                                     {**block, "HEAD_DIM": 64, "HAS_HEAD_INDICES": True}, warps, stages),
+                                     {**block, "HEAD_DIM": 64, "HAS_HEAD_INDICES": True}, warps, stages, None),
         "block_pointer_d128": (bsa._block_sparse_fwd_kernel, {**block, "HEAD_DIM": 128, "USE_TMA": False}, warps,
-                               stages),
+                               stages, None),
+        "block_host_tma_d128": (bsa._block_sparse_fwd_kernel, {**block, "HEAD_DIM": 128, "HOST_TMA": 2}, warps,
+                                stages, boxes),
     }
     block_m, block_n, stages, warps = csa.DEFAULT_CONFIG
     cluster = {"HEAD_DIM": 128, "BLOCK_M": block_m, "BLOCK_N": block_n, "NUM_STAGES": stages, "CLUSTERS_P": 512,
@@ -72,16 +83,17 @@ def variants() -> dict[str, tuple]:
         "cluster_packed_permuted": {"KV_PACKED": True, "Q_PERMUTED": True, "KV_PERMUTED": True},
         "cluster_padded_permuted": {"Q_PERMUTED": True, "KV_PERMUTED": True},
     }.items():
-        out[name] = (csa._cluster_sparse_fwd_kernel, {**cluster, **extra}, warps, stages)
+        out[name] = (csa._cluster_sparse_fwd_kernel, {**cluster, **extra}, warps, stages, None)
     return out
 
 
 def main() -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("hopper_codegen.py compiles real GPU code: run it with TRITON_INTERPRET unset")
-    for name, (kernel, constexprs, warps, stages) in variants().items():
+    for name, (kernel, constexprs, warps, stages, descriptors) in variants().items():
         try:
-            record = {"variant": name, "compiled": True, **compile_for_hopper(kernel, constexprs, warps, stages)}
+            record = {"variant": name, "compiled": True,
+                      **compile_for_hopper(kernel, constexprs, warps, stages, descriptors)}
         except Exception as error:  # noqa: BLE001 -- reported per variant, the test names the failure
             record = {"variant": name, "compiled": False, "error": f"{type(error).__name__}: {str(error)[:600]}"}
         print(json.dumps(record), flush=True)

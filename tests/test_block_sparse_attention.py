@@ -91,6 +91,40 @@ def test_kernel_matches_reference(dtype, head_dim, batch, use_tma):
 
 
 @interpreted
+@pytest.mark.parametrize("token_major", [True, False], ids=["BNHD", "BHND"])
+@pytest.mark.parametrize("dtype,head_dim,batch", [(torch.float32, 32, 2), (torch.bfloat16, 64, 1),
+                                                  (torch.float16, 16, 2)])
+def test_host_descriptors_match_reference(token_major, dtype, head_dim, batch):
+    """Host-made 4-D descriptors over either memory order: ragged query/key counts (zeros read past a head's last
+    row must not leak into the next head), an empty row, batch 2, a head-group launch."""
+    q, k, v = random_inputs(batch, 3, 70, 90, head_dim, dtype, token_major=token_major)
+    assert bsa.host_descriptor_layout(q, k, v) == (2 if token_major else 1)
+    idx, cnt = random_lists(batch, 3, 3, 6, empty_rows=[(0, 1, 2)])
+    out, lse = bsa.block_sparse_attention_triton(q, k, v, idx, cnt, 32, 16, config=(32, 16, 2, 4),
+                                                 host_descriptors=True)
+    ref, ref_lse = block_sparse_attention_reference(q, k, v, idx, cnt, 32, 16)
+    assert_matches(out, lse, ref, ref_lse, dtype)
+    heads = torch.tensor([2, 0])
+    out, lse = bsa.block_sparse_attention_triton(q, k, v, idx[:, :2], cnt[:, :2], 32, 16, head_indices=heads,
+                                                 config=(32, 16, 2, 4), host_descriptors=True)
+    ref, ref_lse = block_sparse_attention_reference(q, k, v, idx[:, :2], cnt[:, :2], 32, 16, head_indices=heads)
+    assert_matches(out, lse, ref, ref_lse, dtype)
+
+
+def test_host_descriptor_layout_needs_one_memory_order():
+    q, k, _ = random_inputs(2, 3, 40, 40, 16, torch.float16, token_major=True)
+    _, _, v = random_inputs(2, 3, 40, 40, 16, torch.float16, token_major=False)
+    assert bsa.host_descriptor_layout(q, k) == 2 and bsa.host_descriptor_layout(v) == 1
+    assert bsa.host_descriptor_layout(q, k, v) == 0
+    # Batch not outermost ([N, B, H, D] storage): no descriptor layout.
+    assert bsa.host_descriptor_layout(torch.randn(40, 2, 3, 16).permute(1, 2, 0, 3)) == 0
+    idx, cnt = random_lists(2, 3, 3, 3)
+    with pytest.raises(ValueError, match="host_descriptors=True needs TMA-compatible q, k, v .* one memory order"):
+        bsa.block_sparse_attention_triton(q, k, v, idx, cnt, 16, 16, config=(16, 16, 2, 4), use_tma=True,
+                                          host_descriptors=True)
+
+
+@interpreted
 @pytest.mark.parametrize("ragged_mode", [bsa.RAGGED_MASK_EVERY_TILE, bsa.RAGGED_MASK_IN_BRANCH])
 def test_key_tiles_smaller_than_blocks(ragged_mode):
     """Key blocks of 64 walked in tiles of 16, last block 3 tokens long (most of its tiles lie past the end)."""
@@ -213,4 +247,7 @@ def test_gpu_matches_reference(dtype, head_dim):
     out, lse = bsa.block_sparse_attention(q, k, v, idx, cnt, 128, 128, backend="auto", validate=True)
     assert bsa.last_backend() in ("fa4", "triton")  # fa4 where flash-attn-4 is installed (tests/test_fa4_backend.py)
     ref, ref_lse = block_sparse_attention_reference(q, k, v, idx, cnt, 128, 128)
+    assert_matches(out, lse, ref, ref_lse, dtype)
+    # The autotuned launch with host-made descriptors (each config's pre-hook sets their tile shapes).
+    out, lse = bsa.block_sparse_attention_triton(q, k, v, idx, cnt, 128, 128, host_descriptors=True)
     assert_matches(out, lse, ref, ref_lse, dtype)

@@ -26,7 +26,7 @@ try:
 except ImportError as error:  # pragma: no cover -- depends on the Triton build
     pytest.skip(f"this Triton cannot compile for CUDA targets here: {error}", allow_module_level=True)
 
-BOX_LOADED = {"block_tma_d128", "block_tma_d64_head_group", "cluster_padded"}
+BOX_LOADED = {"block_tma_d128", "block_tma_d64_head_group", "block_host_tma_d128", "cluster_padded"}
 GATHERED = {"block_pointer_d128", "cluster_packed", "cluster_packed_permuted", "cluster_padded_permuted"}
 
 
@@ -54,5 +54,8 @@ def test_box_loads_use_tma_and_gathers_are_prefetched(records) -> None:
         assert records[name]["tma"] > 0, f"{name} should load its tiles through TMA: {records[name]}"
     for name in GATHERED:
         assert records[name]["cp_async"] > 0, f"{name}'s gathered rows are not prefetched asynchronously: {records[name]}"
+    # Host-made descriptors: the kernel builds none (device-side creation writes a descriptor to global scratch and
+    # fences it: tensormap instructions in the PTX).
+    assert records["block_host_tma_d128"]["tensormap"] == 0 < records["block_tma_d128"]["tensormap"]
     # Fused permutations replace every box load of the cluster kernel by a gather.
     assert records["cluster_packed_permuted"]["tma"] == 0 and records["cluster_padded_permuted"]["tma"] == 0
