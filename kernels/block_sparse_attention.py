@@ -90,14 +90,12 @@ def store_rows_at(Out, acc, l_i, m_i, out_base, lse_base, dest_rows, row_ok, str
 
 
 @triton.jit
-def _load_rows_host_tma(desc, b, h, row0, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, LAYOUT: tl.constexpr):
-    """Rows ``[row0, row0 + ROWS)`` of head ``h`` of batch ``b`` through a host-made 4-D descriptor: ``LAYOUT`` 1
-    is [batch, heads, tokens, D], 2 is [batch, tokens, heads, D]; rows past the head's end read as zeros."""
+def _host_tma_origin(b, h, stride_b, stride_h, stride_n, LAYOUT: tl.constexpr):
+    """(first row, column) of head ``h`` of batch ``b`` in a host-made 2-D descriptor over the tensor's storage
+    (rows of ``stride_n`` elements): head-major storage stacks heads as rows, token-major puts them side by side."""
     if LAYOUT == 1:
-        tile = desc.load([b, h, row0, 0])
-    else:
-        tile = desc.load([b, row0, h, 0])
-    return tile.reshape(ROWS, HEAD_DIM)
+        return (b * (stride_b // stride_n) + h * (stride_h // stride_n)).to(tl.int32), 0
+    return (b * (stride_b // stride_n)).to(tl.int32), (h * stride_h).to(tl.int32)
 
 
 @triton.jit
@@ -117,9 +115,9 @@ def _block_sparse_fwd_kernel(
 ):
     # Grid: (query tiles, batch * launched heads); query tiles vary fastest so the programs resident at one
     # time share a head and its K/V stays in L2.
-    # HOST_TMA (1 head-major, 2 token-major): Q, K, V are 4-D tensor descriptors made on the host over
-    # [batch, heads, tokens, D] (or [batch, tokens, heads, D], their memory order), so no program builds
-    # descriptors; their per-dimension bounds still read zeros past a head's last row.
+    # HOST_TMA (1 head-major, 2 token-major): Q, K, V are 2-D tensor descriptors made on the host over their
+    # storage (see _host_descriptors), so no program builds descriptors. Rows past a head's last row then come
+    # from the next head or batch (zeros past the tensor's end): masked keys, and query rows that are not stored.
     tile_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // group_heads).to(tl.int64)
@@ -135,9 +133,10 @@ def _block_sparse_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     if HOST_TMA:
-        b32 = b.to(tl.int32)
-        h32 = h.to(tl.int32)
-        q = _load_rows_host_tma(Q, b32, h32, row0, BLOCK_M, HEAD_DIM, HOST_TMA)
+        q_row, q_col = _host_tma_origin(b, h, stride_qb, stride_qh, stride_qn, HOST_TMA)
+        k_row, k_col = _host_tma_origin(b, h, stride_kb, stride_kh, stride_kn, HOST_TMA)
+        v_row, v_col = _host_tma_origin(b, h, stride_vb, stride_vh, stride_vn, HOST_TMA)
+        q = Q.load([q_row + row0, q_col])
     elif USE_TMA:
         q_base = Q + b * stride_qb + h * stride_qh
         k_base = K + b * stride_kb + h * stride_kh
@@ -162,8 +161,8 @@ def _block_sparse_fwd_kernel(
         kv_block = tl.load(index_row + t // TILES_PER_BLOCK)
         kv_start = kv_block * LAYOUT_BLOCK_N + (t % TILES_PER_BLOCK) * BLOCK_N
         if HOST_TMA:
-            k = _load_rows_host_tma(K, b32, h32, kv_start, BLOCK_N, HEAD_DIM, HOST_TMA)
-            v = _load_rows_host_tma(V, b32, h32, kv_start, BLOCK_N, HEAD_DIM, HOST_TMA)
+            k = K.load([k_row + kv_start, k_col])
+            v = V.load([v_row + kv_start, v_col])
         elif USE_TMA:
             k = k_desc.load([kv_start, 0])
             v = v_desc.load([kv_start, 0])
@@ -212,7 +211,7 @@ def _set_host_descriptor_boxes(nargs: dict) -> None:
     """Autotuner pre-hook: give host-made descriptors the tile shape of the config about to run."""
     if nargs.get("HOST_TMA"):
         for name, rows in (("Q", nargs["BLOCK_M"]), ("K", nargs["BLOCK_N"]), ("V", nargs["BLOCK_N"])):
-            nargs[name].block_shape = _descriptor_box(nargs["HOST_TMA"], rows, nargs["HEAD_DIM"])
+            nargs[name].block_shape = [rows, nargs["HEAD_DIM"]]
 
 
 def _autotune_configs() -> list[triton.Config]:
@@ -232,38 +231,43 @@ _block_sparse_fwd_autotuned = triton.autotune(
 )(_block_sparse_fwd_kernel)
 
 
-# HOST_TMA layouts: which of (heads, tokens) is outer in memory, so the 4-D descriptor's strides descend.
+# HOST_TMA layouts of a [B, H, N, D] tensor's storage that a 2-D descriptor of rows of stride(2) elements covers
+# exactly (no rows outside the tensor): heads stacked as rows, or side by side within a row.
 _HEAD_MAJOR, _TOKEN_MAJOR = 1, 2
 
 
-def _descriptor_box(layout: int, rows: int, head_dim: int) -> list[int]:
-    return [1, 1, rows, head_dim] if layout == _HEAD_MAJOR else [1, rows, 1, head_dim]
-
-
 def host_descriptor_layout(*tensors: torch.Tensor) -> int:
-    """The HOST_TMA layout all of these ``[B, H, N, D]`` tensors share: 1 when heads are outer to tokens in memory
-    (``[B, H, N, D]`` storage), 2 when tokens are (``[B, N, H, D]`` storage), 0 when they differ or the batch
-    is not outermost."""
+    """The HOST_TMA layout these ``[B, H, N, D]`` tensors share: 1 for ``[B, H, N, D]`` storage (rows of D,
+    possibly padded), 2 for ``[B, N, H, D]`` storage (heads side by side in a row, as projections produce, also a
+    slice of a fused QKV buffer), 0 for anything else or when they differ."""
     layouts = set()
     for t in tensors:
-        sb, sh, sn, _ = t.stride()
-        if t.shape[0] > 1 and sb < max(sh * t.shape[1], sn * t.shape[2]):
+        batch, heads, tokens, head_dim = t.shape
+        sb, sh, sn, sd = t.stride()
+        if sd != 1 or sn < head_dim:
             return 0
-        layouts.add(_HEAD_MAJOR if sh >= sn * t.shape[2] or t.shape[1] == 1 else
-                    _TOKEN_MAJOR if sn >= sh * t.shape[1] or t.shape[2] == 1 else 0)
+        if sh == tokens * sn and (batch == 1 or sb == heads * sh):
+            layouts.add(_HEAD_MAJOR)
+        elif (sh == head_dim or heads == 1) and sn >= heads * head_dim and (batch == 1 or sb == tokens * sn):
+            layouts.add(_TOKEN_MAJOR)
+        else:
+            return 0
     return layouts.pop() if len(layouts) == 1 else 0
 
 
 def _host_descriptors(layout: int, tensors: tuple[torch.Tensor, ...], rows: tuple[int, ...]) -> list:
-    """4-D tensor descriptors over ``[B, H, N, D]`` tensors in the memory order ``layout`` names."""
+    """2-D tensor descriptors over the storage of ``[B, H, N, D]`` tensors in ``layout`` (rows of stride(2)
+    elements; head-major: B*H*N rows of D, token-major: B*N rows of H*D), tiles of ``rows`` x D."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     out = []
     for t, r in zip(tensors, rows):
-        shape, strides = list(t.shape), list(t.stride())
-        if layout == _TOKEN_MAJOR:
-            shape[1], shape[2], strides[1], strides[2] = shape[2], shape[1], strides[2], strides[1]
-        out.append(TensorDescriptor(t, shape, strides, _descriptor_box(layout, r, t.shape[-1])))
+        batch, heads, tokens, head_dim = t.shape
+        if layout == _HEAD_MAJOR:
+            shape = [batch * heads * tokens, head_dim]
+        else:
+            shape = [batch * tokens, (heads - 1) * t.stride(1) + head_dim]
+        out.append(TensorDescriptor(t, shape, [t.stride(2), 1], [r, head_dim]))
     return out
 
 
@@ -323,9 +327,10 @@ def block_sparse_attention_triton(
 
     ``config = (BLOCK_M, BLOCK_N, stages, warps)`` pins the tiles (None: autotuned on GPU, (128, 64, 2, 4)
     under the interpreter); ``use_tma`` None picks tensor-descriptor loads wherever the GPU and strides allow.
-    ``host_descriptors``: make the TMA descriptors once on the host (4-D, over the tensors' memory order) instead
-    of three per program inside the kernel; opt-in until a GPU run shows it pays
-    (benchmarks/notes_attention_kernels.md).
+    ``host_descriptors``: make the TMA descriptors once on the host (2-D, over the tensors' storage) instead of
+    three per program inside the kernel; opt-in until a GPU run shows it pays (benchmarks/notes_attention_kernels.md).
+    A tile that runs past a head's last row then reads the next head's or batch's rows (zeros past the tensor's
+    end) where the in-kernel descriptors read zeros: they get zero weight, so results are equal for finite inputs.
     """
     batch, heads, q_tokens, head_dim = q.shape
     kv_tokens = k.shape[2]
@@ -352,7 +357,7 @@ def block_sparse_attention_triton(
         if not (use_tma and host_layout):
             raise ValueError(
                 f"{_OP}: host_descriptors=True needs TMA-compatible q, k, v (sm90+, 16-byte aligned, unit last stride) "
-                "sharing one memory order ([B, H, N, D] or [B, N, H, D] storage, batch outermost); got strides "
+                "sharing one storage layout ([B, H, N, D] or [B, N, H, D], see host_descriptor_layout); got strides "
                 f"{q.stride()}, {k.stride()}, {v.stride()}. Call with host_descriptors=False"
             )
     elif use_tma:

@@ -4,7 +4,11 @@ Run as a script with Triton's interpreter off (tests/test_hopper_codegen.py star
 test session turns the interpreter on before the kernels are imported). Prints one JSON object per variant:
 its name, whether it compiled, and counts of Hopper instructions in its PTX: ``wgmma`` (warpgroup tensor-core
 MMAs), ``tma`` (bulk tensor copies, the TMA loads), ``cp_async`` (asynchronous copies: gathered rows that the
-software pipeline prefetches), and the shared memory it asks for.
+software pipeline prefetches), ``tensormap`` (descriptors built in the kernel), the shared memory it asks for,
+and, where the Triton install ships cuobjdump, registers per thread and stack bytes per thread (stack beyond a few
+bytes is spilled registers). To see what the GPU machine's compiler makes, put its Triton first on the path:
+``pip install --no-deps --target /tmp/triton36 triton==3.6.0; PYTHONPATH=/tmp/triton36 python tests/hopper_codegen.py``
+(with vdopt importable, e.g. installed in editable mode).
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import inspect
 import json
 import os
 import re
+import subprocess
+import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -44,7 +50,7 @@ def compile_for_hopper(kernel, constexprs: dict, num_warps: int, num_stages: int
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
     ptx = compiled.asm["ptx"]
-    return {
+    return {**_resource_usage(compiled.asm["cubin"]),
         "wgmma": len(re.findall(r"wgmma\.mma_async", ptx)),
         "tma": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
         "cp_async": len(re.findall(r"cp\.async\.c[ag]", ptx)),
@@ -54,6 +60,21 @@ def compile_for_hopper(kernel, constexprs: dict, num_warps: int, num_stages: int
     }
 
 
+def _resource_usage(cubin: bytes) -> dict:
+    """Registers and stack per thread from ``cuobjdump --dump-resource-usage`` (shipped with Triton's CUDA
+    backend); empty where it is missing."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                              check=False).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", text)
+    return {"registers": int(found[1]), "stack_bytes": int(found[2])} if found else {}
+
+
 def variants() -> dict[str, tuple]:
     """name -> (kernel, constexprs, warps, stages, host descriptor types): the configurations vdopt launches on
     H100."""
@@ -61,9 +82,9 @@ def variants() -> dict[str, tuple]:
     block = {"LAYOUT_BLOCK_M": 128, "LAYOUT_BLOCK_N": 128, "BLOCK_M": block_m, "BLOCK_N": block_n,
              "NUM_STAGES": stages, "HAS_HEAD_INDICES": False, "USE_TMA": True, "KV_RAGGED": bsa.RAGGED_MASK_IN_BRANCH,
              "PRECISION": "tf32", "DOT_UPCAST": False, "HOST_TMA": 0}
-    # Host-made descriptors over [B, N, H, D] storage (token-major, the layout projections produce).
-    boxes = {"Q": f"tensordesc<bf16[1, {block_m}, 1, 128]>", "K": f"tensordesc<bf16[1, {block_n}, 1, 128]>",
-             "V": f"tensordesc<bf16[1, {block_n}, 1, 128]>"}
+    # Host-made 2-D descriptors over [B, N, H, D] storage (token-major, the layout projections produce).
+    boxes = {"Q": f"tensordesc<bf16[{block_m}, 128]>", "K": f"tensordesc<bf16[{block_n}, 128]>",
+             "V": f"tensordesc<bf16[{block_n}, 128]>"}
     out = {
         "block_tma_d128": (bsa._block_sparse_fwd_kernel, {**block, "HEAD_DIM": 128}, warps, stages, None),
         "block_tma_d64_head_group": (bsa._block_sparse_fwd_kernel,

@@ -111,6 +111,20 @@ def test_host_descriptors_match_reference(token_major, dtype, head_dim, batch):
     assert_matches(out, lse, ref, ref_lse, dtype)
 
 
+@interpreted
+def test_host_descriptors_read_slices_of_a_fused_qkv_buffer():
+    """q, k, v as column slices of one [B, N, 3 * H * D] projection output (rows of 3 * H * D elements), ragged."""
+    batch, tokens, heads, head_dim = 2, 75, 3, 16
+    fused = torch.randn(batch, tokens, 3 * heads * head_dim).to(torch.float16)
+    q, k, v = (part.unflatten(-1, (heads, head_dim)).transpose(1, 2) for part in fused.chunk(3, dim=-1))
+    assert bsa.host_descriptor_layout(q, k, v) == 2
+    idx, cnt = random_lists(batch, heads, 3, 5)
+    out, lse = bsa.block_sparse_attention_triton(q, k, v, idx, cnt, 32, 16, config=(32, 16, 2, 4),
+                                                 host_descriptors=True)
+    ref, ref_lse = block_sparse_attention_reference(q, k, v, idx, cnt, 32, 16)
+    assert_matches(out, lse, ref, ref_lse, torch.float16)
+
+
 def test_host_descriptor_layout_needs_one_memory_order():
     q, k, _ = random_inputs(2, 3, 40, 40, 16, torch.float16, token_major=True)
     _, _, v = random_inputs(2, 3, 40, 40, 16, torch.float16, token_major=False)
@@ -119,7 +133,7 @@ def test_host_descriptor_layout_needs_one_memory_order():
     # Batch not outermost ([N, B, H, D] storage): no descriptor layout.
     assert bsa.host_descriptor_layout(torch.randn(40, 2, 3, 16).permute(1, 2, 0, 3)) == 0
     idx, cnt = random_lists(2, 3, 3, 3)
-    with pytest.raises(ValueError, match="host_descriptors=True needs TMA-compatible q, k, v .* one memory order"):
+    with pytest.raises(ValueError, match=r"host_descriptors=True needs TMA-compatible q, k, v .* one storage layout"):
         bsa.block_sparse_attention_triton(q, k, v, idx, cnt, 16, 16, config=(16, 16, 2, 4), use_tma=True,
                                           host_descriptors=True)
 
