@@ -6,7 +6,9 @@ self-attention shapes on the same random per-head block masks:
   cudnn_dense   torch SDPA, cuDNN backend, dense (the reference rate)
   flex          torch.compile(flex_attention) with BlockMask.from_kv_blocks of the same 128-token block lists
   triton        vdopt's Triton kernel called directly (block_sparse_attention_triton); triton_host_desc_* the
-                same with host_descriptors=True (TMA descriptors made once on the host, not per program)
+                same with host_descriptors=True (TMA descriptors made once on the host, not per program, autotuned),
+                triton_persistent_* with those and persistent=True (two programs per SM, longest lists first,
+                128x64 tiles; the benchmark's lists are of equal length, so this times the persistence alone)
   fa4           FlashAttention-4's block-sparse forward called directly, as a peer would: flash_attn.cute's
                 _flash_attn_fwd with its block-sparse tensors built once before timing and its output and
                 log-sum-exp preallocated (vdopt's adapter not involved), where flash_attn.cute imports in this run
@@ -20,7 +22,8 @@ self-attention shapes on the same random per-head block masks:
                 through the op: padded key tiles (cluster_*), packed key tiles (cluster_packed_*), and packed with
                 64-row query tiles called directly (cluster_packed_m64_*), and packed or padded with random
                 per-head permutations fused into the kernel's loads and stores (cluster_packed_permuted_*,
-                cluster_padded_permuted_*: q, k, v in original order, as the k-means strategy runs it);
+                cluster_padded_permuted_*: q, k, v in original order, as the k-means strategy runs it); *_w8: the
+                same with 8 warps, called directly;
                 cluster_*tile_tflop are the FLOPs of the tiles each mode computes, padding included
 FA4 and the op are timed in alternating rounds (``--rounds``, the median kept; ``vdopt_vs_fa4`` is the median of
 the rounds' ratios), so drift of the GPU's clocks between them does not read as op overhead. Host time per call
@@ -509,21 +512,29 @@ def full(args) -> None:
         "triton_fp16": check_block(bsa.block_sparse_attention_triton, "triton_fp16", device, dtype=torch.float16,
                                    shapes=check_shapes),
     }
-    # Host-made TMA descriptors (opt-in): checked, then timed beside the default path where they passed.
-    try:
-        checks["triton_host_desc"] = check_block(bsa.block_sparse_attention_triton, "triton_host_desc", device,
-                                                 shapes=check_shapes, host_descriptors=True)
-    except Exception as e:  # noqa: BLE001 -- recorded, the other kernels still run
-        log(f"  check triton_host_desc: ERROR {type(e).__name__}: {str(e)[:400]}")
-        checks["triton_host_desc"] = float("inf")
+    # Opt-in Triton variants: host-made TMA descriptors, and those in a persistent launch (longest lists first).
+    # Each is checked, then timed beside the default path where it passed.
+    triton_variants = {"triton_host_desc": {"host_descriptors": True},
+                       "triton_persistent": {"host_descriptors": True, "persistent": True}}
+    for name, options in triton_variants.items():
+        try:
+            checks[name] = check_block(bsa.block_sparse_attention_triton, name, device, shapes=check_shapes, **options)
+        except Exception as e:  # noqa: BLE001 -- recorded, the other kernels still run
+            log(f"  check {name}: ERROR {type(e).__name__}: {str(e)[:400]}")
+            checks[name] = float("inf")
     cluster_check_shapes = ((1, 2, 3000, 128, 24), (2, 2, 777, 64, 9)) if clock.cuda else (
         (1, 1, 300, 64, 5), (2, 1, 200, 32, 4))
     # Cluster modes: name -> keywords of cluster_sparse_attention_triton. A mode that fails its check (or to
     # compile) is recorded as such and not timed; the other kernels still run.
+    # Modes with a config run the kernel directly (the op has none); 8 warps halve the gathered tiles' addresses per
+    # thread, which spill at 4 (notes_attention_kernels.md, codegen table).
     cluster_modes = {"cluster": {"kv_packing": False}, "cluster_packed": {"kv_packing": True},
                      "cluster_packed_m64": {"kv_packing": True, "config": (64, 64, 2, 4)},
+                     "cluster_packed_w8": {"kv_packing": True, "config": (128, 64, 2, 8)},
                      "cluster_packed_permuted": {"kv_packing": True, "permuted": True},
-                     "cluster_padded_permuted": {"kv_packing": False, "permuted": True}}
+                     "cluster_packed_permuted_w8": {"kv_packing": True, "permuted": True, "config": (128, 64, 2, 8)},
+                     "cluster_padded_permuted": {"kv_packing": False, "permuted": True},
+                     "cluster_padded_permuted_w8": {"kv_packing": False, "permuted": True, "config": (128, 64, 2, 8)}}
     for name, kw in cluster_modes.items():
         try:
             checks[name] = check_cluster(name, device, shapes=cluster_check_shapes, **kw)
@@ -586,14 +597,16 @@ def full(args) -> None:
             rec["triton_ms"] = clock.ms(partial(bsa.block_sparse_attention_triton, q, k, v, idx, cnt, 128, 128), rep)
             rec["triton_effective_tflops"] = flops / rec["triton_ms"] / 1e9
             rec["triton_config"] = str(getattr(bsa._block_sparse_fwd_autotuned, "best_config", None))
-            if math.isfinite(checks["triton_host_desc"]):
+            for name, options in triton_variants.items():
+                if not math.isfinite(checks[name]):
+                    rec[f"{name}_error"] = "failed its correctness check; not timed"
+                    continue
                 try:
-                    rec["triton_host_desc_ms"] = clock.ms(partial(bsa.block_sparse_attention_triton, q, k, v, idx, cnt,
-                                                                  128, 128, host_descriptors=True), rep)
-                    rec["triton_host_desc_effective_tflops"] = flops / rec["triton_host_desc_ms"] / 1e9
-                    rec["triton_host_desc_config"] = str(getattr(bsa._block_sparse_fwd_autotuned, "best_config", None))
+                    rec[f"{name}_ms"] = clock.ms(partial(bsa.block_sparse_attention_triton, q, k, v, idx, cnt, 128, 128,
+                                                         **options), rep)
+                    rec[f"{name}_effective_tflops"] = flops / rec[f"{name}_ms"] / 1e9
                 except Exception as e:  # noqa: BLE001 -- recorded, the other kernels still run
-                    rec["triton_host_desc_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    rec[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
             # On CPU "auto" means the reference: the smoke run sends the op to the stand-in FA4 by name instead.
             op = partial(bsa.block_sparse_attention, q, k, v, idx, cnt, 128, 128, backend="auto" if clock.cuda else "fa4")
             out, _ = op()
@@ -641,19 +654,11 @@ def full(args) -> None:
             # as it loads rows and stores outputs (what the k-means strategy runs: no gather or scatter launches).
             perms = {"q_perm": random_permutations(batch, heads, tokens, 14, device),
                      "kv_perm": random_permutations(batch, heads, tokens, 15, device)}
-            cluster_runs = {
-                "cluster": partial(csa.cluster_sparse_attention, q, k, v, q_off, kv_off, cidx, ccnt, kv_packing=False),
-                "cluster_packed": partial(csa.cluster_sparse_attention, q, k, v, q_off, kv_off, cidx, ccnt,
-                                          kv_packing=True),
-                "cluster_packed_m64": partial(csa.cluster_sparse_attention_triton, q, k, v, q_off, kv_off, cidx, ccnt,
-                                              **cluster_modes["cluster_packed_m64"]),
-                "cluster_packed_permuted": partial(csa.cluster_sparse_attention, q, k, v, q_off, kv_off, cidx, ccnt,
-                                                   kv_packing=True, **perms),
-                "cluster_padded_permuted": partial(csa.cluster_sparse_attention, q, k, v, q_off, kv_off, cidx, ccnt,
-                                                   kv_packing=False, **perms),
-            }
-            for name, run in cluster_runs.items():
-                kw = cluster_modes[name]
+            for name, kw in cluster_modes.items():
+                options = {key: value for key, value in kw.items() if key != "permuted"}
+                options.update(perms if kw.get("permuted") else {})
+                run = partial(csa.cluster_sparse_attention_triton if "config" in options else csa.cluster_sparse_attention,
+                              q, k, v, q_off, kv_off, cidx, ccnt, **options)
                 block_m, block_n = kw.get("config", csa.DEFAULT_CONFIG)[:2]
                 # FLOPs of the tiles this mode computes, padding included: separates tile waste from kernel speed.
                 tile_flops = computed_flops_clusters(q_off, kv_off, cidx, ccnt, head_dim, block_m, block_n,
@@ -674,7 +679,8 @@ def full(args) -> None:
             records.append(rec)
             save()
             log(f"  d={density:<5} triton {rec['triton_ms']:.3f} ms {rec['triton_effective_tflops']:.0f} TF (host "
-                f"descriptors {rec.get('triton_host_desc_effective_tflops', float('nan')):.0f}) | fa4 "
+                f"descriptors {rec.get('triton_host_desc_effective_tflops', float('nan')):.0f}, persistent "
+                f"{rec.get('triton_persistent_effective_tflops', float('nan')):.0f}) | fa4 "
                 f"{rec.get('fa4_ms', float('nan')):.3f} ms {rec.get('fa4_effective_tflops', float('nan')):.0f} TF | op "
                 f"({rec['vdopt_backend']}) {rec['vdopt_ms']:.3f} ms {rec['effective_tflops']:.0f} TF, x"
                 f"{rec.get('vdopt_vs_fa4', float('nan')):.3f} of fa4, unmemoized "

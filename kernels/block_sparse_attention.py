@@ -100,26 +100,61 @@ def _host_tma_origin(b, h, stride_b, stride_h, stride_n, LAYOUT: tl.constexpr):
 
 @triton.jit
 def _block_sparse_fwd_kernel(
-    Q, K, V, Out, Lse, KvIndices, KvCounts, HeadIndices,
+    Q, K, V, Out, Lse, KvIndices, KvCounts, HeadIndices, WorkOrder,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
     stride_ib, stride_ih, stride_iq,
     stride_cb, stride_ch,
+    group_heads, q_tokens, kv_tokens, qk_scale, work_items,
+    HEAD_DIM: tl.constexpr, LAYOUT_BLOCK_M: tl.constexpr, LAYOUT_BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
+    HAS_HEAD_INDICES: tl.constexpr, USE_TMA: tl.constexpr, KV_RAGGED: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr, HOST_TMA: tl.constexpr = 0, PERSISTENT: tl.constexpr = False,
+):
+    # Grid: (query tiles, batch * launched heads); query tiles vary fastest so the programs resident at one
+    # time share a head and its K/V stays in L2. PERSISTENT: a 1-D grid of a few programs per SM, each taking work
+    # items (query tile + batch * head index) i, i + programs, ... in the order WorkOrder lists them (longest key
+    # lists first), so unequal lists do not leave a tail of idle SMs.
+    if PERSISTENT:
+        tiles_m = tl.cdiv(q_tokens, BLOCK_M)
+        for i in tl.range(tl.program_id(0), work_items, tl.num_programs(0), num_stages=1):
+            item = tl.load(WorkOrder + i)
+            _attend_query_tile(
+                item % tiles_m, item // tiles_m, Q, K, V, Out, Lse, KvIndices, KvCounts, HeadIndices,
+                stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                stride_ob, stride_oh, stride_on, stride_ib, stride_ih, stride_iq, stride_cb, stride_ch,
+                group_heads, q_tokens, kv_tokens, qk_scale,
+                HEAD_DIM, LAYOUT_BLOCK_M, LAYOUT_BLOCK_N, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_HEAD_INDICES, USE_TMA,
+                KV_RAGGED, PRECISION, DOT_UPCAST, HOST_TMA,
+            )
+    else:
+        _attend_query_tile(
+            tl.program_id(0), tl.program_id(1), Q, K, V, Out, Lse, KvIndices, KvCounts, HeadIndices,
+            stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+            stride_ob, stride_oh, stride_on, stride_ib, stride_ih, stride_iq, stride_cb, stride_ch,
+            group_heads, q_tokens, kv_tokens, qk_scale,
+            HEAD_DIM, LAYOUT_BLOCK_M, LAYOUT_BLOCK_N, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_HEAD_INDICES, USE_TMA,
+            KV_RAGGED, PRECISION, DOT_UPCAST, HOST_TMA,
+        )
+
+
+@triton.jit
+def _attend_query_tile(
+    tile_m, pid_bh, Q, K, V, Out, Lse, KvIndices, KvCounts, HeadIndices,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on, stride_ib, stride_ih, stride_iq, stride_cb, stride_ch,
     group_heads, q_tokens, kv_tokens, qk_scale,
     HEAD_DIM: tl.constexpr, LAYOUT_BLOCK_M: tl.constexpr, LAYOUT_BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
     HAS_HEAD_INDICES: tl.constexpr, USE_TMA: tl.constexpr, KV_RAGGED: tl.constexpr, PRECISION: tl.constexpr,
-    DOT_UPCAST: tl.constexpr, HOST_TMA: tl.constexpr = 0,
+    DOT_UPCAST: tl.constexpr, HOST_TMA: tl.constexpr,
 ):
-    # Grid: (query tiles, batch * launched heads); query tiles vary fastest so the programs resident at one
-    # time share a head and its K/V stays in L2.
-    # HOST_TMA (1 head-major, 2 token-major): Q, K, V are 2-D tensor descriptors made on the host over their
-    # storage (see _host_descriptors), so no program builds descriptors. Rows past a head's last row then come
-    # from the next head or batch (zeros past the tensor's end): masked keys, and query rows that are not stored.
-    tile_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    """Query tile ``tile_m`` of launched (batch, head) ``pid_bh``: attend its key-block list and store its rows.
+    HOST_TMA (1 head-major, 2 token-major): Q, K, V are 2-D tensor descriptors made on the host over their
+    storage (see _host_descriptors), so no program builds descriptors. Rows past a head's last row then come
+    from the next head or batch (zeros past the tensor's end): masked keys, and query rows that are not stored."""
     b = (pid_bh // group_heads).to(tl.int64)
     g = pid_bh % group_heads
     if HAS_HEAD_INDICES:
@@ -322,6 +357,7 @@ def block_sparse_attention_triton(
     use_tma: bool | None = None,
     kv_ragged_mode: int = RAGGED_MASK_IN_BRANCH,
     host_descriptors: bool = False,
+    persistent: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the Triton kernel (no validation of the index lists; see :func:`block_sparse_attention`).
 
@@ -331,6 +367,8 @@ def block_sparse_attention_triton(
     three per program inside the kernel; opt-in until a GPU run shows it pays (benchmarks/notes_attention_kernels.md).
     A tile that runs past a head's last row then reads the next head's or batch's rows (zeros past the tensor's
     end) where the in-kernel descriptors read zeros: they get zero weight, so results are equal for finite inputs.
+    ``persistent``: launch :data:`PERSISTENT_PROGRAMS_PER_SM` programs per SM that take the query tiles longest key
+    list first (a pinned config, default ``TILE_CONFIGS[0]``); opt-in until timed.
     """
     batch, heads, q_tokens, head_dim = q.shape
     kv_tokens = k.shape[2]
@@ -377,7 +415,7 @@ def block_sparse_attention_triton(
         "DOT_UPCAST": q.dtype == torch.bfloat16 and _backends.interpreting(),
         "HOST_TMA": host_layout,
     }
-    if config is None and (_backends.interpreting() or block_n % _MIN_TMA_TILE_N):
+    if config is None and (_backends.interpreting() or block_n % _MIN_TMA_TILE_N or persistent):
         config = TILE_CONFIGS[0]
     tile_m = tile_n = 0
     if config is not None:
@@ -391,15 +429,17 @@ def block_sparse_attention_triton(
     # Autotuned launches set the descriptors' boxes per config (_set_host_descriptor_boxes).
     qkv = (q, k, v) if not host_layout else _host_descriptors(host_layout, (q, k, v),
                                                                (tile_m or 64, tile_n or 64, tile_n or 64))
+    work_items = batch * group * triton.cdiv(q_tokens, tile_m) if persistent else 0
+    work_order = _longest_first(kv_block_counts, block_m // tile_m, q_tokens, tile_m) if persistent else head_arg
     args = (
-        *qkv, out, lse, kv_block_indices, kv_block_counts, head_arg,
+        *qkv, out, lse, kv_block_indices, kv_block_counts, head_arg, work_order,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         kv_block_indices.stride(0), kv_block_indices.stride(1), kv_block_indices.stride(2),
         kv_block_counts.stride(0), kv_block_counts.stride(1),
-        group, q_tokens, kv_tokens, scale * _LOG2E,
+        group, q_tokens, kv_tokens, scale * _LOG2E, work_items,
     )
     if config is None:
         # The key-tile size is chosen inside the autotuner: mask when the largest tile could cross the end.
@@ -410,12 +450,29 @@ def block_sparse_attention_triton(
         _block_sparse_fwd_autotuned[grid](*args, KV_RAGGED=ragged, **common)
         return out, lse
     ragged = kv_ragged_mode if kv_tokens % tile_n else 0
-    grid = (triton.cdiv(q_tokens, tile_m), batch * group)
+    if persistent:
+        slots = 3 if _backends.interpreting() else (
+            PERSISTENT_PROGRAMS_PER_SM * torch.cuda.get_device_properties(q.device).multi_processor_count)
+        grid = (min(work_items, slots),)
+    else:
+        grid = (triton.cdiv(q_tokens, tile_m), batch * group)
     _block_sparse_fwd_kernel[grid](
         *args, BLOCK_M=tile_m, BLOCK_N=tile_n, NUM_STAGES=config[2], KV_RAGGED=ragged, **common,
-        num_warps=config[3], num_stages=config[2],
+        PERSISTENT=persistent, num_warps=config[3], num_stages=config[2],
     )
     return out, lse
+
+
+# Programs per SM of a persistent launch: 128x64 tiles with 4 warps take 255 registers a thread (sm_90 codegen,
+# benchmarks/notes_attention_kernels.md), so two fit an SM's register file.
+PERSISTENT_PROGRAMS_PER_SM = 2
+
+
+def _longest_first(kv_block_counts: torch.Tensor, tiles_per_block: int, q_tokens: int, tile_m: int) -> torch.Tensor:
+    """Work items ``(batch * head) * query_tiles + query_tile`` ordered by key-list length, longest first (ties in
+    item order, so equal lists keep each head's tiles together for L2), int32 on the lists' device."""
+    per_tile = kv_block_counts.repeat_interleave(tiles_per_block, dim=-1)[..., : triton.cdiv(q_tokens, tile_m)]
+    return torch.argsort(per_tile.flatten(), descending=True, stable=True).to(torch.int32)
 
 
 def _check_block_lists(

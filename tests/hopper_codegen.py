@@ -81,7 +81,7 @@ def variants() -> dict[str, tuple]:
     block_m, block_n, stages, warps = bsa.TILE_CONFIGS[0]
     block = {"LAYOUT_BLOCK_M": 128, "LAYOUT_BLOCK_N": 128, "BLOCK_M": block_m, "BLOCK_N": block_n,
              "NUM_STAGES": stages, "HAS_HEAD_INDICES": False, "USE_TMA": True, "KV_RAGGED": bsa.RAGGED_MASK_IN_BRANCH,
-             "PRECISION": "tf32", "DOT_UPCAST": False, "HOST_TMA": 0}
+             "PRECISION": "tf32", "DOT_UPCAST": False, "HOST_TMA": 0, "PERSISTENT": False}
     # Host-made 2-D descriptors over [B, N, H, D] storage (token-major, the layout projections produce).
     boxes = {"Q": f"tensordesc<bf16[{block_m}, 128]>", "K": f"tensordesc<bf16[{block_n}, 128]>",
              "V": f"tensordesc<bf16[{block_n}, 128]>"}
@@ -93,6 +93,9 @@ def variants() -> dict[str, tuple]:
                                stages, None),
         "block_host_tma_d128": (bsa._block_sparse_fwd_kernel, {**block, "HEAD_DIM": 128, "HOST_TMA": 2}, warps,
                                 stages, boxes),
+        "block_persistent_host_tma_d128": (bsa._block_sparse_fwd_kernel,
+                                           {**block, "HEAD_DIM": 128, "HOST_TMA": 2, "PERSISTENT": True}, warps,
+                                           stages, boxes),
     }
     block_m, block_n, stages, warps = csa.DEFAULT_CONFIG
     cluster = {"HEAD_DIM": 128, "BLOCK_M": block_m, "BLOCK_N": block_n, "NUM_STAGES": stages, "CLUSTERS_P": 512,

@@ -112,6 +112,33 @@ def test_host_descriptors_match_reference(token_major, dtype, head_dim, batch):
 
 
 @interpreted
+@pytest.mark.parametrize("host_descriptors", [False, True], ids=["device_desc", "host_desc"])
+@pytest.mark.parametrize("dtype,head_dim,batch", [(torch.float32, 32, 2), (torch.bfloat16, 64, 1)])
+def test_persistent_launch_matches_reference(host_descriptors, dtype, head_dim, batch):
+    """A few programs each taking several query tiles, longest key list first: unequal lists (one empty), ragged
+    query and key counts, query tiles smaller than blocks, a head-group launch."""
+    q, k, v = random_inputs(batch, 3, 100, 90, head_dim, dtype)
+    idx, cnt = random_lists(batch, 3, 4, 6, density=0.6, empty_rows=[(0, 2, 1)])
+    out, lse = bsa.block_sparse_attention_triton(q, k, v, idx, cnt, 32, 16, config=(16, 16, 2, 4),
+                                                 host_descriptors=host_descriptors, persistent=True)
+    ref, ref_lse = block_sparse_attention_reference(q, k, v, idx, cnt, 32, 16)
+    assert_matches(out, lse, ref, ref_lse, dtype)
+    heads = torch.tensor([1, 2])
+    out, lse = bsa.block_sparse_attention_triton(q, k, v, idx[:, :2], cnt[:, :2], 32, 16, head_indices=heads,
+                                                 config=(32, 16, 2, 4), persistent=True)
+    ref, ref_lse = block_sparse_attention_reference(q, k, v, idx[:, :2], cnt[:, :2], 32, 16, head_indices=heads)
+    assert_matches(out, lse, ref, ref_lse, dtype)
+
+
+def test_persistent_work_order_is_longest_first_and_stable():
+    counts = torch.tensor([[[2, 5], [5, 0]]], dtype=torch.int32)  # [batch 1, heads 2, query blocks 2]
+    # Two query tiles per block, 3 tiles of the 4 a block pair holds (ragged end): items h * 3 + tile.
+    order = bsa._longest_first(counts, 2, q_tokens=80, tile_m=32)
+    assert order.tolist() == [2, 3, 4, 0, 1, 5]
+    assert order.dtype == torch.int32
+
+
+@interpreted
 def test_host_descriptors_read_slices_of_a_fused_qkv_buffer():
     """q, k, v as column slices of one [B, N, 3 * H * D] projection output (rows of 3 * H * D elements), ragged."""
     batch, tokens, heads, head_dim = 2, 75, 3, 16

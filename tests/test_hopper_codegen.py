@@ -26,7 +26,8 @@ try:
 except ImportError as error:  # pragma: no cover -- depends on the Triton build
     pytest.skip(f"this Triton cannot compile for CUDA targets here: {error}", allow_module_level=True)
 
-BOX_LOADED = {"block_tma_d128", "block_tma_d64_head_group", "block_host_tma_d128", "cluster_padded"}
+BOX_LOADED = {"block_tma_d128", "block_tma_d64_head_group", "block_host_tma_d128", "block_persistent_host_tma_d128",
+              "cluster_padded"}
 GATHERED = {"block_pointer_d128", "cluster_packed", "cluster_packed_permuted", "cluster_padded_permuted"}
 
 
