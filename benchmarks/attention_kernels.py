@@ -8,7 +8,9 @@ self-attention shapes on the same random per-head block masks:
   triton        vdopt's Triton kernel called directly (block_sparse_attention_triton); triton_host_desc_* the
                 same with host_descriptors=True (TMA descriptors made once on the host, not per program, autotuned),
                 triton_persistent_* with those and persistent=True (two programs per SM, longest lists first,
-                128x64 tiles; the benchmark's lists are of equal length, so this times the persistence alone)
+                128x64 tiles) on the same equal-length lists; triton_unequal_* and triton_persistent_unequal_*: the
+                default and the persistent launch on lists of unequal lengths (1 .. 2 * kept - 1 blocks per row,
+                a dynamic selection's shape) at about the same density
   fa4           FlashAttention-4's block-sparse forward called directly, as a peer would: flash_attn.cute's
                 _flash_attn_fwd with its block-sparse tensors built once before timing and its output and
                 log-sum-exp preallocated (vdopt's adapter not involved), where flash_attn.cute imports in this run
@@ -152,6 +154,23 @@ def random_block_lists(batch, heads, q_blocks, kv_blocks, kept, seed, device):
     indices = order[..., :kept].sort(-1).values.to(torch.int32).contiguous()
     counts = torch.full((batch, heads, q_blocks), kept, dtype=torch.int32, device=device)
     return indices, counts
+
+
+def unequal_block_lists(batch, heads, q_blocks, kv_blocks, kept, seed, device):
+    """Random ascending key-block lists of a random length per (batch, head, query block), uniform in
+    [1, 2 * kept - 1] capped at ``kv_blocks`` (mean ~kept): the unequal lists a dynamic selection gives."""
+    indices, _ = random_block_lists(batch, heads, q_blocks, kv_blocks, min(kv_blocks, 2 * kept - 1), seed, device)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed + 1)
+    lengths = torch.randint(1, 2 * kept, (batch, heads, q_blocks), device=device, generator=gen)
+    # The first `length` of a row's ascending list: a prefix, so pick it from a shuffled order instead.
+    order = torch.rand(indices.shape, device=device, generator=gen).argsort(-1)
+    shuffled = indices.gather(-1, order)
+    used = torch.arange(indices.shape[-1], device=device) < lengths.clamp(max=indices.shape[-1])[..., None]
+    big = torch.iinfo(torch.int32).max
+    ascending = torch.where(used, shuffled, big).sort(-1).values
+    return torch.where(ascending == big, 0, ascending).to(torch.int32).contiguous(), \
+        lengths.clamp(max=indices.shape[-1]).to(torch.int32)
 
 
 def kept_flops_blocks(indices, counts, q_tokens, kv_tokens, block, head_dim) -> float:
@@ -489,8 +508,9 @@ def full(args) -> None:
     clock = Clock(cuda=not smoke)
     device = "cuda" if clock.cuda else "cpu"
     shape_table = SMOKE_SHAPES if smoke else SHAPES
-    shapes = list(shape_table) if smoke else args.shapes.split(",")
-    densities = SMOKE_DENSITIES if smoke else tuple(float(d) for d in (args.densities or ",".join(map(str, DENSITIES))).split(","))
+    shapes = args.shapes.split(",") if args.shapes else list(shape_table)
+    densities = tuple(float(d) for d in args.densities.split(",")) if args.densities else (
+        SMOKE_DENSITIES if smoke else DENSITIES)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     date = datetime.date.today().isoformat()
@@ -597,6 +617,18 @@ def full(args) -> None:
             rec["triton_ms"] = clock.ms(partial(bsa.block_sparse_attention_triton, q, k, v, idx, cnt, 128, 128), rep)
             rec["triton_effective_tflops"] = flops / rec["triton_ms"] / 1e9
             rec["triton_config"] = str(getattr(bsa._block_sparse_fwd_autotuned, "best_config", None))
+            # Unequal list lengths (a dynamic selection's): where a persistent launch should pay.
+            uneq_idx, uneq_cnt = unequal_block_lists(batch, heads, nb, nb, kept, 16, device)
+            uneq_flops = kept_flops_blocks(uneq_idx, uneq_cnt, tokens, tokens, 128, head_dim)
+            for name, options in {"triton_unequal": {}, "triton_persistent_unequal": triton_variants[
+                    "triton_persistent"]}.items():
+                if math.isfinite(checks.get(name.replace("_unequal", ""), checks["triton"])):
+                    try:
+                        rec[f"{name}_ms"] = clock.ms(partial(bsa.block_sparse_attention_triton, q, k, v, uneq_idx,
+                                                             uneq_cnt, 128, 128, **options), rep)
+                        rec[f"{name}_effective_tflops"] = uneq_flops / rec[f"{name}_ms"] / 1e9
+                    except Exception as e:  # noqa: BLE001 -- recorded, the other kernels still run
+                        rec[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
             for name, options in triton_variants.items():
                 if not math.isfinite(checks[name]):
                     rec[f"{name}_error"] = "failed its correctness check; not timed"
@@ -770,7 +802,8 @@ def smoke(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mode", default="full", choices=("full", "sweep", "smoke"))
-    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
+    ap.add_argument("--shapes", default=None,
+                    help=f"comma-separated, of {', '.join(SHAPES)} (smoke: {', '.join(SMOKE_SHAPES)}); default all")
     ap.add_argument("--densities", default=None,
                     help=f"comma-separated kept densities (full: {DENSITIES}; sweep: {SWEEP_DENSITIES})")
     ap.add_argument("--deadline", type=float, default=420.0,
@@ -780,9 +813,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.mode == "sweep" and args.densities is None:
         args.densities = ",".join(map(str, SWEEP_DENSITIES))
-    unknown = [name for name in args.shapes.split(",") if name not in SHAPES]
+    if args.mode == "sweep" and args.shapes is None:
+        args.shapes = ",".join(SHAPES)
+    known = SMOKE_SHAPES if args.mode == "smoke" else SHAPES
+    unknown = [name for name in (args.shapes or "").split(",") if name and name not in known]
     if unknown:
-        ap.error(f"--shapes: unknown {unknown}; use some of {', '.join(SHAPES)}")
+        ap.error(f"--shapes: unknown {unknown}; use some of {', '.join(known)}")
     try:
         {"full": full, "sweep": sweep, "smoke": smoke}[args.mode](args)
     except Exception:
