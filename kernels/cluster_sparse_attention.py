@@ -140,7 +140,7 @@ def _cluster_packed_plan_kernel(
 
 @triton.jit
 def _cluster_sparse_fwd_kernel(
-    Q, K, V, Out, Lse, QOffsets, Schedule, Counts, SegEnds, SegShifts, QPerm, KvPerm,
+    Q, K, V, Out, Lse, QOffsets, Schedule, Counts, SegEnds, SegShifts, QPerm, KvPerm, HeadIndices,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -150,7 +150,7 @@ def _cluster_sparse_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
     CLUSTERS_P: tl.constexpr, USE_TMA: tl.constexpr, KV_RAGGED: tl.constexpr, PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr, LENGTH_BITS: tl.constexpr, KV_PACKED: tl.constexpr, WINDOW: tl.constexpr,
-    Q_PERMUTED: tl.constexpr, KV_PERMUTED: tl.constexpr,
+    Q_PERMUTED: tl.constexpr, KV_PERMUTED: tl.constexpr, HAS_HEAD_INDICES: tl.constexpr,
 ):
     # Padded mode: Schedule holds key tiles as start << LENGTH_BITS | rows, Counts[plan row] their number. Packed
     # mode: Schedule holds each tile's first segment, Counts[2 * plan row] the kept keys and [+ 1] the segments, SegEnds
@@ -162,9 +162,15 @@ def _cluster_sparse_fwd_kernel(
     p = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // heads).to(tl.int64)
-    h = (bh % heads).to(tl.int64)
+    # g: the launched head (lists, offsets, permutations, out and lse are per launched head); h: the head of q, k, v
+    # it reads (head_indices[g] for a head-group launch).
+    g = (bh % heads).to(tl.int64)
+    if HAS_HEAD_INDICES:
+        h = tl.load(HeadIndices + g).to(tl.int64)
+    else:
+        h = g
     cl = tl.arange(0, CLUSTERS_P)
-    offsets = QOffsets + b * stride_qob + h * stride_qoh
+    offsets = QOffsets + b * stride_qob + g * stride_qoh
     starts = tl.load(offsets + cl, mask=cl < q_clusters, other=0)
     stops = tl.load(offsets + cl + 1, mask=cl < q_clusters, other=0)
     tiles = tl.where(cl < q_clusters, (stops - starts + BLOCK_M - 1) // BLOCK_M, 0)
@@ -248,12 +254,12 @@ def _cluster_sparse_fwd_kernel(
         )
     if Q_PERMUTED:
         store_rows_at(
-            Out, acc, l_i, m_i, Out + b * stride_ob + h * stride_oh, Lse + bh.to(tl.int64) * q_tokens,
+            Out, acc, l_i, m_i, Out + b * stride_ob + g * stride_oh, Lse + bh.to(tl.int64) * q_tokens,
             q_rows, offs_m < row_stop, stride_on, HEAD_DIM,
         )
     else:
         store_rows(
-            Out, Lse, acc, l_i, m_i, Out + b * stride_ob + h * stride_oh, Lse + bh.to(tl.int64) * q_tokens,
+            Out, Lse, acc, l_i, m_i, Out + b * stride_ob + g * stride_oh, Lse + bh.to(tl.int64) * q_tokens,
             row0, row_stop, stride_on, BLOCK_M, HEAD_DIM,
         )
 
@@ -278,6 +284,7 @@ def cluster_sparse_attention_triton(
     kv_packing: bool = False,
     q_perm: torch.Tensor | None = None,
     kv_perm: torch.Tensor | None = None,
+    head_indices: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plan and launch the Triton kernels (no validation; see :func:`cluster_sparse_attention`).
 
@@ -286,9 +293,10 @@ def cluster_sparse_attention_triton(
     hold per query cluster ``ceil(kv_tokens / BLOCK_N) + max_kept`` int32 entries (padded) or
     ``ceil(kv_tokens / BLOCK_N) + 2 * max_kept`` (packed): enough when every key is kept. ``q_perm`` /
     ``kv_perm`` (``[tokens]`` or ``[batch, heads, tokens]``) fuse the permutation, as in
-    :func:`cluster_sparse_attention`.
+    :func:`cluster_sparse_attention`, as is ``head_indices``.
     """
-    batch, heads, q_tokens, head_dim = q.shape
+    batch, _, q_tokens, head_dim = q.shape
+    heads = q.shape[1] if head_indices is None else head_indices.numel()  # launched heads
     kv_tokens = k.shape[2]
     triton_head_dim_ok(_OP, head_dim)
     scale = head_dim**-0.5 if scale is None else float(scale)
@@ -350,6 +358,7 @@ def cluster_sparse_attention_triton(
     _cluster_sparse_fwd_kernel[grid](
         q, k, v, out, lse, q_offsets, schedule, counts, seg_ends, seg_shifts,
         counts if q_perm is None else q_perm, counts if kv_perm is None else kv_perm,
+        counts if head_indices is None else head_indices.to(device=q.device, dtype=torch.int32, non_blocking=True),
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -362,7 +371,7 @@ def cluster_sparse_attention_triton(
         PRECISION="ieee" if q.dtype == torch.float32 or _backends.interpreting() else "tf32",
         DOT_UPCAST=q.dtype == torch.bfloat16 and _backends.interpreting(),
         LENGTH_BITS=_LENGTH_BITS, KV_PACKED=bool(kv_packing), WINDOW=min(block_n, kept_p),
-        Q_PERMUTED=q_perm is not None, KV_PERMUTED=kv_perm is not None,
+        Q_PERMUTED=q_perm is not None, KV_PERMUTED=kv_perm is not None, HAS_HEAD_INDICES=head_indices is not None,
         num_warps=warps, num_stages=stages,
     )
     return out, lse
@@ -375,8 +384,9 @@ def _check_cluster_lists(
     kv_offsets: torch.Tensor,
     kv_cluster_indices: torch.Tensor,
     kv_cluster_counts: torch.Tensor,
+    heads: int,
 ) -> None:
-    batch, heads = q.shape[:2]
+    batch = q.shape[0]
     q_clusters = q_offsets.shape[-1] - 1
     for name, t in (("q_offsets", q_offsets), ("kv_offsets", kv_offsets)):
         if t.dim() != 3 or tuple(t.shape[:2]) != (batch, heads) or t.shape[-1] < 1:
@@ -398,17 +408,31 @@ def _check_cluster_lists(
             raise ValueError(f"{_OP}: {name} must be int32 (or int64) on {q.device}; got {t.dtype} on {t.device}")
 
 
-def _check_perms(q: torch.Tensor, k: torch.Tensor, q_perm: torch.Tensor | None, kv_perm: torch.Tensor | None) -> None:
+def _check_perms(q: torch.Tensor, k: torch.Tensor, q_perm: torch.Tensor | None, kv_perm: torch.Tensor | None,
+                 heads: int) -> None:
     for name, perm, x in (("q_perm", q_perm, q), ("kv_perm", kv_perm, k)):
         if perm is None:
             continue
         if perm.dtype not in (torch.int32, torch.int64) or perm.device != q.device:
             raise ValueError(f"{_OP}: {name} must be int32 (or int64) on {q.device}; got {perm.dtype} on {perm.device}")
-        if perm.shape not in ((x.shape[2],), tuple(x.shape[:3])):
+        full = [x.shape[0], heads, x.shape[2]]
+        if list(perm.shape) not in ([x.shape[2]], full):
             raise ValueError(
-                f"{_OP}: {name} must be [tokens] = [{x.shape[2]}] or [batch, heads, tokens] = {list(x.shape[:3])}, "
+                f"{_OP}: {name} must be [tokens] = [{x.shape[2]}] or [batch, launched heads, tokens] = {full}, "
                 f"got {tuple(perm.shape)}"
             )
+
+
+def _check_head_indices(q: torch.Tensor, head_indices: torch.Tensor | None, validate: bool) -> int:
+    """Launched heads: all of q's, or ``head_indices`` (1-D integers; their range checked when ``validate``)."""
+    if head_indices is None:
+        return q.shape[1]
+    if head_indices.dim() != 1 or head_indices.dtype.is_floating_point:
+        raise ValueError(f"{_OP}: head_indices must be a 1-D integer tensor, got {head_indices.dtype} "
+                         f"{tuple(head_indices.shape)}")
+    if validate and head_indices.numel() and (int(head_indices.min()) < 0 or int(head_indices.max()) >= q.shape[1]):
+        raise ValueError(f"{_OP}: head_indices must lie in [0, {q.shape[1]}), got {head_indices.tolist()}")
+    return head_indices.numel()
 
 
 def _validate_offsets(q: torch.Tensor, k: torch.Tensor, q_offsets: torch.Tensor, kv_offsets: torch.Tensor) -> None:
@@ -434,30 +458,35 @@ def _cluster_sparse_attention_op(
     kv_packing: bool = False,
     q_perm: torch.Tensor | None = None,
     kv_perm: torch.Tensor | None = None,
+    head_indices: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     check_attention_inputs(_OP, q, k, v)
-    _check_cluster_lists(q, k, q_offsets, kv_offsets, kv_cluster_indices, kv_cluster_counts)
-    _check_perms(q, k, q_perm, kv_perm)
+    # Validation synchronises with the device, so on GPU it runs only when asked.
+    validating = bool(validate or (validate is None and q.device.type == "cpu"))
+    heads = _check_head_indices(q, head_indices, validating)
+    _check_cluster_lists(q, k, q_offsets, kv_offsets, kv_cluster_indices, kv_cluster_counts, heads)
+    _check_perms(q, k, q_perm, kv_perm, heads)
     chosen = _backends.resolve_backend(_OP, backend, q.device)
     _backends.record_backend(_OP, chosen)
-    # Validation synchronises with the device, so on GPU it runs only when asked.
-    if validate or (validate is None and q.device.type == "cpu"):
+    if validating:
         for name, perm, tokens in (("q_perm", q_perm, q.shape[2]), ("kv_perm", kv_perm, k.shape[2])):
             if perm is not None and not torch.equal(perm.sort(-1).values.long(),
                                                     torch.arange(tokens, device=perm.device).expand_as(perm)):
                 raise ValueError(f"{_OP}: {name} must hold each of 0..{tokens - 1} once (a permutation of the tokens)")
     if chosen == "reference":
+        qg, kg, vg = (x if head_indices is None else x.index_select(1, head_indices.to(x.device).long())
+                      for x in (q, k, v))
         out, lse = cluster_sparse_attention_reference(
-            q, k, v, q_offsets, kv_offsets, kv_cluster_indices, kv_cluster_counts, scale, q_perm, kv_perm
+            qg, kg, vg, q_offsets, kv_offsets, kv_cluster_indices, kv_cluster_counts, scale, q_perm, kv_perm
         )
         # The op's contract (and its fake) is q's memory order.
         return output_like(q, out.shape[1], out.shape[-1]).copy_(out), lse
-    if validate or (validate is None and q.device.type == "cpu"):
+    if validating:
         validate_kv_block_list(kv_cluster_indices, kv_cluster_counts, kv_offsets.shape[-1] - 1)
         _validate_offsets(q, k, q_offsets, kv_offsets)
     return cluster_sparse_attention_triton(
         q, k, v, q_offsets, kv_offsets, kv_cluster_indices, kv_cluster_counts, scale, kv_packing=kv_packing,
-        q_perm=q_perm, kv_perm=kv_perm,
+        q_perm=q_perm, kv_perm=kv_perm, head_indices=head_indices,
     )
 
 
@@ -476,9 +505,11 @@ def _cluster_sparse_attention_fake(
     kv_packing: bool = False,
     q_perm: torch.Tensor | None = None,
     kv_perm: torch.Tensor | None = None,
+    head_indices: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    out = output_like(q, q.shape[1], v.shape[-1])
-    return out, q.new_empty(q.shape[0], q.shape[1], q.shape[2], dtype=torch.float32)
+    heads = q.shape[1] if head_indices is None else head_indices.shape[0]
+    out = output_like(q, heads, v.shape[-1])
+    return out, q.new_empty(q.shape[0], heads, q.shape[2], dtype=torch.float32)
 
 
 def cluster_sparse_attention(
@@ -495,6 +526,7 @@ def cluster_sparse_attention(
     kv_packing: bool = False,
     q_perm: torch.Tensor | None = None,
     kv_perm: torch.Tensor | None = None,
+    head_indices: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cluster-sparse attention through the registered op ``torch.ops.vdopt.cluster_sparse_attention``.
 
@@ -505,12 +537,14 @@ def cluster_sparse_attention(
     the runtime does not use it; see the module docstring).
     q_offsets: int32 [B, H, Cq + 1]; kv_offsets: int32 [B, H, Ck + 1]; kv_cluster_indices: int32
     [B, H, Cq, max_kept]; kv_cluster_counts: int32 [B, H, Cq]. backend/validate as in block_sparse_attention;
-    kv_packing as in :func:`cluster_sparse_attention_triton` (the reference ignores it).
-    Returns (out [B, H, Nq, D] in q's dtype and memory order, lse float32 [B, H, Nq], natural log).
+    kv_packing as in :func:`cluster_sparse_attention_triton` (the reference ignores it). ``head_indices``: a
+    head-group launch that reads only those heads of q, k, v (no copy); the lists, offsets, permutations and outputs
+    then have one entry per listed head (G = len(head_indices) in place of H).
+    Returns (out [B, G, Nq, D] in q's dtype and memory order, lse float32 [B, G, Nq], natural log).
     """
     return torch.ops.vdopt.cluster_sparse_attention(
         q, k, v, q_offsets, kv_offsets, kv_cluster_indices, kv_cluster_counts, scale, backend, validate, kv_packing,
-        q_perm, kv_perm,
+        q_perm, kv_perm, head_indices,
     )
 
 

@@ -100,7 +100,8 @@ def variants() -> dict[str, tuple]:
     block_m, block_n, stages, warps = csa.DEFAULT_CONFIG
     cluster = {"HEAD_DIM": 128, "BLOCK_M": block_m, "BLOCK_N": block_n, "NUM_STAGES": stages, "CLUSTERS_P": 512,
                "USE_TMA": True, "KV_RAGGED": bsa.RAGGED_MASK_IN_BRANCH, "PRECISION": "tf32", "DOT_UPCAST": False,
-               "LENGTH_BITS": 8, "KV_PACKED": False, "WINDOW": 64, "Q_PERMUTED": False, "KV_PERMUTED": False}
+               "LENGTH_BITS": 8, "KV_PACKED": False, "WINDOW": 64, "Q_PERMUTED": False, "KV_PERMUTED": False,
+               "HAS_HEAD_INDICES": False}
     for name, extra in {
         "cluster_padded": {},
         "cluster_packed": {"KV_PACKED": True},

@@ -140,6 +140,29 @@ def test_kernel_fuses_permutations(kv_packing, dtype, head_dim, batch):
 
 
 @interpreted
+@pytest.mark.parametrize("kv_packing", [False, True], ids=["padded", "packed"])
+def test_head_group_launch_reads_only_listed_heads(kv_packing):
+    """A launch over heads [3, 0] of 4, with per-launched-head lists and permutations: the other heads hold NaN,
+    so a kernel that read them would produce NaN; equal to the reference on the selected heads."""
+    q, k, v = random_inputs(2, 4, 60, 50, 32, torch.float16)
+    for t in (q, k, v):
+        t[:, [1, 2]] = float("nan")
+    heads = torch.tensor([3, 0])
+    q_off, kv_off = random_offsets(2, 2, 60, 4), random_offsets(2, 2, 50, 3)
+    idx, cnt = kv_block_list_from_mask(torch.rand(2, 2, 4, 3) < 0.7)
+    perms = {"q_perm": random_permutations(2, 2, 60), "kv_perm": random_permutations(2, 2, 50)}
+    for fused in ({}, perms):
+        out, lse = csa.cluster_sparse_attention(q, k, v, q_off, kv_off, idx, cnt, backend="triton", head_indices=heads,
+                                                kv_packing=kv_packing, **fused)
+        assert out.shape == (2, 2, 60, 32) and lse.shape == (2, 2, 60)
+        ref, ref_lse = cluster_sparse_attention_reference(q[:, heads], k[:, heads], v[:, heads], q_off, kv_off, idx,
+                                                          cnt, **fused)
+        assert_matches(out, lse, ref, ref_lse, torch.float16)
+    with pytest.raises(ValueError, match=r"head_indices must lie in \[0, 4\)"):
+        csa.cluster_sparse_attention(q, k, v, q_off, kv_off, idx, cnt, head_indices=torch.tensor([3, 4]))
+
+
+@interpreted
 def test_op_with_permutations_checks_them():
     q, k, v = random_inputs(1, 2, 40, 40, 16, torch.float16)
     off = random_offsets(1, 2, 40, 3)
