@@ -764,6 +764,10 @@ def plot(records, path) -> None:
         ran = "/".join(sorted({r["vdopt_backend"] for r in rs}))
         ax.plot(d, [r["cudnn_dense_ms"] / r["vdopt_ms"] for r in rs], "o-", label=f"vdopt op (auto: {ran})")
         ax.plot(d, [r["cudnn_dense_ms"] / r["triton_ms"] for r in rs], "s-", label="vdopt triton")
+        for key, style, label in (("triton_host_desc", "s--", "vdopt triton, host descriptors"),
+                                  ("triton_persistent", "s:", "vdopt triton, host descriptors + persistent")):
+            if all(f"{key}_ms" in r for r in rs):
+                ax.plot(d, [r["cudnn_dense_ms"] / r[f"{key}_ms"] for r in rs], style, label=label)
         if all("fa4_ms" in r for r in rs):
             ax.plot(d, [r["cudnn_dense_ms"] / r["fa4_ms"] for r in rs], "d-", label="FA4 called directly (run here)")
         for key, label in (("cluster", "vdopt cluster, padded keys"), ("cluster_packed", "vdopt cluster, packed keys")):
