@@ -30,10 +30,10 @@ _DATA_POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "Lse
 
 
 def compile_for_hopper(kernel, constexprs: dict, num_warps: int, num_stages: int,
-                       descriptors: dict[str, str] | None = None) -> dict:
-    """Compile one ``@triton.jit`` kernel for sm_90: parameters named in capitals are pointers (bf16 tensors,
-    fp32 lse, int32 lists) unless ``descriptors`` gives them a host tensor-descriptor type, ``qk_scale`` is fp32
-    and the other scalars int32."""
+                       descriptors: dict[str, str] | None = None, capability: int = 90) -> dict:
+    """Compile one ``@triton.jit`` kernel for sm_``capability`` (90: Hopper; 80: Ampere, for the pointer-load
+    fallback): parameters named in capitals are pointers (bf16 tensors, fp32 lse, int32 lists) unless
+    ``descriptors`` gives them a host tensor-descriptor type, ``qk_scale`` is fp32 and the other scalars int32."""
     params = list(inspect.signature(kernel.fn).parameters)
     signature = {}
     for name in params:
@@ -47,11 +47,13 @@ def compile_for_hopper(kernel, constexprs: dict, num_warps: int, num_stages: int
             signature[name] = "fp32" if name == "qk_scale" else "i32"
     source = ASTSource(fn=kernel, signature=signature,
                        constexprs={(params.index(k),): v for k, v in constexprs.items()})
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
     ptx = compiled.asm["ptx"]
-    return {**_resource_usage(compiled.asm["cubin"]),
+    return {
+        **_resource_usage(compiled.asm["cubin"]),
         "wgmma": len(re.findall(r"wgmma\.mma_async", ptx)),
+        "mma_sync": len(re.findall(r"mma\.sync", ptx)),
         "tma": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
         "cp_async": len(re.findall(r"cp\.async\.c[ag]", ptx)),
         "tensormap": len(re.findall(r"tensormap\.(?:replace|cp_fenceproxy)|fence\.proxy\.tensormap", ptx)),
@@ -76,8 +78,8 @@ def _resource_usage(cubin: bytes) -> dict:
 
 
 def variants() -> dict[str, tuple]:
-    """name -> (kernel, constexprs, warps, stages, host descriptor types): the configurations vdopt launches on
-    H100."""
+    """name -> (kernel, constexprs, warps, stages, host descriptor types, compute capability): the configurations
+    vdopt launches on H100, and its pointer-load fallback on an A100 (sm_80: no TMA, no wgmma)."""
     block_m, block_n, stages, warps = bsa.TILE_CONFIGS[0]
     block = {"LAYOUT_BLOCK_M": 128, "LAYOUT_BLOCK_N": 128, "BLOCK_M": block_m, "BLOCK_N": block_n,
              "NUM_STAGES": stages, "HAS_HEAD_INDICES": False, "USE_TMA": True, "KV_RAGGED": bsa.RAGGED_MASK_IN_BRANCH,
@@ -86,16 +88,16 @@ def variants() -> dict[str, tuple]:
     boxes = {"Q": f"tensordesc<bf16[{block_m}, 128]>", "K": f"tensordesc<bf16[{block_n}, 128]>",
              "V": f"tensordesc<bf16[{block_n}, 128]>"}
     out = {
-        "block_tma_d128": (bsa._block_sparse_fwd_kernel, {**block, "HEAD_DIM": 128}, warps, stages, None),
+        "block_tma_d128": (bsa._block_sparse_fwd_kernel, {**block, "HEAD_DIM": 128}, warps, stages, None, 90),
         "block_tma_d64_head_group": (bsa._block_sparse_fwd_kernel,
-                                     {**block, "HEAD_DIM": 64, "HAS_HEAD_INDICES": True}, warps, stages, None),
+                                     {**block, "HEAD_DIM": 64, "HAS_HEAD_INDICES": True}, warps, stages, None, 90),
         "block_pointer_d128": (bsa._block_sparse_fwd_kernel, {**block, "HEAD_DIM": 128, "USE_TMA": False}, warps,
-                               stages, None),
+                               stages, None, 90),
         "block_host_tma_d128": (bsa._block_sparse_fwd_kernel, {**block, "HEAD_DIM": 128, "HOST_TMA": 2}, warps,
-                                stages, boxes),
+                                stages, boxes, 90),
         "block_persistent_host_tma_d128": (bsa._block_sparse_fwd_kernel,
                                            {**block, "HEAD_DIM": 128, "HOST_TMA": 2, "PERSISTENT": True}, warps,
-                                           stages, boxes),
+                                           stages, boxes, 90),
     }
     block_m, block_n, stages, warps = csa.DEFAULT_CONFIG
     cluster = {"HEAD_DIM": 128, "BLOCK_M": block_m, "BLOCK_N": block_n, "NUM_STAGES": stages, "CLUSTERS_P": 512,
@@ -108,17 +110,21 @@ def variants() -> dict[str, tuple]:
         "cluster_packed_permuted": {"KV_PACKED": True, "Q_PERMUTED": True, "KV_PERMUTED": True},
         "cluster_padded_permuted": {"Q_PERMUTED": True, "KV_PERMUTED": True},
     }.items():
-        out[name] = (csa._cluster_sparse_fwd_kernel, {**cluster, **extra}, warps, stages, None)
+        out[name] = (csa._cluster_sparse_fwd_kernel, {**cluster, **extra}, warps, stages, None, 90)
+    out["block_pointer_d128_sm80"] = (bsa._block_sparse_fwd_kernel, {**block, "HEAD_DIM": 128, "USE_TMA": False},
+                                      warps, stages, None, 80)
+    out["cluster_pointer_sm80"] = (csa._cluster_sparse_fwd_kernel, {**cluster, "USE_TMA": False}, warps, stages,
+                                   None, 80)
     return out
 
 
 def main() -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("hopper_codegen.py compiles real GPU code: run it with TRITON_INTERPRET unset")
-    for name, (kernel, constexprs, warps, stages, descriptors) in variants().items():
+    for name, (kernel, constexprs, warps, stages, descriptors, capability) in variants().items():
         try:
             record = {"variant": name, "compiled": True,
-                      **compile_for_hopper(kernel, constexprs, warps, stages, descriptors)}
+                      **compile_for_hopper(kernel, constexprs, warps, stages, descriptors, capability)}
         except Exception as error:  # noqa: BLE001 -- reported per variant, the test names the failure
             record = {"variant": name, "compiled": False, "error": f"{type(error).__name__}: {str(error)[:600]}"}
         print(json.dumps(record), flush=True)
