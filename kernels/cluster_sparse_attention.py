@@ -255,7 +255,9 @@ def _cluster_sparse_fwd_kernel(
     if Q_PERMUTED:
         store_rows_at(
             Out, acc, l_i, m_i, Out + b * stride_ob + g * stride_oh, Lse + bh.to(tl.int64) * q_tokens,
-            q_rows, offs_m < row_stop, stride_on, HEAD_DIM,
+            # Read the rows' destinations again rather than hold them across the loop (register pressure).
+            tl.load(QPerm + bh.to(tl.int64) * q_tokens + offs_m, mask=offs_m < row_stop, other=0),
+            offs_m < row_stop, stride_on, HEAD_DIM,
         )
     else:
         store_rows(
