@@ -24,8 +24,9 @@ self-attention shapes on the same random per-head block masks:
                 through the op: padded key tiles (cluster_*), packed key tiles (cluster_packed_*), and packed with
                 64-row query tiles called directly (cluster_packed_m64_*), and packed or padded with random
                 per-head permutations fused into the kernel's loads and stores (cluster_packed_permuted_*,
-                cluster_padded_permuted_*: q, k, v in original order, as the k-means strategy runs it); *_w8: the
-                same with 8 warps, called directly;
+                cluster_padded_permuted_*: q, k, v in original order, Q gathered by one launch, K/V gathered and
+                out scattered in the kernel; cluster_packed_permuted_q_in_kernel_*: Q gathered in the kernel too);
+                *_w8: the same with 8 warps, called directly;
                 cluster_*tile_tflop are the FLOPs of the tiles each mode computes, padding included
 FA4 and the op are timed in alternating rounds (``--rounds``, the median kept; ``vdopt_vs_fa4`` is the median of
 the rounds' ratios), so drift of the GPU's clocks between them does not read as op overhead. Host time per call
@@ -553,6 +554,8 @@ def full(args) -> None:
                      "cluster_packed_w8": {"kv_packing": True, "config": (128, 64, 2, 8)},
                      "cluster_packed_permuted": {"kv_packing": True, "permuted": True},
                      "cluster_packed_permuted_w8": {"kv_packing": True, "permuted": True, "config": (128, 64, 2, 8)},
+                     "cluster_packed_permuted_q_in_kernel": {"kv_packing": True, "permuted": True, "q_gather": "kernel",
+                                                             "config": (128, 64, 2, 4)},
                      "cluster_padded_permuted": {"kv_packing": False, "permuted": True},
                      "cluster_padded_permuted_w8": {"kv_packing": False, "permuted": True, "config": (128, 64, 2, 8)}}
     for name, kw in cluster_modes.items():

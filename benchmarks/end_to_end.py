@@ -214,7 +214,7 @@ class _Deadline:
         signal.signal(signal.SIGALRM, _expire)
         signal.alarm(max(1, int(self.seconds)))
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         import signal
 
         signal.alarm(0)

@@ -150,13 +150,16 @@ def _cluster_sparse_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
     CLUSTERS_P: tl.constexpr, USE_TMA: tl.constexpr, KV_RAGGED: tl.constexpr, PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr, LENGTH_BITS: tl.constexpr, KV_PACKED: tl.constexpr, WINDOW: tl.constexpr,
-    Q_PERMUTED: tl.constexpr, KV_PERMUTED: tl.constexpr, HAS_HEAD_INDICES: tl.constexpr,
+    Q_GATHER: tl.constexpr, OUT_SCATTER: tl.constexpr, KV_PERMUTED: tl.constexpr, HAS_HEAD_INDICES: tl.constexpr,
+    Q_LAUNCHED_HEADS: tl.constexpr,
 ):
     # Padded mode: Schedule holds key tiles as start << LENGTH_BITS | rows, Counts[plan row] their number. Packed
     # mode: Schedule holds each tile's first segment, Counts[2 * plan row] the kept keys and [+ 1] the segments, SegEnds
     # and SegShifts the segments (see _cluster_packed_plan_kernel).
-    # Permuted (QPerm/KvPerm: int32 [batch * heads, tokens], position -> original row): q, k, v and out stay in
-    # their original order and rows are gathered on load and scattered on store, so no permuted copy is made.
+    # Permutations (QPerm/KvPerm: int32 [batch * heads, tokens], position -> original row): KV_PERMUTED gathers K/V
+    # rows on load, Q_GATHER the Q tile's rows, OUT_SCATTER stores out and lse rows at their original positions; the
+    # tensors they apply to stay in original order, so no permuted copy is made. Q_LAUNCHED_HEADS: Q holds only the
+    # launched heads (a head-group launch whose Q was gathered beforehand), indexed by g rather than h.
     # Grid: (query-tile slots, batch * heads). A head has at most ceil(q_tokens / BLOCK_M) + q_clusters query
     # tiles; slot p finds its cluster from the running tile count, slots past the last tile exit.
     p = tl.program_id(0)
@@ -192,7 +195,10 @@ def _cluster_sparse_fwd_kernel(
         offs_w = tl.arange(0, WINDOW)
     else:
         total = tl.load(Counts + plan_row)
-    q_base = Q + b * stride_qb + h * stride_qh
+    if Q_LAUNCHED_HEADS:
+        q_base = Q + b * stride_qb + g * stride_qh
+    else:
+        q_base = Q + b * stride_qb + h * stride_qh
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     kv_perm_row = KvPerm + bh.to(tl.int64) * kv_tokens
@@ -205,15 +211,14 @@ def _cluster_sparse_fwd_kernel(
     if KV_TMA:
         k_desc = tl.make_tensor_descriptor(k_base, [kv_tokens, HEAD_DIM], [stride_kn, 1], [BLOCK_N, HEAD_DIM])
         v_desc = tl.make_tensor_descriptor(v_base, [kv_tokens, HEAD_DIM], [stride_vn, 1], [BLOCK_N, HEAD_DIM])
-    if USE_TMA and not Q_PERMUTED:
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    if USE_TMA and not Q_GATHER:
         q_desc = tl.make_tensor_descriptor(q_base, [q_tokens, HEAD_DIM], [stride_qn, 1], [BLOCK_M, HEAD_DIM])
         q = q_desc.load([row0, 0])
-    elif Q_PERMUTED:
-        offs_m = row0 + tl.arange(0, BLOCK_M)
+    elif Q_GATHER:
         q_rows = tl.load(QPerm + bh.to(tl.int64) * q_tokens + offs_m, mask=offs_m < q_tokens, other=0)
         q = tl.load(q_base + q_rows[:, None] * stride_qn + offs_d[None, :], mask=offs_m[:, None] < q_tokens, other=0.0)
     else:
-        offs_m = row0 + tl.arange(0, BLOCK_M)
         q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=offs_m[:, None] < q_tokens, other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -252,7 +257,7 @@ def _cluster_sparse_fwd_kernel(
         acc, l_i, m_i = attend_tile(
             acc, l_i, m_i, q, k, v, qk_scale, kv_start, kv_stop, BLOCK_N, KV_RAGGED, PRECISION, DOT_UPCAST
         )
-    if Q_PERMUTED:
+    if OUT_SCATTER:
         store_rows_at(
             Out, acc, l_i, m_i, Out + b * stride_ob + g * stride_oh, Lse + bh.to(tl.int64) * q_tokens,
             # Read the rows' destinations again rather than hold them across the loop (register pressure).
@@ -287,6 +292,7 @@ def cluster_sparse_attention_triton(
     q_perm: torch.Tensor | None = None,
     kv_perm: torch.Tensor | None = None,
     head_indices: torch.Tensor | None = None,
+    q_gather: str = "launch",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plan and launch the Triton kernels (no validation; see :func:`cluster_sparse_attention`).
 
@@ -295,7 +301,11 @@ def cluster_sparse_attention_triton(
     hold per query cluster ``ceil(kv_tokens / BLOCK_N) + max_kept`` int32 entries (padded) or
     ``ceil(kv_tokens / BLOCK_N) + 2 * max_kept`` (packed): enough when every key is kept. ``q_perm`` /
     ``kv_perm`` (``[tokens]`` or ``[batch, heads, tokens]``) fuse the permutation, as in
-    :func:`cluster_sparse_attention`, as is ``head_indices``.
+    :func:`cluster_sparse_attention`, as is ``head_indices``. With ``q_perm``, ``q_gather`` says who gathers the Q
+    tiles: ``"launch"`` (one gather launch before the kernel, whose Q tiles then load as TMA boxes into shared
+    memory) or ``"kernel"`` (pointer gathers in the kernel: no launch, but the tile is held in registers through the
+    key loop, which spills on sm_90; benchmarks/notes_attention_kernels.md). The output is scattered by the kernel
+    either way.
     """
     batch, _, q_tokens, head_dim = q.shape
     heads = q.shape[1] if head_indices is None else head_indices.numel()  # launched heads
@@ -313,9 +323,17 @@ def cluster_sparse_attention_triton(
     lse = torch.empty(batch, heads, q_tokens, dtype=torch.float32, device=q.device)
     if q_tokens == 0 or batch * heads == 0 or q_clusters == 0:
         return out, lse
+    if q_gather not in ("launch", "kernel"):
+        raise ValueError(f"{_OP}: q_gather must be 'launch' or 'kernel', got {q_gather!r}")
+    q_perm = None if q_perm is None else q_perm.expand(batch, heads, -1).to(torch.int32).contiguous()
+    q_in = q
+    if q_perm is not None and q_gather == "launch":
+        from vdopt.kernels.kmeans import gather_tokens
+
+        q_in = gather_tokens(q if head_indices is None else q.index_select(1, head_indices.to(q.device).long()), q_perm)
     if use_tma is None:
         # Short key tiles avoid tensor descriptors, as in the block kernel (see _MIN_TMA_TILE_N there).
-        use_tma = _backends.tma_compatible(q, k, v) and (block_n >= 64 or _backends.interpreting())
+        use_tma = _backends.tma_compatible(q_in, k, v) and (block_n >= 64 or _backends.interpreting())
     if use_tma:
         _backends.ensure_descriptor_allocator()
     q_offsets, kv_offsets, kv_cluster_counts = (
@@ -323,8 +341,7 @@ def cluster_sparse_attention_triton(
     )
     if kv_cluster_indices.stride(-1) != 1:
         kv_cluster_indices = kv_cluster_indices.contiguous()
-    q_perm, kv_perm = (None if perm is None else perm.expand(batch, heads, -1).to(torch.int32).contiguous()
-                       for perm in (q_perm, kv_perm))
+    kv_perm = None if kv_perm is None else kv_perm.expand(batch, heads, -1).to(torch.int32).contiguous()
     rows = batch * heads * q_clusters
     kept_p = max(16, triton.next_power_of_2(max_kept))
     list_strides = (
@@ -358,10 +375,10 @@ def cluster_sparse_attention_triton(
         )
     grid = (triton.cdiv(q_tokens, block_m) + q_clusters, batch * heads)
     _cluster_sparse_fwd_kernel[grid](
-        q, k, v, out, lse, q_offsets, schedule, counts, seg_ends, seg_shifts,
+        q_in, k, v, out, lse, q_offsets, schedule, counts, seg_ends, seg_shifts,
         counts if q_perm is None else q_perm, counts if kv_perm is None else kv_perm,
         counts if head_indices is None else head_indices.to(device=q.device, dtype=torch.int32, non_blocking=True),
-        q.stride(0), q.stride(1), q.stride(2),
+        q_in.stride(0), q_in.stride(1), q_in.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
@@ -373,7 +390,9 @@ def cluster_sparse_attention_triton(
         PRECISION="ieee" if q.dtype == torch.float32 or _backends.interpreting() else "tf32",
         DOT_UPCAST=q.dtype == torch.bfloat16 and _backends.interpreting(),
         LENGTH_BITS=_LENGTH_BITS, KV_PACKED=bool(kv_packing), WINDOW=min(block_n, kept_p),
-        Q_PERMUTED=q_perm is not None, KV_PERMUTED=kv_perm is not None, HAS_HEAD_INDICES=head_indices is not None,
+        Q_GATHER=q_perm is not None and q_gather == "kernel", OUT_SCATTER=q_perm is not None,
+        KV_PERMUTED=kv_perm is not None, HAS_HEAD_INDICES=head_indices is not None,
+        Q_LAUNCHED_HEADS=q_in is not q and head_indices is not None,
         num_warps=warps, num_stages=stages,
     )
     return out, lse

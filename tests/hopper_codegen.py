@@ -102,13 +102,17 @@ def variants() -> dict[str, tuple]:
     block_m, block_n, stages, warps = csa.DEFAULT_CONFIG
     cluster = {"HEAD_DIM": 128, "BLOCK_M": block_m, "BLOCK_N": block_n, "NUM_STAGES": stages, "CLUSTERS_P": 512,
                "USE_TMA": True, "KV_RAGGED": bsa.RAGGED_MASK_IN_BRANCH, "PRECISION": "tf32", "DOT_UPCAST": False,
-               "LENGTH_BITS": 8, "KV_PACKED": False, "WINDOW": 64, "Q_PERMUTED": False, "KV_PERMUTED": False,
-               "HAS_HEAD_INDICES": False}
+               "LENGTH_BITS": 8, "KV_PACKED": False, "WINDOW": 64, "Q_GATHER": False, "OUT_SCATTER": False,
+               "KV_PERMUTED": False, "HAS_HEAD_INDICES": False, "Q_LAUNCHED_HEADS": False}
+    # Fused permutations as launched: Q gathered by a launch before the kernel (a TMA box load in it), K/V rows
+    # gathered and out rows scattered in the kernel; "_q_in_kernel": the Q tile gathered in the kernel too.
     for name, extra in {
         "cluster_padded": {},
         "cluster_packed": {"KV_PACKED": True},
-        "cluster_packed_permuted": {"KV_PACKED": True, "Q_PERMUTED": True, "KV_PERMUTED": True},
-        "cluster_padded_permuted": {"Q_PERMUTED": True, "KV_PERMUTED": True},
+        "cluster_packed_permuted": {"KV_PACKED": True, "OUT_SCATTER": True, "KV_PERMUTED": True},
+        "cluster_padded_permuted": {"OUT_SCATTER": True, "KV_PERMUTED": True},
+        "cluster_packed_permuted_q_in_kernel": {"KV_PACKED": True, "Q_GATHER": True, "OUT_SCATTER": True,
+                                                "KV_PERMUTED": True},
     }.items():
         out[name] = (csa._cluster_sparse_fwd_kernel, {**cluster, **extra}, warps, stages, None, 90)
     out["block_pointer_d128_sm80"] = (bsa._block_sparse_fwd_kernel, {**block, "HEAD_DIM": 128, "USE_TMA": False},

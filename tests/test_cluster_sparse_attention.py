@@ -120,12 +120,14 @@ def test_reference_with_permutations_is_gather_then_scatter():
 
 
 @interpreted
+@pytest.mark.parametrize("q_gather", ["launch", "kernel"])
 @pytest.mark.parametrize("kv_packing", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("dtype,head_dim,batch", [(torch.float32, 32, 2), (torch.bfloat16, 64, 1),
                                                   (torch.float16, 16, 2)])
-def test_kernel_fuses_permutations(kv_packing, dtype, head_dim, batch):
-    """q, k, v in their original order with per-head permutations (and a shared 1-D one): rows gathered on load,
-    out and lse scattered on store, equal to the reference that permutes first; ragged clusters, an empty one."""
+def test_kernel_fuses_permutations(q_gather, kv_packing, dtype, head_dim, batch):
+    """q, k, v in their original order with per-head permutations (and a shared 1-D one): K/V rows gathered on load,
+    Q gathered by a launch or in the kernel, out and lse scattered on store, equal to the reference that permutes
+    first; ragged clusters, an empty one."""
     q, k, v = random_inputs(batch, 2, 70, 53, head_dim, dtype)
     q_off = random_offsets(batch, 2, 70, 5, empty=[(0, 1, 2)])
     kv_off = random_offsets(batch, 2, 53, 4)
@@ -133,7 +135,8 @@ def test_kernel_fuses_permutations(kv_packing, dtype, head_dim, batch):
     for q_perm, kv_perm in ((random_permutations(batch, 2, 70), random_permutations(batch, 2, 53)),
                             (torch.randperm(70, dtype=torch.int32), None)):
         out, lse = csa.cluster_sparse_attention_triton(q, k, v, q_off, kv_off, idx, cnt, config=(16, 16, 1, 4),
-                                                       kv_packing=kv_packing, q_perm=q_perm, kv_perm=kv_perm)
+                                                       kv_packing=kv_packing, q_perm=q_perm, kv_perm=kv_perm,
+                                                       q_gather=q_gather)
         ref, ref_lse = cluster_sparse_attention_reference(q, k, v, q_off, kv_off, idx, cnt, q_perm=q_perm,
                                                           kv_perm=kv_perm)
         assert_matches(out, lse, ref, ref_lse, dtype)
@@ -158,6 +161,10 @@ def test_head_group_launch_reads_only_listed_heads(kv_packing):
         ref, ref_lse = cluster_sparse_attention_reference(q[:, heads], k[:, heads], v[:, heads], q_off, kv_off, idx,
                                                           cnt, **fused)
         assert_matches(out, lse, ref, ref_lse, torch.float16)
+        if fused:  # the Q tile gathered in the kernel, reading head heads[g] of q
+            out, lse = csa.cluster_sparse_attention_triton(q, k, v, q_off, kv_off, idx, cnt, head_indices=heads,
+                                                           kv_packing=kv_packing, q_gather="kernel", **fused)
+            assert_matches(out, lse, ref, ref_lse, torch.float16)
     with pytest.raises(ValueError, match=r"head_indices must lie in \[0, 4\)"):
         csa.cluster_sparse_attention(q, k, v, q_off, kv_off, idx, cnt, head_indices=torch.tensor([3, 4]))
 
