@@ -95,8 +95,8 @@ def test_kernel_matches_reference(dtype, head_dim, batch, use_tma):
 @pytest.mark.parametrize("dtype,head_dim,batch", [(torch.float32, 32, 2), (torch.bfloat16, 64, 1),
                                                   (torch.float16, 16, 2)])
 def test_host_descriptors_match_reference(token_major, dtype, head_dim, batch):
-    """Host-made 4-D descriptors over either memory order: ragged query/key counts (zeros read past a head's last
-    row must not leak into the next head), an empty row, batch 2, a head-group launch."""
+    """Host-made 2-D descriptors over either memory order: ragged query/key counts (the rows read past a head's last
+    row, the next head's or batch's, must get no weight), an empty row, batch 2, a head-group launch."""
     q, k, v = random_inputs(batch, 3, 70, 90, head_dim, dtype, token_major=token_major)
     assert bsa.host_descriptor_layout(q, k, v) == (2 if token_major else 1)
     idx, cnt = random_lists(batch, 3, 3, 6, empty_rows=[(0, 1, 2)])
@@ -104,10 +104,16 @@ def test_host_descriptors_match_reference(token_major, dtype, head_dim, batch):
                                                  host_descriptors=True)
     ref, ref_lse = block_sparse_attention_reference(q, k, v, idx, cnt, 32, 16)
     assert_matches(out, lse, ref, ref_lse, dtype)
-    heads = torch.tensor([2, 0])
-    out, lse = bsa.block_sparse_attention_triton(q, k, v, idx[:, :2], cnt[:, :2], 32, 16, head_indices=heads,
-                                                 config=(32, 16, 2, 4), host_descriptors=True)
-    ref, ref_lse = block_sparse_attention_reference(q, k, v, idx[:, :2], cnt[:, :2], 32, 16, head_indices=heads)
+    assert_head_group_matches(q, k, v, idx, cnt, [2, 0], dtype, host_descriptors=True)
+
+
+def assert_head_group_matches(q, k, v, idx, cnt, heads, dtype, **options):
+    """A head-group launch over ``heads`` with the first len(heads) heads' lists (blocks 32 x 16, 32-row tiles)."""
+    heads, group = torch.tensor(heads), len(heads)
+    out, lse = bsa.block_sparse_attention_triton(q, k, v, idx[:, :group], cnt[:, :group], 32, 16, head_indices=heads,
+                                                 config=(32, 16, 2, 4), **options)
+    ref, ref_lse = block_sparse_attention_reference(q, k, v, idx[:, :group], cnt[:, :group], 32, 16,
+                                                    head_indices=heads)
     assert_matches(out, lse, ref, ref_lse, dtype)
 
 
@@ -123,11 +129,7 @@ def test_persistent_launch_matches_reference(host_descriptors, dtype, head_dim, 
                                                  host_descriptors=host_descriptors, persistent=True)
     ref, ref_lse = block_sparse_attention_reference(q, k, v, idx, cnt, 32, 16)
     assert_matches(out, lse, ref, ref_lse, dtype)
-    heads = torch.tensor([1, 2])
-    out, lse = bsa.block_sparse_attention_triton(q, k, v, idx[:, :2], cnt[:, :2], 32, 16, head_indices=heads,
-                                                 config=(32, 16, 2, 4), persistent=True)
-    ref, ref_lse = block_sparse_attention_reference(q, k, v, idx[:, :2], cnt[:, :2], 32, 16, head_indices=heads)
-    assert_matches(out, lse, ref, ref_lse, dtype)
+    assert_head_group_matches(q, k, v, idx, cnt, [1, 2], dtype, persistent=True)
 
 
 def test_persistent_work_order_is_longest_first_and_stable():
