@@ -20,10 +20,12 @@ the cluster's end are computed but not stored. Key tiles come in two modes (``kv
 
 Packed mode runs fewer key tiles whenever key clusters are not multiples of ``BLOCK_N`` (at 64..192-token clusters and
 ``BLOCK_N`` 64, ~20% fewer), but gathers each tile row by row where padded mode loads one TMA box. Permutations
-(``q_perm``, ``kv_perm``) can be fused the same way: rows are gathered from q, k, v in their original order and
-outputs scattered back, in place of four permutation launches. Neither has been timed on a GPU yet
-(benchmarks/attention_kernels.py and strategy_overheads.py time both), so the defaults are the measured ones:
-padded keys, and vdopt's runtime permutes with separate launches (vdopt/attention.py).
+(``q_perm``, ``kv_perm``) can be fused the same way: K and V rows are gathered from k, v in their original order
+and out and lse rows scattered back, with Q gathered by one launch (or in the kernel, ``q_gather``), in place of
+the runtime's separate gather and scatter launches. Neither has been timed on a GPU yet (benchmarks/
+attention_kernels.py and strategy_overheads.py time both; notes_attention_kernels.md has their sm_90 code), so the
+defaults are the measured ones: padded keys, and vdopt's runtime permutes with separate launches
+(vdopt/attention.py).
 """
 
 from __future__ import annotations
