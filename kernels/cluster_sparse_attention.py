@@ -208,7 +208,7 @@ def _cluster_sparse_fwd_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     # A packed or permuted key tile is not one box of consecutive rows (Hopper's TMA has no row gather), and
     # switching per tile between a box load and a gather would leave the loop two load forms to pipeline: such
-    # tiles always gather. Likewise a permuted query tile.
+    # tiles always gather. Likewise a query tile the kernel gathers (Q_GATHER).
     KV_TMA: tl.constexpr = USE_TMA and not KV_PACKED and not KV_PERMUTED
     if KV_TMA:
         k_desc = tl.make_tensor_descriptor(k_base, [kv_tokens, HEAD_DIM], [stride_kn, 1], [BLOCK_N, HEAD_DIM])
