@@ -16,6 +16,7 @@ from vdopt.quality import (
     psnr,
     rank_correlation,
     relative_l2,
+    plan_label,
     run_quality,
     ssim,
     with_dense_warmup,
@@ -125,6 +126,23 @@ def test_dense_warmup_schedule() -> None:
     assert with_dense_warmup(no_warmup, 0.5).sites[0].strategies_at(0.5) == [SpatialWindow(0)] * 2
 
 
+def test_runtime_key_ignores_predictions_not_strategies() -> None:
+    """Plans that run alike share a key (the harness runs them once); other strategies, warm-up or labels differ."""
+    from conftest import tiny_wan
+    from vdopt.quality import _runtime_key
+
+    model, _ = tiny_wan()
+    site = AttentionSite("blocks.0.attn1#0", 0, "self", 2, 16, 96, 96, "float32", TokenLayout(4, 4, 6))
+    first = fixed_plan(model, [site], {site.name: [SpatialWindow(0)] * 2}, 16, 0.8, "h100", "baseline")
+    second = fixed_plan(model, [site], {site.name: [SpatialWindow(0)] * 2}, 16, 0.8, "h100", "searched")
+    second.predictions = {"attention_rel_error": 0.5}
+    second.sites[0].schedule[-1].predicted = {"density": 0.3}
+    assert _runtime_key(first) == _runtime_key(second)
+    other = fixed_plan(model, [site], {site.name: [SpatialWindow(1), SpatialWindow(0)]}, 16, 0.8, "h100", "b")
+    later = fixed_plan(model, [site], {site.name: [SpatialWindow(0)] * 2}, 16, 0.6, "h100", "b")
+    assert len({_runtime_key(p) for p in (first, other, later)}) == 3
+
+
 def _strict_json(text: str) -> object:
     def reject(name: str) -> None:
         raise ValueError(f"non-standard JSON constant {name}")
@@ -165,6 +183,13 @@ def test_harness_end_to_end_on_tiny_untrained_proxy(tmp_path) -> None:
         assert record["predicted_attention_ms"] <= baseline["predicted_attention_ms"] * (1 + 1e-6)
         assert record["predicted_sq_error"] <= baseline["predicted_sq_error"] + 1e-12
     assert all(r["attention_ms"] > 0.0 for r in records) and "attention_timing" in records[0]
+    # A plan that runs like an earlier one was not run again: it carries that record's measurements exactly.
+    for record in records[1:]:
+        if record["same_plan_as"]:
+            first = next(r for r in records[1:] if not r["same_plan_as"] and plan_label(
+                r["method"], r["target_density"], r["matched_to"], r["matched_on"]) == record["same_plan_as"])
+            assert (record["psnr"], record["attention_ms"], record["density"]) == (
+                first["psnr"], first["attention_ms"], first["density"])
     assert all(r["attention_ms"] == min(r["attention_ms_passes"]) and len(r["attention_ms_passes"]) == 2
                for r in records)
     summary = _strict_json(paths["comparison"].read_text())
