@@ -484,10 +484,10 @@ def _check_block_lists(
     block_n: int,
     head_indices: torch.Tensor | None,
 ) -> None:
-    batch, heads, q_tokens, _ = q.shape
+    batch, _, q_tokens, _ = q.shape
     if block_m <= 0 or block_n <= 0:
         raise ValueError(f"{_OP}: block_m and block_n must be positive, got {block_m} and {block_n}")
-    group = heads if head_indices is None else head_indices.numel()
+    group = launched_heads(_OP, q, head_indices)
     expected = (batch, group, -(-q_tokens // block_m))
     if tuple(kv_block_counts.shape) != expected or tuple(kv_block_indices.shape[:3]) != expected:
         raise ValueError(
@@ -499,9 +499,24 @@ def _check_block_lists(
     for name, t in (("kv_block_indices", kv_block_indices), ("kv_block_counts", kv_block_counts)):
         if t.dtype not in (torch.int32, torch.int64) or t.device != q.device:
             raise ValueError(f"{_OP}: {name} must be int32 (or int64) on {q.device}; got {t.dtype} on {t.device}")
-    if head_indices is not None and (head_indices.dim() != 1 or head_indices.dtype.is_floating_point):
-        raise ValueError(f"{_OP}: head_indices must be a 1-D integer tensor, got {head_indices.dtype} "
+
+
+def launched_heads(op: str, q: torch.Tensor, head_indices: torch.Tensor | None) -> int:
+    """The heads a launch runs: all of q's, or ``head_indices`` (checked to be 1-D integers; no device sync)."""
+    if head_indices is None:
+        return q.shape[1]
+    if head_indices.dim() != 1 or head_indices.dtype.is_floating_point:
+        raise ValueError(f"{op}: head_indices must be a 1-D integer tensor, got {head_indices.dtype} "
                          f"{tuple(head_indices.shape)}")
+    return head_indices.numel()
+
+
+def check_head_range(op: str, q: torch.Tensor, head_indices: torch.Tensor | None) -> None:
+    """``head_indices`` name heads of q (reads their values: synchronises with the device)."""
+    if head_indices is not None and head_indices.numel() and (
+        int(head_indices.min()) < 0 or int(head_indices.max()) >= q.shape[1]
+    ):
+        raise ValueError(f"{op}: head_indices must lie in [0, {q.shape[1]}), got {head_indices.tolist()}")
 
 
 def _block_sparse_attention_impl(
@@ -534,10 +549,7 @@ def _block_sparse_attention_impl(
     # Validation synchronises with the device (about 0.1 ms), so on GPU it runs only when asked.
     if validate or (validate is None and q.device.type == "cpu"):
         validate_kv_block_list(kv_block_indices, kv_block_counts, -(-k.shape[2] // block_n))
-        if head_indices is not None and head_indices.numel() and (
-            int(head_indices.min()) < 0 or int(head_indices.max()) >= q.shape[1]
-        ):
-            raise ValueError(f"{_OP}: head_indices must lie in [0, {q.shape[1]}), got {head_indices.tolist()}")
+        check_head_range(_OP, q, head_indices)
     if chosen == "fa4":  # resolve_backend chose FA4 only after why_not("fa4") found nothing against it
         return fa4_backend.launch_fa4(q, k, v, kv_block_indices, kv_block_counts, block_m, block_n, scale, head_indices)
     return block_sparse_attention_triton(

@@ -38,6 +38,8 @@ from vdopt.kernels.block_sparse_attention import (
     RAGGED_MASK_IN_BRANCH,
     attend_tile,
     check_attention_inputs,
+    check_head_range,
+    launched_heads,
     output_like,
     store_rows,
     store_rows_at,
@@ -446,18 +448,6 @@ def _check_perms(q: torch.Tensor, k: torch.Tensor, q_perm: torch.Tensor | None, 
             )
 
 
-def _check_head_indices(q: torch.Tensor, head_indices: torch.Tensor | None, validate: bool) -> int:
-    """Launched heads: all of q's, or ``head_indices`` (1-D integers; their range checked when ``validate``)."""
-    if head_indices is None:
-        return q.shape[1]
-    if head_indices.dim() != 1 or head_indices.dtype.is_floating_point:
-        raise ValueError(f"{_OP}: head_indices must be a 1-D integer tensor, got {head_indices.dtype} "
-                         f"{tuple(head_indices.shape)}")
-    if validate and head_indices.numel() and (int(head_indices.min()) < 0 or int(head_indices.max()) >= q.shape[1]):
-        raise ValueError(f"{_OP}: head_indices must lie in [0, {q.shape[1]}), got {head_indices.tolist()}")
-    return head_indices.numel()
-
-
 def _validate_offsets(q: torch.Tensor, k: torch.Tensor, q_offsets: torch.Tensor, kv_offsets: torch.Tensor) -> None:
     for name, offsets, tokens in (("q_offsets", q_offsets, q.shape[2]), ("kv_offsets", kv_offsets, k.shape[2])):
         if bool((offsets[..., 0] != 0).any()) or bool((offsets[..., -1] != tokens).any()):
@@ -486,7 +476,9 @@ def _cluster_sparse_attention_op(
     check_attention_inputs(_OP, q, k, v)
     # Validation synchronises with the device, so on GPU it runs only when asked.
     validating = bool(validate or (validate is None and q.device.type == "cpu"))
-    heads = _check_head_indices(q, head_indices, validating)
+    heads = launched_heads(_OP, q, head_indices)
+    if validating:
+        check_head_range(_OP, q, head_indices)
     _check_cluster_lists(q, k, q_offsets, kv_offsets, kv_cluster_indices, kv_cluster_counts, heads)
     _check_perms(q, k, q_perm, kv_perm, heads)
     chosen = _backends.resolve_backend(_OP, backend, q.device)
