@@ -13,8 +13,9 @@ At the Wan2.1-1.3B self-attention shape (B1 H12 N32760 D128, bf16) it times, wit
   (``cluster_select_ms``; ``cluster_select_reference_ms`` the PyTorch scores + select_blocks_top_p it replaced),
   gathering Q, K, V and scattering the output and its log-sum-exp back; the strategy total times
   ``SemanticKMeans.build`` (warm-started from the site state) plus those permutations, as the runtime runs them;
-  the fused total times ``SemanticKMeans.build`` plus the cluster op with ``q_perm``/``kv_perm`` (the kernel
-  gathering and scattering rows itself) less the cluster op on inputs already in cluster order;
+  the fused total times ``SemanticKMeans.build`` plus the cluster op with ``q_perm``/``kv_perm`` (one Q gather
+  launch, the kernel gathering K/V rows and scattering the output itself) less the cluster op on inputs already
+  in cluster order;
 and writes ``strategy_overheads.json`` (device, date, versions, every component and each strategy's total) into
 ``--out`` (default ``$OUT``, else benchmarks/results) after every section. Each Triton kernel is first checked
 against its reference at the full shape (the fused selections: rows whose kept set differs from the reference's).
@@ -370,10 +371,10 @@ def main() -> None:
                     "meets_5pct": pct(total) <= ACCEPTANCE_PCT,
                 }
             )
-            # Fused permutation (the op's q_perm/kv_perm; the runtime adopts it once this measures it faster): the
-            # cluster kernel gathers Q/K/V rows as it loads them and scatters out and lse as it stores, so there are
-            # no permutation launches; what the gathers cost inside the kernel counts as overhead: the attention
-            # with the permutations less the same attention on inputs already in cluster order.
+            # Fused permutation (the op's q_perm/kv_perm; the runtime adopts it once this measures it faster): the op
+            # gathers Q with one launch, the kernel gathers K/V rows as it loads them and scatters out and lse as it
+            # stores; all of that counts as overhead: the attention with the permutations less the same attention on
+            # inputs already in cluster order.
             pattern = strategy.build(q, k, ctx)
             lists = (pattern.q_offsets, pattern.kv_offsets, pattern.kv_block_indices, pattern.kv_block_counts)
             ordered = [km.gather_tokens(x, p, backend=backend)
@@ -381,6 +382,7 @@ def main() -> None:
             kernel_ordered = bench(lambda o=ordered, li=lists: cluster_sparse_attention(*o, *li))
             kernel_fused = bench(lambda li=lists, p=pattern: cluster_sparse_attention(
                 q, k, v, *li, q_perm=p.q_perm, kv_perm=p.kv_perm))
+
             def step_fused(s=strategy, c=ctx):
                 p = s.build(q, k, c)
                 return cluster_sparse_attention(q, k, v, p.q_offsets, p.kv_offsets, p.kv_block_indices,
