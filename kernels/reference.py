@@ -150,17 +150,16 @@ def cluster_sparse_attention_reference(
 
     q/k/v are already permuted so each cluster is contiguous, unless ``q_perm`` / ``kv_perm`` (int ``[tokens]`` or
     ``[B, H, tokens]``; position p of the permuted order holds original token ``perm[p]``) are given: then q and
-    k/v are in their original order, are permuted first, and out and lse come back in q's original order. ``q_offsets: int32 [B, H, q_clusters + 1]`` and
-    ``kv_offsets: int32 [B, H, kv_clusters + 1]`` are ascending cluster boundaries, first 0 and last the token
+    k/v are in their original order, are permuted first, and out and lse come back in q's original order.
+    ``q_offsets: int32 [B, H, q_clusters + 1]`` and ``kv_offsets: int32 [B, H, kv_clusters + 1]`` are ascending cluster boundaries, first 0 and last the token
     count; clusters may be empty. ``kv_cluster_indices/counts`` list the key clusters of each query cluster, as in
     the block op.
     """
     if q_perm is not None or kv_perm is not None:
+        from vdopt.kernels.kmeans import gather_tokens_reference, scatter_tokens_reference
+
         def gather(x: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
-            if perm is None:
-                return x
-            index = perm.long().expand(*x.shape[:2], -1)
-            return x.gather(2, index[..., None].expand(-1, -1, -1, x.shape[-1]))
+            return x if perm is None else gather_tokens_reference(x, perm.expand(*x.shape[:2], -1))
 
         out, lse = cluster_sparse_attention_reference(
             gather(q, q_perm), gather(k, kv_perm), gather(v, kv_perm), q_offsets, kv_offsets, kv_cluster_indices,
@@ -168,9 +167,8 @@ def cluster_sparse_attention_reference(
         )
         if q_perm is None:
             return out, lse
-        index = q_perm.long().expand(*q.shape[:2], -1)
-        return (torch.empty_like(out).scatter_(2, index[..., None].expand(-1, -1, -1, out.shape[-1]), out),
-                torch.empty_like(lse).scatter_(2, index, lse))
+        perm = q_perm.expand(*q.shape[:2], -1)
+        return scatter_tokens_reference(out, perm), scatter_tokens_reference(lse[..., None], perm)[..., 0]
     batch, heads, q_tokens, head_dim = q.shape
     kv_tokens = k.shape[2]
     num_kv_clusters = kv_offsets.shape[-1] - 1

@@ -1039,16 +1039,14 @@ def run_quality(pipe: Any, config: QualityConfig = QualityConfig(), proxy: str =
             records[0]["attention_ms_passes"] = [records[0]["attention_ms"], dense_again]
             records[0]["attention_ms"] = min(records[0]["attention_ms"], dense_again)
             for mp, record, key in zip(method_plans, records[1:], keys):
-                first = first_run[key]
-                if first is not record:  # runs like an earlier plan: takes its timing below
-                    continue
-                again = attention_milliseconds(mp.plan, *timing)["total_ms"]
-                record["attention_ms_passes"] = [record["attention_ms"], again]
-                record["attention_ms"] = min(record["attention_ms"], again)
-            for record, key in zip(records[1:], keys):
-                first = first_run[key]
-                record["attention_ms_passes"] = first["attention_ms_passes"]
-                record["attention_ms"] = first["attention_ms"]
+                first = first_run[key]  # always earlier in the list than the plans that run like it
+                if first is record:
+                    again = attention_milliseconds(mp.plan, *timing)["total_ms"]
+                    record["attention_ms_passes"] = [record["attention_ms"], again]
+                    record["attention_ms"] = min(record["attention_ms"], again)
+                else:
+                    record["attention_ms_passes"] = first["attention_ms_passes"]
+                    record["attention_ms"] = first["attention_ms"]
                 record["attention_speedup_vs_dense"] = records[0]["attention_ms"] / record["attention_ms"]
             if on_update is not None:
                 on_update(result)
