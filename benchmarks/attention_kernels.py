@@ -157,6 +157,22 @@ def random_block_lists(batch, heads, q_blocks, kv_blocks, kept, seed, device):
     return indices, counts
 
 
+def time_variant(rec: dict, name: str, run, kept_flops: float, check: float, clock, rep) -> bool:
+    """Time ``run`` into ``rec[name_ms]`` and its TFLOP/s on ``kept_flops``, unless its correctness check failed
+    (``check`` not finite); a failure is recorded as ``rec[name_error]``, not raised, so the other kernels still
+    run. Returns whether it was timed."""
+    if not math.isfinite(check):
+        rec[f"{name}_error"] = "failed its correctness check; not timed"
+        return False
+    try:
+        rec[f"{name}_ms"] = clock.ms(run, rep)
+    except Exception as e:  # noqa: BLE001 -- recorded, the other kernels still run
+        rec[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        return False
+    rec[f"{name}_effective_tflops"] = kept_flops / rec[f"{name}_ms"] / 1e9
+    return True
+
+
 def unequal_block_lists(batch, heads, q_blocks, kv_blocks, kept, seed, device):
     """Random ascending key-block lists of a random length per (batch, head, query block), uniform in
     [1, 2 * kept - 1] capped at ``kv_blocks`` (mean ~kept): the unequal lists a dynamic selection gives."""
@@ -623,25 +639,14 @@ def full(args) -> None:
             # Unequal list lengths (a dynamic selection's): where a persistent launch should pay.
             uneq_idx, uneq_cnt = unequal_block_lists(batch, heads, nb, nb, kept, 16, device)
             uneq_flops = kept_flops_blocks(uneq_idx, uneq_cnt, tokens, tokens, 128, head_dim)
-            for name, options in {"triton_unequal": {}, "triton_persistent_unequal": triton_variants[
-                    "triton_persistent"]}.items():
-                if math.isfinite(checks.get(name.replace("_unequal", ""), checks["triton"])):
-                    try:
-                        rec[f"{name}_ms"] = clock.ms(partial(bsa.block_sparse_attention_triton, q, k, v, uneq_idx,
-                                                             uneq_cnt, 128, 128, **options), rep)
-                        rec[f"{name}_effective_tflops"] = uneq_flops / rec[f"{name}_ms"] / 1e9
-                    except Exception as e:  # noqa: BLE001 -- recorded, the other kernels still run
-                        rec[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            for name, check, options in (("triton_unequal", "triton", {}),
+                                         ("triton_persistent_unequal", "triton_persistent",
+                                          triton_variants["triton_persistent"])):
+                time_variant(rec, name, partial(bsa.block_sparse_attention_triton, q, k, v, uneq_idx, uneq_cnt, 128,
+                                                128, **options), uneq_flops, checks[check], clock, rep)
             for name, options in triton_variants.items():
-                if not math.isfinite(checks[name]):
-                    rec[f"{name}_error"] = "failed its correctness check; not timed"
-                    continue
-                try:
-                    rec[f"{name}_ms"] = clock.ms(partial(bsa.block_sparse_attention_triton, q, k, v, idx, cnt, 128, 128,
-                                                         **options), rep)
-                    rec[f"{name}_effective_tflops"] = flops / rec[f"{name}_ms"] / 1e9
-                except Exception as e:  # noqa: BLE001 -- recorded, the other kernels still run
-                    rec[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                time_variant(rec, name, partial(bsa.block_sparse_attention_triton, q, k, v, idx, cnt, 128, 128,
+                                                **options), flops, checks[name], clock, rep)
             # On CPU "auto" means the reference: the smoke run sends the op to the stand-in FA4 by name instead.
             op = partial(bsa.block_sparse_attention, q, k, v, idx, cnt, 128, 128, backend="auto" if clock.cuda else "fa4")
             out, _ = op()
@@ -699,15 +704,8 @@ def full(args) -> None:
                 tile_flops = computed_flops_clusters(q_off, kv_off, cidx, ccnt, head_dim, block_m, block_n,
                                                      kv_packing=kw["kv_packing"])
                 rec[f"{name}_tile_tflop"] = tile_flops / 1e12
-                if not math.isfinite(checks[name]):
-                    rec[f"{name}_error"] = "failed its correctness check; not timed"
+                if not time_variant(rec, name, run, cflops, checks[name], clock, rep):
                     continue
-                try:
-                    rec[f"{name}_ms"] = clock.ms(run, rep)
-                except Exception as e:  # noqa: BLE001 -- recorded, the other kernels still run
-                    rec[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                    continue
-                rec[f"{name}_effective_tflops"] = cflops / rec[f"{name}_ms"] / 1e9
                 rec[f"{name}_vs_block_rate"] = rec[f"{name}_effective_tflops"] / rec["triton_effective_tflops"]
                 rec[f"{name}_tile_tflops"] = tile_flops / rec[f"{name}_ms"] / 1e9
             record_peers(rec, model, density, flops)
