@@ -413,9 +413,9 @@ def test_time_search_meets_its_budget_and_matches_brute_force_with_the_optimum_a
         assert plan.predictions["predicted_sq_error"] == pytest.approx(error, rel=1e-9)
         assert plan.predictions["optimality_gap"] is None and "not bounded" in plan.summary()
         assert best <= error + 1e-12
-        # The Lagrangian bisection reaches the convex hull of (time, error), not always the optimum; on these random
-        # instances it stays within 2x of it.
-        assert error <= 2.0 * best + 1e-12
+        # The Lagrangian bisection alone reaches the convex hull of (time, error), not always the optimum (1.21x and
+        # 1.06x of it at seeds 1 and 3); the exchange moves after it reach the optimum on these instances.
+        assert error <= best * (1 + 1e-9)
         incumbent = fixed_plan(model, sites, best_heads, 32, t_warmup, "h100", "optimum")
         again = search(model, calibration, sites, "h100", config, incumbents=[incumbent], site_costs=costs)
         assert _sq_error_by_hand(again, calibration, t_warmup)[0] == pytest.approx(best, rel=1e-9)
@@ -470,3 +470,60 @@ def test_time_budget_needs_costs_and_a_positive_budget() -> None:
                                                                       min_dense_warmup=0.2, progress=False))
     assert plan.predictions["predicted_attention_ms"] <= dense * (1 + 1e-9)
     assert "cost model for h100" in plan.predictions["site_costs"]
+
+
+def test_exchange_moves_pair_a_time_saving_change_with_an_error_reducing_one() -> None:
+    import numpy as np
+
+    from vdopt.search import _exchange_moves
+
+    # Two sites of one head each; option 0 dense (error 0, 10 s), option 1 sparse (site A: error 5, site B: error
+    # 1; 2 s each). At 12 s the optimum is A dense, B sparse (error 1); starting from the reverse (error 5), no
+    # single change fits the budget, one pair does.
+    def block(member: int, sparse_error: float):
+        return ([member], np.array([[0.0, sparse_error]]), np.array([10.0, 2.0]), np.zeros(2), 0.0)
+
+    blocks = [block(0, 5.0), block(1, 1.0)]
+    choice, moves = _exchange_moves(blocks, [1, 0], budget=12.0, max_site_groups=2)
+    assert (choice, moves) == ([0, 1], 1)
+    # Already optimal: nothing to do.
+    assert _exchange_moves(blocks, [0, 1], budget=12.0, max_site_groups=2) == ([0, 1], 0)
+    # A looser budget: a single change suffices, then both dense (error 0, 20 s).
+    assert _exchange_moves(blocks, [1, 1], budget=20.0, max_site_groups=2) == ([0, 0], 2)
+    # Too tight for any change: the start is kept, even over the budget (the caller checks feasibility).
+    assert _exchange_moves(blocks, [1, 1], budget=4.0, max_site_groups=2) == ([1, 1], 0)
+
+
+def test_time_search_at_an_incumbents_own_time_beats_it() -> None:
+    import warnings
+
+    from conftest import tiny_dit
+
+    from vdopt.quality import fixed_plan
+    from vdopt.search import SearchConfig, search
+    from vdopt.strategies import Dense
+
+    calibration = _random_calibration(0)
+    costs = _random_costs(calibration, 0)
+    model, _ = tiny_dit()
+    sites = [stats.site for stats in calibration.sites.values()]
+    t_warmup = 0.8
+    sparse = list(calibration.candidates.values())
+    # Incumbent: the first site's heads dense, the rest on the sparsest-priced candidate; the budget its own time.
+    cheapest = min(sparse, key=lambda s: costs.per_site[sites[1].name][s.label()].per_head)
+    heads = {s.name: [Dense()] * s.heads if i == 0 else [cheapest] * s.heads for i, s in enumerate(sites)}
+    incumbent = fixed_plan(model, sites, heads, 32, t_warmup, "h100", "incumbent")
+    budget = _seconds_by_hand(incumbent, calibration, costs, t_warmup)
+    config = SearchConfig(budget="time", time_budget_ms=budget * 1e3, min_dense_warmup=1 - t_warmup,
+                          max_step_ranges=1, max_site_groups=3, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        plan = search(model, calibration, sites, "h100", config, incumbents=[incumbent], site_costs=costs)
+    incumbent_error = _sq_error_by_hand(incumbent, calibration, t_warmup)[0]
+    error = _sq_error_by_hand(plan, calibration, t_warmup)[0]
+    assert _seconds_by_hand(plan, calibration, costs, t_warmup) <= budget * (1 + 1e-9)
+    assert error <= incumbent_error + 1e-15
+    assert plan.predictions["predicted_sq_error"] == pytest.approx(error, rel=1e-9)
+    # Here the Lagrangian's point beats the incumbent (0.052 vs 0.097 predicted) and one exchange improves on it.
+    assert error < 0.6 * incumbent_error and plan.predictions["exchange_moves"] >= 1
+    assert plan.predictions["from_incumbent"] is None

@@ -858,6 +858,13 @@ def _time_choice(calibration: CalibrationResult, config: SearchConfig, costs: Si
                           * len(groups[g]) / len(times) for (_, g), members in blocks.items())
         if inc_seconds <= budget * (1 + 1e-9) and inc_error < error - 1e-15:
             error, seconds, choice, winner = inc_error, inc_seconds, picked, plan.search.get("method", "incumbent")
+    blocks_table = [(members, error_table, per_head, fixed, mixing) for members, error_table, per_head, fixed, mixing, _
+                    in prepared]
+    choice, moves = _exchange_moves(blocks_table, choice, budget, config.max_site_groups)
+    if moves:
+        error = sum(items[k].options[i].seconds for k, i in enumerate(choice))
+        seconds = sum(_prepared_block_seconds(per_head, fixed, mixing, [choice[k] for k in members])
+                      for members, _, per_head, fixed, mixing in blocks_table)
     record = {"predicted_sq_error": error,
               "objective": ("model-output relative squared error, sites weighted by measured output gains"
                             if _output_gains(calibration) else "sum over sites of squared relative attention error "
@@ -865,9 +872,86 @@ def _time_choice(calibration: CalibrationResult, config: SearchConfig, costs: Si
               "predicted_attention_ms": seconds * 1e3, "time_budget_ms": config.time_budget_ms,
               "site_costs": costs.source, "max_site_groups": config.max_site_groups,
               "density_after_warmup": sum(items[k].options[i].weight for k, i in enumerate(choice)),
-              "from_incumbent": winner,
+              "from_incumbent": winner if not moves else None,
+              "started_from_incumbent": winner, "exchange_moves": moves,
               "optimality_gap": None}  # the Lagrangian reaches the convex hull; it gives no bound on the gap
     return items, choice, groups, t_warmup, record
+
+
+def _prepared_block_seconds(per_head: np.ndarray, fixed: np.ndarray, mixing: float, picks: Sequence[int]) -> float:
+    """Seconds of one (site, step group) block with head ``h`` on option ``picks[h]`` (step-group weight included)."""
+    used = set(picks)
+    return float(per_head[list(picks)].sum() + fixed[list(used)].sum() + (mixing if len(used) > 1 else 0.0))
+
+
+#: Most improving moves considered per side when pairing a time-saving change with an error-reducing one.
+EXCHANGE_CANDIDATES = 384
+
+
+def _exchange_moves(blocks: list[tuple[list[int], np.ndarray, np.ndarray, np.ndarray, float]], choice: list[int],
+                    budget: float, max_site_groups: int, max_rounds: int | None = None) -> tuple[list[int], int]:
+    """Local search after the Lagrangian: apply, while one exists, the move that lowers the predicted error most
+    within the time budget, a move being one head's change of option or two such changes at different blocks (one
+    that frees time, one that spends it). The Lagrangian only reaches points on the convex hull of (time, error),
+    and an incumbent kept because it beats that point may still be one exchange away from a better plan; each move
+    lowers the error strictly, so the search ends. Returns the new choice and the number of moves applied."""
+    choice = list(choice)
+    picks = [[choice[k] for k in members] for members, *_ in blocks]
+    block_sec = [_prepared_block_seconds(per_head, fixed, mixing, p)
+                 for (_, _, per_head, fixed, mixing), p in zip(blocks, picks)]
+    total = sum(block_sec)
+    moves = 0
+    limit = max_rounds if max_rounds is not None else 4 * sum(len(m) for m, *_ in blocks) + 16
+    for _ in range(limit):
+        slack = budget * (1 + 1e-9) - total
+        d_sec, d_err, where = [], [], []  # per single move: its seconds, error change and (block, head, option)
+        for b, (members, error, per_head, fixed, mixing) in enumerate(blocks):
+            current = picks[b]
+            for h in range(len(members)):
+                for i in range(error.shape[1]):
+                    if i == current[h]:
+                        continue
+                    trial = list(current)
+                    trial[h] = i
+                    if len(set(trial)) > max_site_groups:
+                        continue
+                    d_sec.append(_prepared_block_seconds(per_head, fixed, mixing, trial) - block_sec[b])
+                    d_err.append(float(error[h, i] - error[h, current[h]]))
+                    where.append((b, h, i))
+        if not where:
+            break
+        sec, err = np.array(d_sec), np.array(d_err)
+        best_gain, best = -1e-15, None
+        single = np.flatnonzero(sec <= slack)
+        if single.size:
+            j = int(single[np.argmin(err[single])])
+            if err[j] < best_gain:
+                best_gain, best = float(err[j]), (j,)
+        # Pairs: a change that frees time (most saved per error added first) with one that lowers the error.
+        savers = np.flatnonzero(sec < 0)
+        savers = savers[np.argsort(err[savers] / -sec[savers], kind="stable")][:EXCHANGE_CANDIDATES]
+        spenders = np.flatnonzero(err < 0)
+        spenders = spenders[np.argsort(err[spenders], kind="stable")][:EXCHANGE_CANDIDATES]
+        if savers.size and spenders.size:
+            block_of = np.array([w[0] for w in where])
+            fits = ((sec[savers][:, None] + sec[spenders][None, :]) <= slack) & (
+                block_of[savers][:, None] != block_of[spenders][None, :])
+            gain = np.where(fits, err[savers][:, None] + err[spenders][None, :], np.inf)
+            a, c = np.unravel_index(int(np.argmin(gain)), gain.shape)
+            if gain[a, c] < best_gain:
+                best_gain, best = float(gain[a, c]), (int(savers[a]), int(spenders[c]))
+        if best is None:
+            break
+        for j in best:
+            b, h, i = where[j]
+            members, _, per_head, fixed, mixing = blocks[b]
+            picks[b][h] = i
+            choice[members[h]] = i
+            new_sec = _prepared_block_seconds(per_head, fixed, mixing, picks[b])
+            total += new_sec - block_sec[b]
+            block_sec[b] = new_sec
+        moves += 1
+    return choice, moves
 
 
 def _density_schedules(calibration: CalibrationResult, cost: CostModel, config: SearchConfig, incumbents: list[Plan],
