@@ -181,7 +181,13 @@ def test_harness_end_to_end_on_tiny_untrained_proxy(tmp_path) -> None:
         baseline = next(r for r in records if r["method"] == record["matched_to"])
         assert record["matched_on"] == "time"
         assert record["predicted_attention_ms"] <= baseline["predicted_attention_ms"] * (1 + 1e-6)
-        assert record["predicted_sq_error"] <= baseline["predicted_sq_error"] + 1e-12
+        tries = record["time_match"]["tries"]
+        assert tries[0]["budget_ms"] == pytest.approx(baseline["predicted_attention_ms"], rel=1e-9)
+        assert record["time_match"]["measured_ms"] in [t["measured_ms"] for t in tries]
+        if record["time_match"]["no_slower_than_baseline"]:
+            assert record["time_match"]["measured_ms"] <= record["time_match"]["baseline_measured_ms"]
+        if len(tries) == 1:  # searched at the baseline's own predicted time, not re-searched tighter
+            assert record["predicted_sq_error"] <= baseline["predicted_sq_error"] + 1e-12
     assert all(r["attention_ms"] > 0.0 for r in records) and "attention_timing" in records[0]
     # A plan that runs like an earlier one was not run again: it carries that record's measurements exactly.
     for record in records[1:]:
@@ -304,3 +310,43 @@ def test_load_records_restores_infinite_psnr(tmp_path) -> None:
     assert loaded[1]["psnr"] == math.inf and loaded[2]["psnr"] == 20.0
     (entry,) = pareto_comparison(loaded)
     assert entry["wins_at_equal_time"] and entry["searched_at_equal_time_equals_dense"]
+
+
+def test_time_match_searches_again_while_the_plan_measures_slower_than_its_baseline() -> None:
+    from vdopt.quality import _match_measured_time
+
+    # Stand-ins: a "plan" is the budget it was searched at; it measures 1.3x its budget (the prediction errs), the
+    # baseline measures 10 ms.
+    def measure(plan):
+        return 10.0 if plan == "baseline" else 1.3 * plan
+
+    searched_at = []
+
+    def search_at(ms):
+        searched_at.append(ms)
+        return ms
+
+    plan, record = _match_measured_time(10.0, "baseline", 10.0, measure, 3, search_at)
+    # 13 ms > 10: budget x 10/13; that plan measures exactly 10 ms: kept.
+    assert searched_at == [pytest.approx(10.0 / 1.3)] and plan == pytest.approx(10.0 / 1.3)
+    assert record["no_slower_than_baseline"] and record["measured_ms"] == pytest.approx(10.0)
+    assert [t["budget_ms"] for t in record["tries"]] == [10.0, pytest.approx(10.0 / 1.3)]
+    # Already no slower: no search.
+    searched_at.clear()
+    plan, record = _match_measured_time(7.0, "baseline", 10.0, measure, 3, search_at)
+    assert plan == 7.0 and searched_at == [] and len(record["tries"]) == 1
+
+    # A plan that stays slower whatever the budget: after the retries, the fastest one measured, flagged.
+    def never(plan):
+        return 10.0 if plan == "baseline" else 20.0 + plan
+
+    plan, record = _match_measured_time(10.0, "baseline", 10.0, never, 2, search_at)
+    assert not record["no_slower_than_baseline"] and len(record["tries"]) == 3
+    assert record["measured_ms"] == min(t["measured_ms"] for t in record["tries"]) == 20.0 + plan
+
+    # No plan fits the smaller budget: the search's error is recorded and the try loop ends.
+    def fails(ms):
+        raise RuntimeError("no plan meets the time budget")
+
+    plan, record = _match_measured_time(10.0, "baseline", 10.0, measure, 3, fails)
+    assert plan == 10.0 and not record["no_slower_than_baseline"] and "error" in record["tries"][-1]
