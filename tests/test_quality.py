@@ -243,6 +243,11 @@ def test_pareto_comparison_staircase() -> None:
     assert out["c"]["searched_attention_ms_at_equal_psnr"] == 2.0
     assert out["d"]["searched_psnr_at_equal_time"] is None and not out["d"]["wins_at_equal_time"]
     assert out["d"]["searched_attention_ms_at_equal_psnr"] == 2.0 and not out["d"]["wins_at_equal_psnr"]
+    # b at equal PSNR: the searched plan needs b's own 3.0 ms: a tie, not a win; nothing else ties.
+    assert [(k, p["tie_at_equal_time"], p["tie_at_equal_psnr"]) for k, p in sorted(out.items())] == [
+        ("a", False, False), ("b", False, True), ("c", False, False), ("d", False, False)]
+    tied = pareto_comparison([*records[:3], rec("same", 3.0, 24.0)])
+    assert tied[0]["tie_at_equal_time"] and tied[0]["tie_at_equal_psnr"] and not tied[0]["wins_at_equal_time"]
 
 
 def test_attention_milliseconds_runs_each_site_as_planned() -> None:

@@ -1241,6 +1241,8 @@ def pareto_comparison(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]
             "searched_attention_ms_at_equal_psnr": time_at_psnr,
             "wins_at_equal_time": psnr_at_time is not None and psnr_at_time > b["psnr"],
             "wins_at_equal_psnr": time_at_psnr is not None and time_at_psnr < b["attention_ms"],
+            "tie_at_equal_time": psnr_at_time is not None and psnr_at_time == b["psnr"],
+            "tie_at_equal_psnr": time_at_psnr is not None and time_at_psnr == b["attention_ms"],
         })
     return out
 
@@ -1279,14 +1281,19 @@ def comparison(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "pareto": pareto,
         "pareto_wins_at_equal_time": sum(p["wins_at_equal_time"] for p in pareto),
         "pareto_wins_at_equal_psnr": sum(p["wins_at_equal_psnr"] for p in pareto),
+        "pareto_ties_at_equal_time": sum(p["tie_at_equal_time"] for p in pareto),
+        "pareto_ties_at_equal_psnr": sum(p["tie_at_equal_psnr"] for p in pareto),
         "pareto_baselines_compared": len(pareto),
         "pairs": pairs,
         "searched_wins": sum(p["psnr_gain"] > 0 for p in pairs), "pairs_compared": len(pairs),
         "rank_correlation_psnr_vs_predicted_error": rank_correlation(
             [r["psnr"] for r in scored], [-r["predicted_sq_error"] for r in scored]),
         "records_ranked": len(scored),
-        "note": ("searched plans with matched_to were searched at that baseline's predicted density; densities "
-                 "here are as measured on the evaluation prompts (dynamic patterns drift from calibration)"),
+        "note": ("searched plans with matched_to were searched at that baseline's predicted density or predicted "
+                 "attention time (matched_on says which; time_match lists the re-searches of a plan measured slower "
+                 "than its baseline); densities here are as measured on the evaluation prompts (dynamic patterns "
+                 "drift from calibration); ties_at_equal_* count points where the searched plan equals the "
+                 "baseline (e.g. the search kept the baseline's own plan), which are not wins"),
     }
 
 
@@ -1338,6 +1345,10 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _verdict(point: dict[str, Any], at: str) -> str:
+    return "win" if point[f"wins_at_equal_{at}"] else "tie" if point[f"tie_at_equal_{at}"] else "LOSS"
+
+
 def format_comparison(records: Sequence[dict[str, Any]]) -> str:
     """Each baseline beside the searched plan searched at its predicted density (empty without matched plans)."""
     result = comparison(records)
@@ -1349,8 +1360,8 @@ def format_comparison(records: Sequence[dict[str, Any]]) -> str:
             at_time, at_psnr = p["searched_psnr_at_equal_time"], p["searched_attention_ms_at_equal_psnr"]
             lines.append(f"{p['baseline']:<18} {p['target_density']:>6.2f} {p['baseline_attention_ms']:>8.3f} "
                          f"{p['baseline_psnr']:>7.2f} | {'-' if at_time is None else f'{at_time:.2f}':>7} "
-                         f"{'win' if p['wins_at_equal_time'] else 'LOSS':>4}   "
-                         f"{'-' if at_psnr is None else f'{at_psnr:.3f}':>8} {'win' if p['wins_at_equal_psnr'] else 'LOSS':>4}")
+                         f"{_verdict(p, 'time'):>4}   "
+                         f"{'-' if at_psnr is None else f'{at_psnr:.3f}':>8} {_verdict(p, 'psnr'):>4}")
         lines.append(f"searched ahead at equal attention time vs {result['pareto_wins_at_equal_time']} and at equal "
                      f"PSNR vs {result['pareto_wins_at_equal_psnr']} of {result['pareto_baselines_compared']} "
                      "baseline records")
