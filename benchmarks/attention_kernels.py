@@ -69,6 +69,8 @@ from vdopt.kernels.reference import (
     cluster_sparse_attention_reference,
 )
 
+from vdopt.strategies import SemanticKMeans
+
 OUT = os.environ.get("OUT", ".")
 DENSITIES = (0.05, 0.1, 0.15, 0.25, 0.5)
 SWEEP_DENSITIES = (0.05, 0.1, 0.5)
@@ -198,6 +200,10 @@ def kept_flops_blocks(indices, counts, q_tokens, kv_tokens, block, head_dim) -> 
     used = torch.arange(indices.shape[-1], device=indices.device) < counts[..., None]
     kept_cols = torch.where(used, cols[indices.long()], 0).sum(-1)
     return float(4 * head_dim * (kept_cols * rows).sum())
+
+
+#: SemanticKMeans' default cluster counts.
+DEFAULT_Q_CLUSTERS, DEFAULT_KV_CLUSTERS = SemanticKMeans().q_clusters, SemanticKMeans().kv_clusters
 
 
 def random_clusters(batch, heads, tokens, clusters, seed, device, spread=0.5):
@@ -708,6 +714,22 @@ def full(args) -> None:
                     continue
                 rec[f"{name}_vs_block_rate"] = rec[f"{name}_effective_tflops"] / rec["triton_effective_tflops"]
                 rec[f"{name}_tile_tflops"] = tile_flops / rec[f"{name}_ms"] / 1e9
+            # The same padded kernel at SemanticKMeans' default cluster counts (32 query, 64 key clusters: ~1,024 and
+            # ~512 tokens each at N=32760), where partial tiles weigh less than at the 64..192-token clusters above
+            # (kept / computed tile FLOPs ~0.89 against ~0.53): the clusters vdopt's strategy makes by default.
+            dq_off = random_clusters(batch, heads, tokens, DEFAULT_Q_CLUSTERS, 21, device)
+            dkv_off = random_clusters(batch, heads, tokens, DEFAULT_KV_CLUSTERS, 22, device)
+            didx, dcnt = random_block_lists(batch, heads, DEFAULT_Q_CLUSTERS, DEFAULT_KV_CLUSTERS,
+                                            max(1, round(density * DEFAULT_KV_CLUSTERS)), 23, device)
+            dflops = kept_flops_clusters(dq_off, dkv_off, didx, dcnt, head_dim)
+            rec["cluster_default_counts_kept_tflop"] = dflops / 1e12
+            rec["cluster_default_counts_tile_tflop"] = computed_flops_clusters(dq_off, dkv_off, didx, dcnt,
+                                                                               head_dim) / 1e12
+            if time_variant(rec, "cluster_default_counts", partial(csa.cluster_sparse_attention, q, k, v, dq_off,
+                                                                    dkv_off, didx, dcnt),
+                            dflops, checks["cluster"], clock, rep):
+                rec["cluster_default_counts_vs_block_rate"] = (rec["cluster_default_counts_effective_tflops"]
+                                                               / rec["triton_effective_tflops"])
             record_peers(rec, model, density, flops)
             records.append(rec)
             save()

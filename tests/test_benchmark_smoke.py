@@ -40,7 +40,7 @@ def test_attention_kernels_smoke(tmp_path: Path) -> None:
         for name in ("triton", "triton_host_desc", "triton_persistent", "triton_unequal", "triton_persistent_unequal",
                      "cluster", "cluster_packed", "cluster_packed_m64", "cluster_packed_w8",
                      "cluster_packed_permuted", "cluster_padded_permuted", "cluster_padded_permuted_w8",
-                     "cluster_packed_permuted_q_in_kernel"):
+                     "cluster_packed_permuted_q_in_kernel", "cluster_default_counts"):
             assert record[f"{name}_ms"] > 0, (name, record)
     assert (tmp_path / "attention_kernels.png").stat().st_size > 0
 
