@@ -111,6 +111,8 @@ def variants() -> dict[str, tuple]:
         "cluster_packed": {"KV_PACKED": True},
         "cluster_packed_permuted": {"KV_PACKED": True, "OUT_SCATTER": True, "KV_PERMUTED": True},
         "cluster_padded_permuted": {"OUT_SCATTER": True, "KV_PERMUTED": True},
+        # Only the output scattered in the kernel: K/V permuted by launches, so they keep their TMA boxes.
+        "cluster_padded_out_scatter": {"OUT_SCATTER": True},
         "cluster_packed_permuted_q_in_kernel": {"KV_PACKED": True, "Q_GATHER": True, "OUT_SCATTER": True,
                                                 "KV_PERMUTED": True},
     }.items():

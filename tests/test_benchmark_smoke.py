@@ -40,7 +40,7 @@ def test_attention_kernels_smoke(tmp_path: Path) -> None:
         for name in ("triton", "triton_host_desc", "triton_persistent", "triton_unequal", "triton_persistent_unequal",
                      "cluster", "cluster_packed", "cluster_packed_m64", "cluster_packed_w8",
                      "cluster_packed_permuted", "cluster_padded_permuted", "cluster_padded_permuted_w8",
-                     "cluster_packed_permuted_q_in_kernel", "cluster_default_counts"):
+                     "cluster_packed_permuted_q_in_kernel", "cluster_default_counts", "cluster_padded_out_scatter"):
             assert record[f"{name}_ms"] > 0, (name, record)
     assert (tmp_path / "attention_kernels.png").stat().st_size > 0
 
@@ -48,8 +48,9 @@ def test_attention_kernels_smoke(tmp_path: Path) -> None:
 def test_strategy_overheads_smoke(tmp_path: Path) -> None:
     data = run_smoke("strategy_overheads.py", tmp_path, "--smoke")
     assert not data["errors"], data["errors"]
-    fused = {key: value for key, value in data["checks"].items() if key.startswith("fused_permutation")}
-    assert fused and all(value < 1e-2 for value in fused.values()), fused
+    fused = {key: value for key, value in data["checks"].items()
+             if key.startswith(("fused_permutation", "out_scatter"))}
+    assert len(fused) == 4 and all(value < 1e-2 for value in fused.values()), fused
     names = {row["strategy"] for row in data["strategies"]}
-    assert any(name.endswith("_fused") for name in names) and any(name.startswith("semantic_permutation") for name in
-                                                                  names)
+    assert any(name.endswith("_fused") for name in names) and any(name.endswith("_out_scatter") for name in names)
+    assert any(name.startswith("semantic_permutation") for name in names)

@@ -28,7 +28,7 @@ except ImportError as error:  # pragma: no cover -- depends on the Triton build
     pytest.skip(f"this Triton cannot compile for CUDA targets here: {error}", allow_module_level=True)
 
 BOX_LOADED = {"block_tma_d128", "block_tma_d64_head_group", "block_host_tma_d128", "block_persistent_host_tma_d128",
-              "cluster_padded"}
+              "cluster_padded", "cluster_padded_out_scatter"}
 GATHERED = {"block_pointer_d128", "cluster_packed", "cluster_packed_permuted", "cluster_padded_permuted",
             "cluster_packed_permuted_q_in_kernel"}
 # The pointer-load fallback compiled for an A100 (sm_80): warp-level mma.sync, no TMA.
@@ -65,3 +65,6 @@ def test_box_loads_use_tma_and_gathers_are_prefetched(records) -> None:
     assert records["block_host_tma_d128"]["tensormap"] == 0 < records["block_tma_d128"]["tensormap"]
     # Fused permutations gather K/V rows: the only box load left is Q's, gone when the kernel gathers Q too.
     assert records["cluster_padded_permuted"]["tma"] > 0 and records["cluster_packed_permuted_q_in_kernel"]["tma"] == 0
+    # Only the output scattered: Q, K and V all still load as boxes, as in the padded default, and nothing is gathered.
+    assert records["cluster_padded_out_scatter"]["tma"] == records["cluster_padded"]["tma"]
+    assert records["cluster_padded_out_scatter"]["cp_async"] == 0
