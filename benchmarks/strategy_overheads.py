@@ -103,6 +103,8 @@ def main() -> None:
         "--smoke", action="store_true",
         help="CPU check of the script (TRITON_INTERPRET=1): tiny shape, every section, wall clock"
     )
+    parser.add_argument("--only", default=None,
+                        help="comma-separated section names to run (e.g. semantic_permutation_C64); default: all")
     args = parser.parse_args()
     if not torch.cuda.is_available() and not args.smoke:
         raise SystemExit("strategy_overheads.py times GPU kernels; run it on a CUDA machine (or --smoke on CPU)")
@@ -438,6 +440,12 @@ def main() -> None:
     sections = [(f"draft_selection_block{b}", draft_selection, b) for b in ((128, 64) if not args.smoke else (64, 48))]
     sections += [(f"semantic_permutation_C{c}", semantic_permutation, c)
                  for c in ((64, 128, 256) if not args.smoke else (8, 16))]
+    if args.only:
+        wanted = set(args.only.split(","))
+        unknown = wanted - {name for name, _, _ in sections}
+        if unknown:
+            raise SystemExit(f"--only: no section named {sorted(unknown)}; sections: {[n for n, _, _ in sections]}")
+        sections = [entry for entry in sections if entry[0] in wanted]
     for name, section, value in sections:
         try:
             section(value)
