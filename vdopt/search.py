@@ -888,52 +888,62 @@ def _prepared_block_seconds(per_head: np.ndarray, fixed: np.ndarray, mixing: flo
 EXCHANGE_CANDIDATES = 384
 
 
+def _block_moves(error: np.ndarray, per_head: np.ndarray, fixed: np.ndarray, mixing: float, picks: list[int],
+                 max_site_groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every single-head change at one block: seconds and error change, ``[heads, options]`` (``inf`` seconds where
+    the change is no move or would exceed ``max_site_groups``)."""
+    heads, labels = error.shape
+    current = np.asarray(picks)
+    counts = np.bincount(current, minlength=labels)
+    distinct = int((counts > 0).sum())
+    leaves = counts[current] == 1  # [heads]: the head's group empties when it leaves
+    joins_new = counts == 0  # [labels]: the head opens a new group
+    after = distinct - leaves[:, None].astype(int) + joins_new[None, :].astype(int)
+    d_sec = (per_head[None, :] - per_head[current][:, None] + np.where(joins_new, fixed, 0.0)[None, :]
+             - np.where(leaves, fixed[current], 0.0)[:, None]
+             + mixing * ((after > 1).astype(float) - float(distinct > 1)))
+    d_sec[(after > max_site_groups) | (np.arange(labels)[None, :] == current[:, None])] = np.inf
+    d_err = error - error[np.arange(heads), current][:, None]
+    return d_sec, d_err
+
+
 def _exchange_moves(blocks: list[tuple[list[int], np.ndarray, np.ndarray, np.ndarray, float]], choice: list[int],
                     budget: float, max_site_groups: int, max_rounds: int | None = None) -> tuple[list[int], int]:
     """Local search after the Lagrangian: apply, while one exists, the move that lowers the predicted error most
     within the time budget, a move being one head's change of option or two such changes at different blocks (one
     that frees time, one that spends it). The Lagrangian only reaches points on the convex hull of (time, error),
     and an incumbent kept because it beats that point may still be one exchange away from a better plan; each move
-    lowers the error strictly, so the search ends. Returns the new choice and the number of moves applied."""
+    lowers the error strictly, so the search ends (``max_rounds`` caps it, default 2 x heads + 16). Returns the new
+    choice and the number of moves applied."""
     choice = list(choice)
     picks = [[choice[k] for k in members] for members, *_ in blocks]
     block_sec = [_prepared_block_seconds(per_head, fixed, mixing, p)
                  for (_, _, per_head, fixed, mixing), p in zip(blocks, picks)]
+    moves_of = [_block_moves(error, per_head, fixed, mixing, p, max_site_groups)
+                for (_, error, per_head, fixed, mixing), p in zip(blocks, picks)]
+    shapes = [m[0].shape for m in moves_of]
+    block_of = np.concatenate([np.full(h * w, b) for b, (h, w) in enumerate(shapes)]) if shapes else np.zeros(0)
+    starts = np.cumsum([0] + [h * w for h, w in shapes])
     total = sum(block_sec)
     moves = 0
-    limit = max_rounds if max_rounds is not None else 4 * sum(len(m) for m, *_ in blocks) + 16
+    limit = max_rounds if max_rounds is not None else 2 * sum(len(m) for m, *_ in blocks) + 16
     for _ in range(limit):
         slack = budget * (1 + 1e-9) - total
-        d_sec, d_err, where = [], [], []  # per single move: its seconds, error change and (block, head, option)
-        for b, (members, error, per_head, fixed, mixing) in enumerate(blocks):
-            current = picks[b]
-            for h in range(len(members)):
-                for i in range(error.shape[1]):
-                    if i == current[h]:
-                        continue
-                    trial = list(current)
-                    trial[h] = i
-                    if len(set(trial)) > max_site_groups:
-                        continue
-                    d_sec.append(_prepared_block_seconds(per_head, fixed, mixing, trial) - block_sec[b])
-                    d_err.append(float(error[h, i] - error[h, current[h]]))
-                    where.append((b, h, i))
-        if not where:
-            break
-        sec, err = np.array(d_sec), np.array(d_err)
+        sec = np.concatenate([m[0].ravel() for m in moves_of])
+        err = np.concatenate([m[1].ravel() for m in moves_of])
+        valid = np.isfinite(sec)
         best_gain, best = -1e-15, None
-        single = np.flatnonzero(sec <= slack)
+        single = np.flatnonzero(valid & (sec <= slack))
         if single.size:
             j = int(single[np.argmin(err[single])])
             if err[j] < best_gain:
                 best_gain, best = float(err[j]), (j,)
-        # Pairs: a change that frees time (most saved per error added first) with one that lowers the error.
-        savers = np.flatnonzero(sec < 0)
+        # Pairs: a change that frees time (least error added per second saved first) with one that lowers the error.
+        savers = np.flatnonzero(valid & (sec < 0))
         savers = savers[np.argsort(err[savers] / -sec[savers], kind="stable")][:EXCHANGE_CANDIDATES]
-        spenders = np.flatnonzero(err < 0)
+        spenders = np.flatnonzero(valid & (err < 0))
         spenders = spenders[np.argsort(err[spenders], kind="stable")][:EXCHANGE_CANDIDATES]
         if savers.size and spenders.size:
-            block_of = np.array([w[0] for w in where])
             fits = ((sec[savers][:, None] + sec[spenders][None, :]) <= slack) & (
                 block_of[savers][:, None] != block_of[spenders][None, :])
             gain = np.where(fits, err[savers][:, None] + err[spenders][None, :], np.inf)
@@ -943,13 +953,15 @@ def _exchange_moves(blocks: list[tuple[list[int], np.ndarray, np.ndarray, np.nda
         if best is None:
             break
         for j in best:
-            b, h, i = where[j]
-            members, _, per_head, fixed, mixing = blocks[b]
+            b = int(block_of[j])
+            h, i = divmod(int(j - starts[b]), shapes[b][1])
+            members, error, per_head, fixed, mixing = blocks[b]
             picks[b][h] = i
             choice[members[h]] = i
             new_sec = _prepared_block_seconds(per_head, fixed, mixing, picks[b])
             total += new_sec - block_sec[b]
             block_sec[b] = new_sec
+            moves_of[b] = _block_moves(error, per_head, fixed, mixing, picks[b], max_site_groups)
         moves += 1
     return choice, moves
 
