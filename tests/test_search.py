@@ -555,3 +555,72 @@ def test_block_moves_match_recomputed_block_seconds() -> None:
                     assert d_err[h, i] == pytest.approx(error[h, i] - error[h, picks[h]], abs=1e-12)
                     checked += 1
     assert checked > 200
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_time_search_with_two_groups_is_the_exact_dp_optimum_with_a_gap_bound(seed: int) -> None:
+    import itertools
+    import warnings
+
+    from conftest import tiny_dit
+
+    from vdopt.quality import fixed_plan
+    from vdopt.search import SearchConfig, search
+    from vdopt.strategies import Dense
+
+    calibration = _random_calibration(seed)
+    costs = _random_costs(calibration, seed)
+    model, _ = tiny_dit()
+    sites = [stats.site for stats in calibration.sites.values()]
+    choices = [Dense(), *calibration.candidates.values()]
+    t_warmup = 0.8
+    dense_plan = fixed_plan(model, sites, {s.name: [Dense()] * s.heads for s in sites}, 32, t_warmup, "h100", "d")
+    budget = 0.45 * _seconds_by_hand(dense_plan, calibration, costs, t_warmup)
+    best = float("inf")
+    for combo in itertools.product(range(len(choices)), repeat=sum(s.heads for s in sites)):
+        picks = iter(combo)
+        heads = {s.name: [choices[next(picks)] for _ in range(s.heads)] for s in sites}
+        if any(len({h.label() for h in strategies}) > 2 for strategies in heads.values()):
+            continue
+        plan = fixed_plan(model, sites, heads, 32, t_warmup, "h100", "brute force")
+        if _seconds_by_hand(plan, calibration, costs, t_warmup) <= budget:
+            best = min(best, _sq_error_by_hand(plan, calibration, t_warmup)[0])
+    config = SearchConfig(budget="time", time_budget_ms=budget * 1e3, min_dense_warmup=1 - t_warmup,
+                          max_step_ranges=1, max_site_groups=2, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        plan = search(model, calibration, sites, "h100", config, site_costs=costs)
+    error = _sq_error_by_hand(plan, calibration, t_warmup)[0]
+    assert _seconds_by_hand(plan, calibration, costs, t_warmup) <= budget * (1 + 1e-9)
+    assert all(len({h.label() for h in site.strategies_at(0.1)}) <= 2 for site in plan.sites)
+    # Seconds rounded up to 1/4096 of the budget can only cost a hair of the optimum; the bound brackets it.
+    predictions = plan.predictions
+    assert best <= error <= best * (1 + 1e-6) + 1e-15
+    assert predictions["lower_bound_sq_error"] <= best + 1e-12
+    assert predictions["optimality_gap"] == pytest.approx((error - predictions["lower_bound_sq_error"]) / error,
+                                                          abs=1e-12)
+    assert predictions["optimality_gap"] < 0.05
+
+
+def test_block_frontier_is_every_undominated_two_group_assignment() -> None:
+    import itertools
+
+    import numpy as np
+
+    from vdopt.search import _block_frontier, _prepared_block_seconds
+
+    rng = np.random.default_rng(3)
+    heads, labels = 4, 4
+    error, per_head, fixed, mixing = rng.random((heads, labels)), rng.random(labels), rng.random(labels), 0.3
+    secs, errs, picks = _block_frontier(error, per_head, fixed, mixing)
+    points = []
+    for assignment in itertools.product(range(labels), repeat=heads):
+        if len(set(assignment)) <= 2:
+            points.append((_prepared_block_seconds(per_head, fixed, mixing, list(assignment)),
+                           float(error[np.arange(heads), list(assignment)].sum())))
+    undominated = sorted({p for p in points if not any(q[0] <= p[0] and q[1] < p[1] - 1e-12 or
+                                                       q[0] < p[0] - 1e-12 and q[1] <= p[1] for q in points)})
+    assert np.allclose(secs, [p[0] for p in undominated]) and np.allclose(errs, [p[1] for p in undominated])
+    for sec, err, assignment in zip(secs, errs, picks):
+        assert _prepared_block_seconds(per_head, fixed, mixing, list(assignment)) == pytest.approx(sec)
+        assert error[np.arange(heads), assignment].sum() == pytest.approx(err)

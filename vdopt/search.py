@@ -78,7 +78,8 @@ class SearchConfig:
     against each other by the knapsack) or ``"density"`` (the least predicted output error, summed over sites,
     at a mean attention density <= ``density_budget`` after the dense warm-up; see the module docstring) or
     ``"time"`` (the same objective at a mean attention time per step <= ``time_budget_ms``, priced by
-    :class:`SiteCosts`; ``max_site_groups``: most head groups, dense included, one site may run).
+    :class:`SiteCosts`; ``max_site_groups``: most head groups, dense included, one site may run; up to 2, an exact
+    DP over ``time_bins`` steps of the budget, with a bound on its gap; more, a Lagrangian and local search).
     ``error_bins`` / ``density_bins``: discretisation of the error / density budget for the DP.
     ``min_dense_warmup``: fraction of the noisiest denoising time kept dense whatever the data says.
     ``max_step_ranges``: most step ranges per site (each range is another pattern set to build and cache).
@@ -99,6 +100,7 @@ class SearchConfig:
     max_step_ranges: int = 4
     time_budget_ms: float = 0.0
     max_site_groups: int = 2
+    time_bins: int = 4096
     tokens: int | None = None
     attention_share: float = WAN_1_3B_ATTENTION_SHARE
     progress: bool = True
@@ -117,6 +119,8 @@ class SearchConfig:
                              f"all sites), got {self.time_budget_ms}")
         if self.max_site_groups < 1:
             raise ValueError(f"max_site_groups must be >= 1, got {self.max_site_groups}")
+        if self.time_bins < 1:
+            raise ValueError(f"time_bins must be >= 1, got {self.time_bins}")
         if not 0.0 < self.density_budget <= 1.0:
             raise ValueError(f"density_budget must be in (0, 1] (mean kept fraction, e.g. 0.2), got {self.density_budget}")
         if self.density_bins < 1:
@@ -848,6 +852,18 @@ def _time_choice(calibration: CalibrationResult, config: SearchConfig, costs: Si
             lo = mid
         if lo > 0 and hi / lo < 1 + 1e-6:
             break
+    solver, lower_bound = "lagrangian", None
+    if config.max_site_groups <= 2:
+        exact = _exact_time_dp([(error_table, per_head, fixed, mixing)
+                                for _, error_table, per_head, fixed, mixing, _ in prepared], budget, config.time_bins,
+                               config.max_site_groups)
+        if exact is not None:
+            exact_error, exact_seconds, exact_picks, lower_bound = exact
+            if exact_error < error - 1e-15:
+                error, seconds, solver = exact_error, exact_seconds, "exact DP"
+                for (members, *_), picks in zip(prepared, exact_picks):
+                    for k, i in zip(members, picks):
+                        choice[k] = int(i)
     winner = None
     for plan in incumbents:
         picked = _incumbent_choice(plan, items, calibration, groups, t_warmup)
@@ -873,9 +889,68 @@ def _time_choice(calibration: CalibrationResult, config: SearchConfig, costs: Si
               "site_costs": costs.source, "max_site_groups": config.max_site_groups,
               "density_after_warmup": sum(items[k].options[i].weight for k, i in enumerate(choice)),
               "from_incumbent": winner if not moves else None,
-              "started_from_incumbent": winner, "exchange_moves": moves,
-              "optimality_gap": None}  # the Lagrangian reaches the convex hull; it gives no bound on the gap
+              "started_from_incumbent": winner, "exchange_moves": moves, "solver": solver,
+              "lower_bound_sq_error": lower_bound,
+              # The Lagrangian alone (more than 2 groups per site) gives no bound; the DP's floor-rounded twin does.
+              "optimality_gap": None if lower_bound is None else (
+                  max(0.0, (error - lower_bound) / error) if error > 0 else 0.0)}
     return items, choice, groups, t_warmup, record
+
+
+def _block_frontier(error: np.ndarray, per_head: np.ndarray, fixed: np.ndarray, mixing: float, max_groups: int = 2,
+                    ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Every assignment of one block's heads to at most ``max_groups`` (1 or 2) options that no other beats on both time and error:
+    (seconds, error, per-head options), fastest first. With one option every head runs it; with two, a and b, the
+    time depends only on how many heads run b (per-head cost is the option's), so for each count the heads whose
+    error gains most from b take it: the list is exact, not a heuristic."""
+    heads, labels = error.shape
+    secs, errs, picks = [], [], []
+    for a in range(labels):
+        secs.append(per_head[a] * heads + fixed[a])
+        errs.append(float(error[:, a].sum()))
+        picks.append(np.full(heads, a))
+    for a, b in itertools.combinations(range(labels), 2) if max_groups >= 2 else ():
+        gain = error[:, b] - error[:, a]
+        order = np.argsort(gain, kind="stable")
+        running = float(error[:, a].sum()) + np.cumsum(gain[order])
+        for count in range(1, heads):
+            secs.append(per_head[a] * (heads - count) + per_head[b] * count + fixed[a] + fixed[b] + mixing)
+            errs.append(float(running[count - 1]))
+            assignment = np.full(heads, a)
+            assignment[order[:count]] = b
+            picks.append(assignment)
+    order = sorted(range(len(secs)), key=lambda j: (secs[j], errs[j]))
+    keep, best = [], math.inf
+    for j in order:
+        if errs[j] < best - 1e-18:
+            keep.append(j)
+            best = errs[j]
+    return np.array([secs[j] for j in keep]), np.array([errs[j] for j in keep]), [picks[j] for j in keep]
+
+
+def _exact_time_dp(blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray, float]], budget: float, bins: int,
+                   max_groups: int = 2) -> tuple[float, float, list[np.ndarray], float] | None:
+    """Least total error at total seconds <= ``budget`` with at most ``max_groups`` (1 or 2) groups per block: a multiple-choice
+    knapsack over each block's frontier, seconds rounded up to ``budget / bins`` (so the result meets the budget),
+    and again rounded down for a lower bound on the true optimum. Returns (error, seconds, per-block head options,
+    lower bound), or None when even the fastest frontier points overrun the budget once rounded up."""
+    frontiers = [_block_frontier(*block, max_groups) for block in blocks]
+    options = [[Option(str(j), float(e), frozenset()) for j, e in enumerate(errs)] for _, errs, _ in frontiers]
+    allowed = [list(range(len(o))) for o in options]
+    unit = budget / bins
+
+    def weights(rounding: Any) -> list[list[int]]:
+        return [[int(rounding(x / unit + (-1e-9 if rounding is math.ceil else 1e-9))) for x in secs]
+                for secs, _, _ in frontiers]
+
+    found = _dp(options, allowed, weights(math.ceil), bins)
+    if found is None:
+        return None
+    error, picked = found
+    lower = _dp(options, allowed, weights(math.floor), bins)
+    seconds = float(sum(frontiers[b][0][i] for b, i in enumerate(picked)))
+    return error, seconds, [frontiers[b][2][i] for b, i in enumerate(picked)], (
+        min(error, lower[0]) if lower is not None else 0.0)
 
 
 def _prepared_block_seconds(per_head: np.ndarray, fixed: np.ndarray, mixing: float, picks: Sequence[int]) -> float:
