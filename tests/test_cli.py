@@ -41,9 +41,25 @@ def test_search_writes_plan_and_summary(tmp_path, calib_file, capsys, monkeypatc
     assert plan.target == "h100" and plan.sites
 
 
+def test_search_from_a_saved_calibration_gives_the_same_plan(tmp_path, calib_file, capsys, monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
+    base = ["--model", "test_cli:local_model", "--target", "h100", "--budget", "density", "--density", "0.3"]
+    saved = tmp_path / "calibration.json"
+    assert search_main([*base, "--calib", str(calib_file), "--out", str(tmp_path / "a.json"),
+                        "--save-calibration", str(saved)]) == 0
+    assert "calibration written to" in capsys.readouterr().out
+    assert search_main([*base, "--from-calibration", str(saved), "--out", str(tmp_path / "b.json")]) == 0
+    first, again = Plan.load(tmp_path / "a.json").to_json(), Plan.load(tmp_path / "b.json").to_json()
+    assert again["sites"] == first["sites"] and again["predictions"] == first["predictions"]
+    # Another budget from the same calibration, no model run: a different plan.
+    assert search_main([*base[:-1], "0.6", "--from-calibration", str(saved), "--out", str(tmp_path / "c.json")]) == 0
+    assert Plan.load(tmp_path / "c.json").to_json()["sites"] != first["sites"]
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
+        (["--from-calibration", "/nonexistent/calibration.json"], "no such file"),
         (["--target", "tpu9"], "--target 'tpu9' is unknown"),
         (["--recall", "1.5"], "recall_budget must be in (0, 1]"),
         (["--calib", "/nonexistent/prompts.txt"], "no such file"),
@@ -70,3 +86,13 @@ def test_search_balances_heads_for_ulysses(tmp_path, calib_file, capsys, monkeyp
     plan = Plan.load(out)
     assert plan.parallel["ulysses_degree"] == 2
     assert set(plan.parallel["head_order"]) == {s.site for s in plan.sites}
+
+
+def test_from_calibration_rejects_a_file_that_is_not_one(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
+    bogus = tmp_path / "plan_not_calibration.json"
+    bogus.write_text('{"version": 1, "sites": []}')
+    code = search_main(["--model", "test_cli:local_model", "--from-calibration", str(bogus),
+                        "--out", str(tmp_path / "p.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "not a saved calibration" in err[0], err

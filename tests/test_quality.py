@@ -210,6 +210,19 @@ def test_harness_end_to_end_on_tiny_untrained_proxy(tmp_path) -> None:
     assert all(0.0 < v <= 1.0 for layer in report["layers"] for v in layer["block_density_per_head"])
     assert [entry["t"] for entry in report["by_time"]] == report["times"]
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The calibration and site costs come back from JSON equal, and a search on them gives the same plan.
+    from vdopt.quality import load_harness_calibration
+    from vdopt.search import SearchConfig, search
+
+    calibration, sites, costs = load_harness_calibration(paths["calibration"])
+    assert calibration.candidates == result.calibration.candidates and sites == result.sites
+    assert calibration.sites == result.calibration.sites and costs == result.site_costs
+    budget = next(r for r in records if r.get("matched_on") == "time")["predicted_attention_ms"]
+    config = SearchConfig(budget="time", time_budget_ms=budget, min_dense_warmup=0.0, max_step_ranges=1,
+                          progress=False)
+    again, first = (search(pipe.transformer, c, sites, "h100", config, site_costs=k).to_json()
+                    for c, k in ((calibration, costs), (result.calibration, result.site_costs)))
+    assert again["sites"] == first["sites"] and again["predictions"] == first["predictions"]
 
 
 def test_rank_correlation_hand_values() -> None:

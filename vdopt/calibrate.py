@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +32,7 @@ from vdopt.attention import additive_key_bias, sparse_site_attention
 from vdopt.capture import CapturedGraph, capture, export_kwargs, forward_kwargs, replace_attention_nodes
 from vdopt.runtime import denoising_time, input_signature
 from vdopt.sites import AttentionSite, TokenLayout
-from vdopt.strategies import PatternContext, Strategy, default_candidates
+from vdopt.strategies import PatternContext, Strategy, default_candidates, strategy_from_json
 
 CalibrationInputs = Sequence[str] | Sequence[dict[str, Any]] | Callable[[nn.Module], Any]
 
@@ -85,11 +87,88 @@ class SiteStats:
 
 @dataclass
 class CalibrationResult:
-    """Measurements of every sparsifiable site, plus what was run to get them."""
+    """Measurements of every sparsifiable site, plus what was run to get them. ``save``/``load`` keep it as JSON,
+    so a search can be re-run, e.g. at other budgets, without the model or a GPU."""
 
     sites: dict[str, SiteStats]
     candidates: dict[str, Strategy]
     provenance: dict[str, Any]
+
+    FORMAT: ClassVar[str] = "vdopt-calibration"
+    VERSION: ClassVar[int] = 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": self.FORMAT, "version": self.VERSION,
+            "candidates": {label: strategy.to_json() for label, strategy in self.candidates.items()},
+            "provenance": json.loads(json.dumps(self.provenance, default=str)),
+            "sites": {name: {"site": site_to_json(stats.site),
+                             "block_size": stats.block_size, "times": stats.times,
+                             "dense_output_norm": stats.dense_output_norm, "output_gain": stats.output_gain,
+                             "recall": stats.recall, "rel_error": stats.rel_error, "density": stats.density}
+                      for name, stats in self.sites.items()},
+        }
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_json()) + "\n")
+        return path
+
+    @classmethod
+    def from_json(cls, data: Any, source: str = "calibration") -> CalibrationResult:
+        if not isinstance(data, dict) or data.get("format") != cls.FORMAT:
+            raise ValueError(f"{source}: not a vdopt calibration (format {data.get('format') if isinstance(data, dict) else None!r}, "
+                             f"expected {cls.FORMAT!r}); write one with CalibrationResult.save")
+        if data.get("version") != cls.VERSION:
+            raise ValueError(f"{source}: calibration format version {data.get('version')!r}, this vdopt reads "
+                             f"{cls.VERSION}; re-run calibration with this version")
+        sites = {}
+        for name, entry in data["sites"].items():
+            sites[name] = SiteStats(site_from_json(entry["site"]), entry["block_size"], entry["times"],
+                                    entry["dense_output_norm"], entry["output_gain"], entry["recall"],
+                                    entry["rel_error"], entry["density"])
+        candidates = {label: strategy_from_json(s) for label, s in data["candidates"].items()}
+        return cls(sites, candidates, data.get("provenance", {}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> CalibrationResult:
+        path = Path(path)
+        return cls.from_json(json.loads(path.read_text()), str(path))
+
+
+def site_to_json(site: AttentionSite) -> dict[str, Any]:
+    return {**asdict(site), "layout": None if site.layout is None else site.layout.to_json()}
+
+
+def site_from_json(data: dict[str, Any]) -> AttentionSite:
+    fields = dict(data)
+    fields["layout"] = None if fields.get("layout") is None else TokenLayout(**fields["layout"])
+    return AttentionSite(**fields)
+
+
+def save_calibration(path: str | Path, calibration: CalibrationResult, sites: Sequence[AttentionSite],
+                     **extra: Any) -> Path:
+    """Write ``calibration`` and the model's attention ``sites`` (all of them, as :func:`calibrate` returns them) as
+    JSON, plus any JSON-ready ``extra`` entries; :func:`load_calibration` reads it back."""
+    path = Path(path)
+    path.write_text(json.dumps({"calibration": calibration.to_json(), "sites": [site_to_json(s) for s in sites],
+                                **extra}) + "\n")
+    return path
+
+
+def load_calibration(path: str | Path) -> tuple[CalibrationResult, list[AttentionSite], dict[str, Any]]:
+    """What :func:`save_calibration` wrote: the calibration, the sites and the extra entries."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: cannot read a saved calibration ({error})") from None
+    if not isinstance(data, dict) or "calibration" not in data or "sites" not in data:
+        raise ValueError(f"{path}: not a saved calibration (no 'calibration' and 'sites'); write one with "
+                         "save_calibration or vdopt-search --save-calibration")
+    extra = {k: v for k, v in data.items() if k not in ("calibration", "sites")}
+    return (CalibrationResult.from_json(data["calibration"], str(path)), [site_from_json(s) for s in data["sites"]],
+            extra)
 
 
 def record_forward_inputs(

@@ -115,6 +115,11 @@ def search_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--explain", action="store_true", help="print why every head of every site got its strategy")
     parser.add_argument("--ulysses-degree", type=int, default=1,
                         help="balance heads for N-way Ulysses sequence parallelism (diffusers context parallelism)")
+    parser.add_argument("--save-calibration", default=None, metavar="FILE",
+                        help="also write the calibration (JSON) so later searches can skip it (--from-calibration)")
+    parser.add_argument("--from-calibration", default=None, metavar="FILE",
+                        help="search on a calibration written by --save-calibration instead of calibrating again "
+                             "(the model is still loaded: the plan is fingerprinted to it)")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     try:
@@ -134,10 +139,17 @@ def search_main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         if not out.parent.exists():
             raise UsageError(f"--out {args.out!r}: folder {out.parent} does not exist")
+        if args.save_calibration and not Path(args.save_calibration).parent.exists():
+            raise UsageError(f"--save-calibration {args.save_calibration!r}: folder "
+                             f"{Path(args.save_calibration).parent} does not exist")
+        if args.from_calibration and not Path(args.from_calibration).is_file():
+            raise UsageError(f"--from-calibration {args.from_calibration!r}: no such file; write one with "
+                             "--save-calibration")
         model = _load_model(args.model, _device(args.device))
-        calib = _load_calibration(args.calib, model)
+        calib = None if args.from_calibration else _load_calibration(args.calib, model)
         plan, report, sites = _calibrate_and_search(model, calib, args.target, search_config, args.steps,
-                                                    args.steps_per_prompt)
+                                                    args.steps_per_prompt, args.save_calibration,
+                                                    args.from_calibration)
         from vdopt.search import write_heatmaps
 
         if args.ulysses_degree > 1:
@@ -163,22 +175,37 @@ def search_main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _calibrate_and_search(model: Any, calib: Any, target: str, config: Any, steps: int, steps_per_prompt: int) -> Any:
-    """Calibrate (progress bar) and search; returns (plan, search report, attention sites)."""
+def _calibrate_and_search(model: Any, calib: Any, target: str, config: Any, steps: int, steps_per_prompt: int,
+                          save_to: str | None = None, load_from: str | None = None) -> Any:
+    """Calibrate (progress bar), or load a saved calibration, and search; returns (plan, search report, sites)."""
     from torch import nn
 
-    from vdopt.calibrate import CalibrationConfig, calibrate, record_forward_inputs
+    from vdopt.calibrate import (
+        CalibrationConfig,
+        calibrate,
+        load_calibration,
+        record_forward_inputs,
+        save_calibration,
+    )
     from vdopt.search import search_with_report
 
     transformer = model if isinstance(model, nn.Module) else getattr(model, "transformer", None)
     if not isinstance(transformer, nn.Module):
         raise UsageError(f"--model gave a {type(model).__name__}, neither a transformer nor a pipeline with .transformer")
     pipeline = None if transformer is model else model
-    calibration_config = CalibrationConfig(num_inference_steps=steps, steps_per_input=steps_per_prompt)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        inputs = record_forward_inputs(transformer, calib, pipeline, calibration_config)
-        calibration, sites = calibrate(transformer, inputs, calibration_config)
+    if load_from:
+        try:
+            calibration, sites, _ = load_calibration(load_from)
+        except (ValueError, TypeError, KeyError) as error:
+            raise UsageError(f"--from-calibration {load_from!r}: {error}") from None
+    else:
+        calibration_config = CalibrationConfig(num_inference_steps=steps, steps_per_input=steps_per_prompt)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            inputs = record_forward_inputs(transformer, calib, pipeline, calibration_config)
+            calibration, sites = calibrate(transformer, inputs, calibration_config)
+    if save_to:
+        print(f"calibration written to {save_calibration(save_to, calibration, sites)}")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         result = search_with_report(transformer, calibration, sites, target, config)

@@ -34,7 +34,9 @@ from vdopt.calibrate import (
     CalibrationResult,
     calibrate,
     default_block_size,
+    load_calibration,
     record_forward_inputs,
+    save_calibration,
 )
 from vdopt.capture import capture, export_kwargs, forward_kwargs, replace_attention_nodes
 from vdopt.plan import ModelFingerprint, Plan, SitePlan, StepRange
@@ -834,6 +836,8 @@ class QualityResult:
     recall_report: dict[str, Any]
     plans: dict[str, Plan] = field(default_factory=dict)
     site_costs: SiteCosts | None = None
+    calibration: CalibrationResult | None = None
+    sites: list[AttentionSite] = field(default_factory=list)
 
 
 def _frame_block_size(layout: TokenLayout) -> int:
@@ -1055,7 +1059,7 @@ def run_quality(pipe: Any, config: QualityConfig = QualityConfig(), proxy: str =
                     "attention_ms": dense_attention_ms,
                     "note": "the reference itself (psnr is infinite, stored as null)", **common}]
         plans: dict[str, Plan] = {}
-        result = QualityResult(records, report, plans, site_costs)
+        result = QualityResult(records, report, plans, site_costs, calibration, sites)
         if on_update is not None:
             on_update(result)
         bar = tqdm(method_plans, desc="vdopt: quality", disable=not progress)
@@ -1309,7 +1313,10 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
 
 def write_results(result: QualityResult, out: str | Path) -> dict[str, Path]:
     """Write ``quality.json`` (records), ``quality_recall95.json`` (report), ``quality_comparison.json`` (matched
-    pairs, see :func:`comparison`) and ``quality_pareto.png`` under ``out``."""
+    pairs, see :func:`comparison`), ``quality_pareto.png`` and, where the run calibrated, ``quality_calibration.json``
+    (the calibration, sites and measured site costs, so the searches can be re-run offline:
+    :func:`load_harness_calibration`)
+    under ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"records": out / "quality.json", "recall": out / "quality_recall95.json",
@@ -1325,7 +1332,19 @@ def write_results(result: QualityResult, out: str | Path) -> dict[str, Path]:
                                                       for label, c in costs.per_site[first].items()}}
     paths["comparison"].write_text(json.dumps(_jsonable(summary), indent=1) + "\n")
     plot_pareto(result.records, paths["plot"])
+    if result.calibration is not None:
+        paths["calibration"] = save_calibration(
+            out / "quality_calibration.json", result.calibration, result.sites,
+            site_costs=None if result.site_costs is None else result.site_costs.to_json())
     return paths
+
+
+def load_harness_calibration(path: str | Path) -> tuple[CalibrationResult, list[AttentionSite], SiteCosts | None]:
+    """The calibration, attention sites and measured site costs a harness run wrote (``quality_calibration.json``):
+    enough to re-run its searches offline, e.g. ``search(model, calibration, sites, config=..., site_costs=costs)``."""
+    calibration, sites, extra = load_calibration(path)
+    costs = extra.get("site_costs")
+    return calibration, sites, None if costs is None else SiteCosts.from_json(costs)
 
 
 def format_table(records: Sequence[dict[str, Any]]) -> str:

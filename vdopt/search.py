@@ -729,6 +729,16 @@ class SiteCosts:
     mixing: dict[str, float]
     source: str
 
+    def to_json(self) -> dict[str, Any]:
+        return {"source": self.source, "mixing": self.mixing,
+                "per_site": {site: {label: {"fixed": c.fixed, "per_head": c.per_head} for label, c in table.items()}
+                             for site, table in self.per_site.items()}}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SiteCosts:
+        return cls({site: {label: LaunchCost(c["fixed"], c["per_head"]) for label, c in table.items()}
+                    for site, table in data["per_site"].items()}, dict(data["mixing"]), data["source"])
+
     def seconds(self, site: str, labels: Sequence[str]) -> float:
         """Seconds of one call of ``site`` with head ``h`` running ``labels[h]``."""
         table = self.per_site[site]
