@@ -430,7 +430,8 @@ def main() -> None:
             # kernel stores them. Overhead counted as above.
             def step_out_scatter(s=strategy, c=ctx):
                 p = s.build(q, k, c)
-                k_in, v_in = km.gather_tokens(k, p.kv_perm, backend=backend), km.gather_tokens(v, p.kv_perm, backend=backend)
+                k_in = km.gather_tokens(k, p.kv_perm, backend=backend)
+                v_in = km.gather_tokens(v, p.kv_perm, backend=backend)
                 return cluster_sparse_attention(q, k_in, v_in, p.q_offsets, p.kv_offsets, p.kv_block_indices,
                                                 p.kv_block_counts, q_perm=p.q_perm)
 

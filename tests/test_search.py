@@ -538,7 +538,8 @@ def test_block_moves_match_recomputed_block_seconds() -> None:
     checked = 0
     for _ in range(100):
         heads, labels, groups = int(rng.integers(1, 6)), int(rng.integers(2, 7)), int(rng.integers(1, 4))
-        error, per_head, fixed, mixing = rng.random((heads, labels)), rng.random(labels), rng.random(labels), rng.random()
+        error, per_head, fixed = rng.random((heads, labels)), rng.random(labels), rng.random(labels)
+        mixing = rng.random()
         picks = [int(x) for x in rng.integers(0, labels, heads)]
         if len(set(picks)) > groups:
             continue

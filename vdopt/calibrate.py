@@ -117,8 +117,9 @@ class CalibrationResult:
     @classmethod
     def from_json(cls, data: Any, source: str = "calibration") -> CalibrationResult:
         if not isinstance(data, dict) or data.get("format") != cls.FORMAT:
-            raise ValueError(f"{source}: not a vdopt calibration (format {data.get('format') if isinstance(data, dict) else None!r}, "
-                             f"expected {cls.FORMAT!r}); write one with CalibrationResult.save")
+            found = data.get("format") if isinstance(data, dict) else None
+            raise ValueError(f"{source}: not a vdopt calibration (format {found!r}, expected {cls.FORMAT!r}); write "
+                             "one with CalibrationResult.save")
         if data.get("version") != cls.VERSION:
             raise ValueError(f"{source}: calibration format version {data.get('version')!r}, this vdopt reads "
                              f"{cls.VERSION}; re-run calibration with this version")

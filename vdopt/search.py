@@ -909,10 +909,10 @@ def _time_choice(calibration: CalibrationResult, config: SearchConfig, costs: Si
 
 def _block_frontier(error: np.ndarray, per_head: np.ndarray, fixed: np.ndarray, mixing: float, max_groups: int = 2,
                     ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    """Every assignment of one block's heads to at most ``max_groups`` (1 or 2) options that no other beats on both time and error:
-    (seconds, error, per-head options), fastest first. With one option every head runs it; with two, a and b, the
-    time depends only on how many heads run b (per-head cost is the option's), so for each count the heads whose
-    error gains most from b take it: the list is exact, not a heuristic."""
+    """Every assignment of one block's heads to at most ``max_groups`` (1 or 2) options that no other beats on both
+    time and error: (seconds, error, per-head options), fastest first. With one option every head runs it; with
+    two, a and b, the time depends only on how many heads run b (per-head cost is the option's), so for each count
+    the heads whose error gains most from b take it: the list is exact, not a heuristic."""
     heads, labels = error.shape
     secs, errs, picks = [], [], []
     for a in range(labels):
@@ -940,10 +940,11 @@ def _block_frontier(error: np.ndarray, per_head: np.ndarray, fixed: np.ndarray, 
 
 def _exact_time_dp(blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray, float]], budget: float, bins: int,
                    max_groups: int = 2) -> tuple[float, float, list[np.ndarray], float] | None:
-    """Least total error at total seconds <= ``budget`` with at most ``max_groups`` (1 or 2) groups per block: a multiple-choice
-    knapsack over each block's frontier, seconds rounded up to ``budget / bins`` (so the result meets the budget),
-    and again rounded down for a lower bound on the true optimum. Returns (error, seconds, per-block head options,
-    lower bound), or None when even the fastest frontier points overrun the budget once rounded up."""
+    """Least total error at total seconds <= ``budget`` with at most ``max_groups`` (1 or 2) groups per block: a
+    multiple-choice knapsack over each block's frontier, seconds rounded up to ``budget / bins`` (so the result
+    meets the budget), and again rounded down for a lower bound on the true optimum. Returns (error, seconds,
+    per-block head options, lower bound), or None when even the fastest frontier points overrun the budget once
+    rounded up."""
     frontiers = [_block_frontier(*block, max_groups) for block in blocks]
     options = [[Option(str(j), float(e), frozenset()) for j, e in enumerate(errs)] for _, errs, _ in frontiers]
     allowed = [list(range(len(o))) for o in options]
