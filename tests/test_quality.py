@@ -188,6 +188,10 @@ def test_harness_end_to_end_on_tiny_untrained_proxy(tmp_path) -> None:
             assert record["time_match"]["measured_ms"] <= record["time_match"]["baseline_measured_ms"]
         if len(tries) == 1:  # searched at the baseline's own predicted time, not re-searched tighter
             assert record["predicted_sq_error"] <= baseline["predicted_sq_error"] + 1e-12
+        # Two head groups per site (the default): the exact DP, whose bound sits below the plan's predicted error.
+        assert record["search"]["solver"] in ("exact DP", "lagrangian")
+        assert 0.0 <= record["search"]["optimality_gap"] < 0.05
+        assert record["search"]["lower_bound_sq_error"] <= record["predicted_sq_error"] + 1e-12
     assert all(r["attention_ms"] > 0.0 for r in records) and "attention_timing" in records[0]
     # A plan that runs like an earlier one was not run again: it carries that record's measurements exactly.
     for record in records[1:]:

@@ -615,6 +615,7 @@ class MethodPlan:
     matched_on: str | None = None
     predicted_attention_ms: float | None = None
     time_match: dict[str, Any] | None = None
+    search: dict[str, Any] | None = None  # the searched plan's solver, optimality gap and lower bound
 
 
 def _static_choices(grids: dict[str, list[list[Strategy]]], layout: TokenLayout, block_size: int,
@@ -735,7 +736,10 @@ def searched_plans(calibration: CalibrationResult, sites: list[AttentionSite], m
             used = sorted({s.label() for site in plan.sites for r in site.schedule for s in r.heads})
             out.append(MethodPlan("searched", target_density, plan, estimate.density, used, estimate.sq_error,
                                   None if baseline is None else baseline.method, None if baseline is None else kind,
-                                  predicted_ms(plan), time_match))
+                                  predicted_ms(plan), time_match,
+                                  {key: plan.predictions.get(key) for key in ("solver", "optimality_gap",
+                                                                              "lower_bound_sq_error",
+                                                                              "from_incumbent", "exchange_moves")}))
     return out
 
 
@@ -936,7 +940,7 @@ def _plan_record(mp: MethodPlan, measured: dict[str, Any], dense_seconds: float 
         "density": measured["density"], "density_all_steps": measured["density_all_steps"],
         "predicted_density": mp.predicted_density, "predicted_sq_error": mp.predicted_sq_error,
         "matched_to": mp.matched_to, "matched_on": mp.matched_on,
-        "predicted_attention_ms": mp.predicted_attention_ms, "time_match": mp.time_match,
+        "predicted_attention_ms": mp.predicted_attention_ms, "time_match": mp.time_match, "search": mp.search,
         **{k: measured[k] for k in ("psnr", "ssim", "rel_l2", "psnr_min", "ssim_min", "per_prompt", "per_video")},
         "seconds_per_video": seconds,
         "speedup_vs_dense": dense_seconds / seconds if seconds and dense_seconds else None,
