@@ -370,15 +370,15 @@ def test_site_costs_hand_values() -> None:
         costs.seconds("s", ["b"])
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_time_search_meets_its_budget_and_matches_brute_force_with_the_optimum_as_incumbent(seed: int) -> None:
+def _time_brute_force(seed: int, max_site_groups: int | None = None):
+    """A random time-budget instance (budget: 0.45 of dense) and its optimum over every plan with at most
+    ``max_site_groups`` candidates per site (None: any): (calibration, costs, model, sites, t_warmup, budget, best
+    error, best heads)."""
     import itertools
-    import warnings
 
     from conftest import tiny_dit
 
     from vdopt.quality import fixed_plan
-    from vdopt.search import SearchConfig, predicted_attention_seconds, search
     from vdopt.strategies import Dense
 
     calibration = _random_calibration(seed)
@@ -393,13 +393,26 @@ def test_time_search_meets_its_budget_and_matches_brute_force_with_the_optimum_a
     for combo in itertools.product(range(len(choices)), repeat=sum(s.heads for s in sites)):
         picks = iter(combo)
         heads = {s.name: [choices[next(picks)] for _ in range(s.heads)] for s in sites}
+        if max_site_groups is not None and any(len({h.label() for h in strategies}) > max_site_groups
+                                               for strategies in heads.values()):
+            continue
         plan = fixed_plan(model, sites, heads, 32, t_warmup, "h100", "brute force")
-        seconds = _seconds_by_hand(plan, calibration, costs, t_warmup)
-        if seconds <= budget:
+        if _seconds_by_hand(plan, calibration, costs, t_warmup) <= budget:
             error = _sq_error_by_hand(plan, calibration, t_warmup)[0]
             if error < best:
                 best, best_heads = error, heads
     assert best_heads is not None
+    return calibration, costs, model, sites, t_warmup, budget, best, best_heads
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_time_search_meets_its_budget_and_matches_brute_force_with_the_optimum_as_incumbent(seed: int) -> None:
+    import warnings
+
+    from vdopt.quality import fixed_plan
+    from vdopt.search import SearchConfig, predicted_attention_seconds, search
+
+    calibration, costs, model, sites, t_warmup, budget, best, best_heads = _time_brute_force(seed)
     config = SearchConfig(budget="time", time_budget_ms=budget * 1e3, min_dense_warmup=1 - t_warmup,
                           max_step_ranges=1, max_site_groups=3, progress=False)
     with warnings.catch_warnings():
@@ -560,32 +573,11 @@ def test_block_moves_match_recomputed_block_seconds() -> None:
 
 @pytest.mark.parametrize("seed", range(4))
 def test_time_search_with_two_groups_is_the_exact_dp_optimum_with_a_gap_bound(seed: int) -> None:
-    import itertools
     import warnings
 
-    from conftest import tiny_dit
-
-    from vdopt.quality import fixed_plan
     from vdopt.search import SearchConfig, search
-    from vdopt.strategies import Dense
 
-    calibration = _random_calibration(seed)
-    costs = _random_costs(calibration, seed)
-    model, _ = tiny_dit()
-    sites = [stats.site for stats in calibration.sites.values()]
-    choices = [Dense(), *calibration.candidates.values()]
-    t_warmup = 0.8
-    dense_plan = fixed_plan(model, sites, {s.name: [Dense()] * s.heads for s in sites}, 32, t_warmup, "h100", "d")
-    budget = 0.45 * _seconds_by_hand(dense_plan, calibration, costs, t_warmup)
-    best = float("inf")
-    for combo in itertools.product(range(len(choices)), repeat=sum(s.heads for s in sites)):
-        picks = iter(combo)
-        heads = {s.name: [choices[next(picks)] for _ in range(s.heads)] for s in sites}
-        if any(len({h.label() for h in strategies}) > 2 for strategies in heads.values()):
-            continue
-        plan = fixed_plan(model, sites, heads, 32, t_warmup, "h100", "brute force")
-        if _seconds_by_hand(plan, calibration, costs, t_warmup) <= budget:
-            best = min(best, _sq_error_by_hand(plan, calibration, t_warmup)[0])
+    calibration, costs, model, sites, t_warmup, budget, best, _ = _time_brute_force(seed, max_site_groups=2)
     config = SearchConfig(budget="time", time_budget_ms=budget * 1e3, min_dense_warmup=1 - t_warmup,
                           max_step_ranges=1, max_site_groups=2, progress=False)
     with warnings.catch_warnings():
