@@ -838,9 +838,8 @@ def _time_choice(calibration: CalibrationResult, config: SearchConfig, costs: Si
                     heads_axis = np.arange(len(members))
                     best = (float(totals[s]), combos[s][local[:, s, :].argmin(1)])
             picks = [int(i) for i in best[1]]  # type: ignore[index]
-            used = set(picks)
             err_total += float(error[heads_axis, picks].sum())
-            sec_total += float(per_head[picks].sum() + sum(fixed[i] for i in used) + (mixing if len(used) > 1 else 0.0))
+            sec_total += _prepared_block_seconds(per_head, fixed, mixing, picks)
             for k, i in zip(members, picks):
                 choice[k] = i
         return err_total, sec_total, choice
@@ -862,16 +861,16 @@ def _time_choice(calibration: CalibrationResult, config: SearchConfig, costs: Si
             lo = mid
         if lo > 0 and hi / lo < 1 + 1e-6:
             break
+    # Per block: its heads' item indices, error table, per-head and group seconds, mixing cost (sets dropped).
+    blocks_table = [entry[:5] for entry in prepared]
     solver, lower_bound = "lagrangian", None
     if config.max_site_groups <= 2:
-        exact = _exact_time_dp([(error_table, per_head, fixed, mixing)
-                                for _, error_table, per_head, fixed, mixing, _ in prepared], budget, config.time_bins,
-                               config.max_site_groups)
+        exact = _exact_time_dp([entry[1:] for entry in blocks_table], budget, config.time_bins, config.max_site_groups)
         if exact is not None:
             exact_error, exact_seconds, exact_picks, lower_bound = exact
             if exact_error < error - 1e-15:
                 error, seconds, solver = exact_error, exact_seconds, "exact DP"
-                for (members, *_), picks in zip(prepared, exact_picks):
+                for (members, *_), picks in zip(blocks_table, exact_picks):
                     for k, i in zip(members, picks):
                         choice[k] = int(i)
     winner = None
@@ -884,8 +883,6 @@ def _time_choice(calibration: CalibrationResult, config: SearchConfig, costs: Si
                           * len(groups[g]) / len(times) for (_, g), members in blocks.items())
         if inc_seconds <= budget * (1 + 1e-9) and inc_error < error - 1e-15:
             error, seconds, choice, winner = inc_error, inc_seconds, picked, plan.search.get("method", "incumbent")
-    blocks_table = [(members, error_table, per_head, fixed, mixing) for members, error_table, per_head, fixed, mixing, _
-                    in prepared]
     choice, moves = _exchange_moves(blocks_table, choice, budget, config.max_site_groups)
     if moves:
         error = sum(items[k].options[i].seconds for k, i in enumerate(choice))
