@@ -312,7 +312,7 @@ def cluster_sparse_attention_triton(
     either way.
     """
     batch, _, q_tokens, head_dim = q.shape
-    heads = q.shape[1] if head_indices is None else head_indices.numel()  # launched heads
+    heads = launched_heads(_OP, q, head_indices)
     kv_tokens = k.shape[2]
     triton_head_dim_ok(_OP, head_dim)
     scale = head_dim**-0.5 if scale is None else float(scale)

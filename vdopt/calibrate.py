@@ -87,8 +87,8 @@ class SiteStats:
 
 @dataclass
 class CalibrationResult:
-    """Measurements of every sparsifiable site, plus what was run to get them. ``save``/``load`` keep it as JSON,
-    so a search can be re-run, e.g. at other budgets, without the model or a GPU."""
+    """Measurements of every sparsifiable site, plus what was run to get them. :func:`save_calibration` /
+    :func:`load_calibration` keep it as JSON, so a search can be re-run, e.g. at other budgets, without a GPU."""
 
     sites: dict[str, SiteStats]
     candidates: dict[str, Strategy]
@@ -109,17 +109,12 @@ class CalibrationResult:
                       for name, stats in self.sites.items()},
         }
 
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_json()) + "\n")
-        return path
-
     @classmethod
     def from_json(cls, data: Any, source: str = "calibration") -> CalibrationResult:
         if not isinstance(data, dict) or data.get("format") != cls.FORMAT:
             found = data.get("format") if isinstance(data, dict) else None
             raise ValueError(f"{source}: not a vdopt calibration (format {found!r}, expected {cls.FORMAT!r}); write "
-                             "one with CalibrationResult.save")
+                             "one with save_calibration")
         if data.get("version") != cls.VERSION:
             raise ValueError(f"{source}: calibration format version {data.get('version')!r}, this vdopt reads "
                              f"{cls.VERSION}; re-run calibration with this version")
@@ -130,11 +125,6 @@ class CalibrationResult:
                                     entry["rel_error"], entry["density"])
         candidates = {label: strategy_from_json(s) for label, s in data["candidates"].items()}
         return cls(sites, candidates, data.get("provenance", {}))
-
-    @classmethod
-    def load(cls, path: str | Path) -> CalibrationResult:
-        path = Path(path)
-        return cls.from_json(json.loads(path.read_text()), str(path))
 
 
 def site_to_json(site: AttentionSite) -> dict[str, Any]:
