@@ -12,10 +12,14 @@ At the Wan2.1-1.3B self-attention shape (B1 H12 N32760 D128, bf16) it times, wit
   offsets and the permutation together; ``*_reference_ms`` is torch.sort), the fused cluster top-p selection
   (``cluster_select_ms``; ``cluster_select_reference_ms`` the PyTorch scores + select_blocks_top_p it replaced),
   gathering Q, K, V and scattering the output and its log-sum-exp back; the strategy total times
-  ``SemanticKMeans.build`` (warm-started from the site state) plus those permutations, as the runtime runs them;
-  the fused total times ``SemanticKMeans.build`` plus the cluster op with ``q_perm``/``kv_perm`` (one Q gather
+  ``SemanticKMeans.build`` (warm-started from the site state) plus those permutations by launches; the
+  ``_out_scatter`` total (what vdopt's runtime runs since 2026-12-05: Q gathered by the op's launch, out and lse
+  scattered by the kernel) counts the cluster op with ``q_perm`` less the op on inputs in cluster order; the fused total times ``SemanticKMeans.build`` plus the cluster op with ``q_perm``/``kv_perm`` (one Q gather
   launch, the kernel gathering K/V rows and scattering the output itself) less the cluster op on inputs already
   in cluster order;
+- the same strategy totals, by launches and with only the output scatter fused, for ``SemanticKMeans()`` with its
+  field defaults (the cluster counts and iterations the calibration candidates use; section
+  ``semantic_permutation_default``, its row in ``kmeans_default``), warm-started the same way;
 and writes ``strategy_overheads.json`` (device, date, versions, every component and each strategy's total) into
 ``--out`` (default ``$OUT``, else benchmarks/results) after every section. Each Triton kernel is first checked
 against its reference at the full shape (the fused selections: rows whose kept set differs from the reference's).
@@ -31,6 +35,7 @@ Triton's interpreter (TRITON_INTERPRET=1): a check of the script, not a measurem
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -167,6 +172,7 @@ def main() -> None:
         "checks": checks,
         "draft_selection": [],
         "kmeans": [],
+        "kmeans_default": [],
         "strategies": [],
     }
 
@@ -280,6 +286,97 @@ def main() -> None:
                 }
             )
 
+    def semantic_steps(strategy: SemanticKMeans, warm: tuple[torch.Tensor, torch.Tensor], lse: torch.Tensor,
+                       row: dict, name: str, suffix: str, check: str | None, fused_kv: bool) -> None:
+        """Times whole denoising steps of ``strategy``, its site state warm with ``warm`` (converged Q and K
+        centroids), and appends them to ``result["strategies"]``: ``name`` (permutations by launches), ``name``_fused (every permutation fused into the cluster op; only with ``fused_kv``) and
+        ``name``_out_scatter (the output scatter fused: what the runtime runs). Component timings go into ``row`` as
+        ``<component>{suffix}_ms``; ``check`` (None: none) suffixes the fused-vs-gathered checks.
+        lse: [batch, heads, tokens, 1], the log-sum-exp the unfused step scatters back."""
+        # The site's state starts warm (the converged centroids); every timed step warm-starts from the last.
+        state = {f"kmeans:{strategy.q_clusters}:{strategy.kv_clusters}:{tuple(q.shape)}": warm}
+        ctx = PatternContext(TokenLayout(1, 1, args.tokens), 128, state)
+
+        def append(strategy_name: str, components: str, ms: float) -> None:
+            result["strategies"].append(
+                {
+                    "strategy": strategy_name,
+                    "components": components,
+                    "ms": ms,
+                    "pct_of_dense": pct(ms),
+                    "meets_5pct": pct(ms) <= ACCEPTANCE_PCT,
+                }
+            )
+
+        def step(s=strategy, c=ctx):
+            # Everything SVG2 adds around the attention kernel in one denoising step, permuting by launches:
+            # SemanticKMeans.build (warm k-means of Q and K, 2 permutations, cluster top-p), then
+            # pattern_attention's permutations (gather Q, K, V; scatter the output and its log-sum-exp).
+            pattern = s.build(q, k, c)
+            pq, pk = pattern.q_perm, pattern.kv_perm
+            km.gather_tokens(q, pq, backend=backend), km.gather_tokens(k, pk, backend=backend)
+            km.gather_tokens(v, pk, backend=backend), km.scatter_tokens(lse, pq, backend=backend)
+            return km.scatter_tokens(out, pq, backend=backend)
+
+        total = bench_rounds(step, row, f"strategy_total{suffix}")
+        row[f"strategy_total{suffix}_ms"] = total
+        append(name, "SemanticKMeans.build (warm k-means of Q and K, 2 counting-sort permutations, fused cluster "
+               "top-p), gather Q/K/V, scatter out and lse", total)
+        # The fused permutations count as overhead: the attention with the permutations less the same attention on
+        # inputs already in cluster order.
+        pattern = strategy.build(q, k, ctx)
+        lists = (pattern.q_offsets, pattern.kv_offsets, pattern.kv_block_indices, pattern.kv_block_counts)
+        ordered = [km.gather_tokens(x, p, backend=backend)
+                   for x, p in ((q, pattern.q_perm), (k, pattern.kv_perm), (v, pattern.kv_perm))]
+        kernel_ordered = bench_rounds(lambda o=ordered, li=lists: cluster_sparse_attention(*o, *li), row,
+                                      f"cluster_kernel_in_cluster_order{suffix}")
+        # Recorded after the fused step's rounds, in the key order of the committed records.
+        timings = {f"cluster_kernel_in_cluster_order{suffix}_ms": kernel_ordered}
+        if check is not None:
+            unfused_out = km.scatter_tokens(cluster_sparse_attention(*ordered, *lists)[0], pattern.q_perm,
+                                            backend=backend)
+        if fused_kv:
+            # Fused permutation (the op's q_perm/kv_perm; slower than launches on the H100, so not the runtime's): the
+            # op gathers Q with one launch, the kernel gathers K/V rows as it loads them and scatters out and lse as
+            # it stores.
+            kernel_fused = bench(lambda li=lists, p=pattern: cluster_sparse_attention(
+                q, k, v, *li, q_perm=p.q_perm, kv_perm=p.kv_perm))
+
+            def step_fused(s=strategy, c=ctx):
+                p = s.build(q, k, c)
+                return cluster_sparse_attention(q, k, v, p.q_offsets, p.kv_offsets, p.kv_block_indices,
+                                                p.kv_block_counts, q_perm=p.q_perm, kv_perm=p.kv_perm)
+
+            step_fused_ms = bench_rounds(step_fused, row, f"step_fused{suffix}")
+            timings[f"cluster_kernel_fused_permutation{suffix}_ms"] = kernel_fused
+            timings[f"step_fused{suffix}_ms"] = step_fused_ms
+            if check is not None:
+                fused_out = cluster_sparse_attention(q, k, v, *lists, q_perm=pattern.q_perm,
+                                                     kv_perm=pattern.kv_perm)[0]
+                checks[f"fused_permutation_vs_gathered_rel_err_{check}"] = _rel_err(fused_out, unfused_out)
+            append(f"{name}_fused", "SemanticKMeans.build + the cluster op with the permutations fused into its loads "
+                   "and stores, less the cluster op on inputs already in cluster order", step_fused_ms - kernel_ordered)
+        row.update(timings)
+
+        # Only the output scatter fused: K and V gathered by launches (their tiles keep TMA boxes; the fused K/V
+        # gathers above cost more than the launches), Q by the op's own launch, out and lse scattered as the
+        # kernel stores them (vdopt.attention.CLUSTER_QUERY_PERMUTATION = "kernel"). Overhead counted as above.
+        def step_out_scatter(s=strategy, c=ctx):
+            p = s.build(q, k, c)
+            k_in = km.gather_tokens(k, p.kv_perm, backend=backend)
+            v_in = km.gather_tokens(v, p.kv_perm, backend=backend)
+            return cluster_sparse_attention(q, k_in, v_in, p.q_offsets, p.kv_offsets, p.kv_block_indices,
+                                            p.kv_block_counts, q_perm=p.q_perm)
+
+        step_out_ms = bench_rounds(step_out_scatter, row, f"step_out_scatter{suffix}")
+        row[f"step_out_scatter{suffix}_ms"] = step_out_ms
+        if check is not None:
+            scattered = cluster_sparse_attention(q, *ordered[1:], *lists, q_perm=pattern.q_perm)[0]
+            checks[f"out_scatter_vs_gathered_rel_err_{check}"] = _rel_err(scattered, unfused_out)
+        append(f"{name}_out_scatter", "SemanticKMeans.build, gather K and V, the cluster op gathering Q (one launch) "
+               "and scattering out and lse as it stores, less the cluster op on inputs already in cluster order",
+               step_out_ms - kernel_ordered)
+
     def semantic_permutation(clusters: int) -> None:
         # Centroids of a converged run stand in for the previous denoising step's (the warm start).
         labels_q, centroids_q = km.kmeans(q, clusters, iterations=5, backend=backend)
@@ -361,101 +458,33 @@ def main() -> None:
                 )
             )
             strategy = SemanticKMeans(q_clusters=clusters, kv_clusters=clusters, top_p=TOP_P, iterations=iterations)
-            # The site's state starts warm (the converged centroids); every timed step warm-starts from the last.
-            state = {f"kmeans:{clusters}:{clusters}:{tuple(q.shape)}": (centroids_q, centroids_k)}
-            ctx = PatternContext(TokenLayout(1, 1, args.tokens), 128, state)
-
-            def step(s=strategy, c=ctx):
-                # Everything SVG2 adds around the attention kernel in one denoising step, as the runtime runs it:
-                # SemanticKMeans.build (warm k-means of Q and K, 2 permutations, cluster top-p), then
-                # pattern_attention's permutations (gather Q, K, V; scatter the output and its log-sum-exp).
-                pattern = s.build(q, k, c)
-                pq, pk = pattern.q_perm, pattern.kv_perm
-                km.gather_tokens(q, pq, backend=backend), km.gather_tokens(k, pk, backend=backend)
-                km.gather_tokens(v, pk, backend=backend), km.scatter_tokens(lse, pq, backend=backend)
-                return km.scatter_tokens(out, pq, backend=backend)
-
-            total = bench_rounds(step, row, f"strategy_total_{iterations}iter")
-            row[f"strategy_total_{iterations}iter_ms"] = total
-            result["strategies"].append(
-                {
-                    "strategy": f"semantic_permutation_C{clusters}_{iterations}iter",
-                    "components": "SemanticKMeans.build (warm k-means of Q and K, 2 counting-sort permutations, fused "
-                    "cluster top-p), gather Q/K/V, scatter out and lse",
-                    "ms": total,
-                    "pct_of_dense": pct(total),
-                    "meets_5pct": pct(total) <= ACCEPTANCE_PCT,
-                }
-            )
-            # Fused permutation (the op's q_perm/kv_perm; the runtime adopts it once this measures it faster): the op
-            # gathers Q with one launch, the kernel gathers K/V rows as it loads them and scatters out and lse as it
-            # stores; all of that counts as overhead: the attention with the permutations less the same attention on
-            # inputs already in cluster order.
-            pattern = strategy.build(q, k, ctx)
-            lists = (pattern.q_offsets, pattern.kv_offsets, pattern.kv_block_indices, pattern.kv_block_counts)
-            ordered = [km.gather_tokens(x, p, backend=backend)
-                       for x, p in ((q, pattern.q_perm), (k, pattern.kv_perm), (v, pattern.kv_perm))]
-            kernel_ordered = bench_rounds(lambda o=ordered, li=lists: cluster_sparse_attention(*o, *li), row,
-                                          f"cluster_kernel_in_cluster_order_{iterations}iter")
-            kernel_fused = bench(lambda li=lists, p=pattern: cluster_sparse_attention(
-                q, k, v, *li, q_perm=p.q_perm, kv_perm=p.kv_perm))
-
-            def step_fused(s=strategy, c=ctx):
-                p = s.build(q, k, c)
-                return cluster_sparse_attention(q, k, v, p.q_offsets, p.kv_offsets, p.kv_block_indices,
-                                                p.kv_block_counts, q_perm=p.q_perm, kv_perm=p.kv_perm)
-
-            step_fused_ms = bench_rounds(step_fused, row, f"step_fused_{iterations}iter")
-            fused = step_fused_ms - kernel_ordered
-            row[f"cluster_kernel_in_cluster_order_{iterations}iter_ms"] = kernel_ordered
-            row[f"cluster_kernel_fused_permutation_{iterations}iter_ms"] = kernel_fused
-            row[f"step_fused_{iterations}iter_ms"] = step_fused_ms
-            if iterations == 1:
-                fused_out = cluster_sparse_attention(q, k, v, *lists, q_perm=pattern.q_perm, kv_perm=pattern.kv_perm)[0]
-                unfused_out = km.scatter_tokens(cluster_sparse_attention(*ordered, *lists)[0], pattern.q_perm,
-                                                backend=backend)
-                checks[f"fused_permutation_vs_gathered_rel_err_C{clusters}"] = _rel_err(fused_out, unfused_out)
-            result["strategies"].append(
-                {
-                    "strategy": f"semantic_permutation_C{clusters}_{iterations}iter_fused",
-                    "components": "SemanticKMeans.build + the cluster op with the permutations fused into its loads "
-                    "and stores, less the cluster op on inputs already in cluster order",
-                    "ms": fused,
-                    "pct_of_dense": pct(fused),
-                    "meets_5pct": pct(fused) <= ACCEPTANCE_PCT,
-                }
-            )
-            # Only the output scatter fused: K and V gathered by launches (their tiles keep TMA boxes; the fused K/V
-            # gathers above cost more than the launches), Q by the op's own launch, out and lse scattered as the
-            # kernel stores them. Overhead counted as above.
-            def step_out_scatter(s=strategy, c=ctx):
-                p = s.build(q, k, c)
-                k_in = km.gather_tokens(k, p.kv_perm, backend=backend)
-                v_in = km.gather_tokens(v, p.kv_perm, backend=backend)
-                return cluster_sparse_attention(q, k_in, v_in, p.q_offsets, p.kv_offsets, p.kv_block_indices,
-                                                p.kv_block_counts, q_perm=p.q_perm)
-
-            step_out_ms = bench_rounds(step_out_scatter, row, f"step_out_scatter_{iterations}iter")
-            row[f"step_out_scatter_{iterations}iter_ms"] = step_out_ms
-            if iterations == 1:
-                scattered = cluster_sparse_attention(q, *ordered[1:], *lists, q_perm=pattern.q_perm)[0]
-                checks[f"out_scatter_vs_gathered_rel_err_C{clusters}"] = _rel_err(scattered, unfused_out)
-            result["strategies"].append(
-                {
-                    "strategy": f"semantic_permutation_C{clusters}_{iterations}iter_out_scatter",
-                    "components": "SemanticKMeans.build, gather K and V, the cluster op gathering Q (one launch) and "
-                    "scattering out and lse as it stores, less the cluster op on inputs already in cluster order",
-                    "ms": step_out_ms - kernel_ordered,
-                    "pct_of_dense": pct(step_out_ms - kernel_ordered),
-                    "meets_5pct": pct(step_out_ms - kernel_ordered) <= ACCEPTANCE_PCT,
-                }
-            )
+            semantic_steps(strategy, (centroids_q, centroids_k), lse, row,
+                           f"semantic_permutation_C{clusters}_{iterations}iter", f"_{iterations}iter",
+                           f"C{clusters}" if iterations == 1 else None, fused_kv=True)
         result["kmeans"].append(row)
+
+    def semantic_permutation_default(strategy: SemanticKMeans) -> None:
+        # The strategy at its field defaults (the candidates' cluster counts and iterations), warm-started as above.
+        warm = (km.kmeans(q, strategy.q_clusters, iterations=5, backend=backend)[1],
+                km.kmeans(k, strategy.kv_clusters, iterations=5, backend=backend)[1])
+        row = {
+            "clusters": f"default q{strategy.q_clusters}/kv{strategy.kv_clusters}",
+            "q_clusters": strategy.q_clusters,
+            "kv_clusters": strategy.kv_clusters,
+            "iterations": strategy.iterations,
+            "top_p": strategy.top_p,
+        }
+        lse = torch.randn(1, args.heads, args.tokens, 1, device=device)
+        semantic_steps(strategy, warm, lse, row, "semantic_permutation_default", "", "default", fused_kv=False)
+        result["kmeans_default"].append(row)
 
     # --- run each section; an error is recorded and the others still run (one device call) ---------------
     sections = [(f"draft_selection_block{b}", draft_selection, b) for b in ((128, 64) if not args.smoke else (64, 48))]
     sections += [(f"semantic_permutation_C{c}", semantic_permutation, c)
                  for c in ((64, 128, 256) if not args.smoke else (8, 16))]
+    # SemanticKMeans() as its fields default; the smoke run keeps the rest and takes its small cluster counts.
+    default = SemanticKMeans() if not args.smoke else dataclasses.replace(SemanticKMeans(), q_clusters=8, kv_clusters=16)
+    sections += [("semantic_permutation_default", semantic_permutation_default, default)]
     if args.only:
         wanted = set(args.only.split(","))
         unknown = wanted - {name for name, _, _ in sections}
@@ -495,6 +524,12 @@ def main() -> None:
             f"{row['cluster_select_ms']:.3f} (torch {row['cluster_select_reference_ms']:.3f}) | Lloyd iteration "
             f"{row['lloyd_iteration_ms']:.3f} | kmeans q+k 1/3 iter {row['kmeans_qk_1iter_ms']:.3f}/"
             f"{row['kmeans_qk_3iter_ms']:.3f}"
+        )
+    for row in result["kmeans_default"]:
+        print(
+            f"SemanticKMeans {row['clusters']} ({row['iterations']} iter, top_p {row['top_p']}): step "
+            f"{row['strategy_total_ms']:.3f} | out-scatter step {row['step_out_scatter_ms']:.3f} (cluster op in cluster "
+            f"order {row['cluster_kernel_in_cluster_order_ms']:.3f})"
         )
     print(f"{'strategy':<36} {'ms':>8} {'% dense':>8}  <= {ACCEPTANCE_PCT}%")
     for row in result["strategies"]:

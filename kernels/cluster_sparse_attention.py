@@ -22,10 +22,11 @@ Packed mode runs fewer key tiles whenever key clusters are not multiples of ``BL
 ``BLOCK_N`` 64, ~20% fewer), but gathers each tile row by row where padded mode loads one TMA box. Permutations
 (``q_perm``, ``kv_perm``) can be fused the same way: K and V rows are gathered from k, v in their original order
 and out and lse rows scattered back, with Q gathered by one launch (or in the kernel, ``q_gather``), in place of
-the runtime's separate gather and scatter launches. Neither has been timed on a GPU yet (benchmarks/
-attention_kernels.py and strategy_overheads.py time both; notes_attention_kernels.md has their sm_90 code), so the
-defaults are the measured ones: padded keys, and vdopt's runtime permutes with separate launches
-(vdopt/attention.py).
+the runtime's separate gather and scatter launches. Timed on an H100 (benchmarks/notes_attention_kernels.md):
+packed keys and in-kernel K/V gathers run their tiles at about 60% of the TMA-box rate, so the defaults are padded
+keys, and vdopt's runtime (vdopt/attention.py) gathers K and V with separate launches but passes ``q_perm``: Q
+gathered by one launch, out and lse scattered by the kernel as it stores them, which made the whole SVG2 step
+cheaper than scattering them with launches.
 """
 
 from __future__ import annotations
@@ -548,8 +549,8 @@ def cluster_sparse_attention(
     q: [B, H, Nq, D]; k, v: [B, H, Nk, D] (any strides), permuted so clusters are contiguous -- or in their
     original order with ``q_perm`` / ``kv_perm`` (int32 ``[N]`` or ``[B, H, N]``: position p of the clustered order
     holds original token ``perm[p]``), which the kernel applies as it loads rows and stores outputs, so no permuted
-    copy of q, k, v or out is made; out and lse then come back in q's original order (not yet timed on a GPU, so
-    the runtime does not use it; see the module docstring).
+    copy of k, v or out is made (Q is gathered by one launch); out and lse then come back in q's original order.
+    The runtime passes ``q_perm`` only (see the module docstring for why).
     q_offsets: int32 [B, H, Cq + 1]; kv_offsets: int32 [B, H, Ck + 1]; kv_cluster_indices: int32
     [B, H, Cq, max_kept]; kv_cluster_counts: int32 [B, H, Cq]. backend/validate as in block_sparse_attention;
     kv_packing as in :func:`cluster_sparse_attention_triton` (the reference ignores it). ``head_indices``: a

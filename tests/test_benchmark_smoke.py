@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from vdopt.strategies import SemanticKMeans
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 pytestmark = pytest.mark.slow
 
@@ -50,7 +52,13 @@ def test_strategy_overheads_smoke(tmp_path: Path) -> None:
     assert not data["errors"], data["errors"]
     fused = {key: value for key, value in data["checks"].items()
              if key.startswith(("fused_permutation", "out_scatter"))}
-    assert len(fused) == 4 and all(value < 1e-2 for value in fused.values()), fused
+    assert len(fused) == 5 and all(value < 1e-2 for value in fused.values()), fused
     names = {row["strategy"] for row in data["strategies"]}
     assert any(name.endswith("_fused") for name in names) and any(name.endswith("_out_scatter") for name in names)
+    # SemanticKMeans at its field defaults (the smoke run only lowers the cluster counts).
+    assert {"semantic_permutation_default", "semantic_permutation_default_out_scatter"} <= names
+    [default] = data["kmeans_default"]
+    assert (default["iterations"], default["top_p"]) == (SemanticKMeans().iterations, SemanticKMeans().top_p)
+    assert all(default[f"{key}_ms"] > 0 for key in ("strategy_total", "step_out_scatter",
+                                                     "cluster_kernel_in_cluster_order"))
     assert any(name.startswith("semantic_permutation") for name in names)

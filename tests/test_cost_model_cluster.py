@@ -109,10 +109,9 @@ def test_kmeans_and_pooled_overhead_counts() -> None:
     for kernel, launches, _ in kmeans:
         counts[kernel] = counts.get(kernel, 0) + launches
     # Per tensor (q, k): 2 assignments, 2 updates (each sorting its labels inside), 1 sort for the permutation;
-    # then the cluster selection, 3 gathers + the output scatter, and the log-sum-exp scatter.
-    assert counts == {"kmeans_assign": 4, "kmeans_update": 4, "label_sort": 2, "cluster_select": 1, "gather": 5}
-    lse = [subs for kernel, _, subs in kmeans if kernel == "gather" and subs]
-    assert lse == [{f.D: 1, f.E: 4}]
+    # then the cluster selection and the Q, K, V gathers (the cluster kernel scatters out and lse as it stores).
+    assert counts == {"kmeans_assign": 4, "kmeans_update": 4, "label_sort": 2, "cluster_select": 1, "gather": 3}
+    assert all(not subs for kernel, _, subs in kmeans if kernel == "gather")
     assert f.overhead_kernels("pooled", 0) == [("pool_means", 2, {}), ("block_select", 1, {})]
 
 

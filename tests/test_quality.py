@@ -372,3 +372,16 @@ def test_time_match_searches_again_while_the_plan_measures_slower_than_its_basel
 
     plan, record = _match_measured_time(10.0, "baseline", 10.0, measure, 3, fails)
     assert plan == 10.0 and not record["no_slower_than_baseline"] and "error" in record["tries"][-1]
+
+
+def test_calibration_candidates_include_a_point_below_the_sparsest_target() -> None:
+    from vdopt.quality import baseline_grids, calibration_candidates, static_density
+
+    layout, block = TokenLayout(frames=8, rows=24, cols=24), 64
+    grids = baseline_grids(layout, block)
+    labels = {s.label() for s in calibration_candidates(grids, layout, block, (0.1, 0.2, 0.3))}
+    diagonals = [s for s in grids["sparse_vdit"][0] if s.label() in labels]
+    densities = sorted(static_density(s, layout, block) for s in diagonals)
+    # The diagonal nearest 0.1 (Sparse-vDiT's own point there) and a sparser one nearest 0.05.
+    assert densities[0] < 0.075 < densities[1]
+    assert abs(densities[1] - 0.1) < 0.02

@@ -132,6 +132,20 @@ def test_kmeans_warm_starts_from_state() -> None:
     torch.testing.assert_close(k_centroids, kmeans(k, 9, 2, seed=1)[1])
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_cluster_query_permutation_in_kernel_equals_launches(dtype, tol) -> None:
+    from vdopt.attention import pattern_attention
+
+    q, k, v = (x.to(dtype) for x in _qk(2, 3, LAYOUT.video_tokens, 16, seed=3))
+    pattern = SemanticKMeans(q_clusters=6, kv_clusters=9, top_p=0.7).build(q, k, PatternContext(LAYOUT, 16, {}))
+    fused_out, fused_lse = pattern_attention(q, k, v, pattern, 0.25, query_permutation="kernel")
+    out, lse = pattern_attention(q, k, v, pattern, 0.25, query_permutation="launches")
+    torch.testing.assert_close(fused_out.float(), out.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(fused_lse, lse, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="query_permutation must be 'kernel' or 'launches', got 'gpu'"):
+        pattern_attention(q, k, v, pattern, 0.25, query_permutation="gpu")
+
+
 def test_strategy_json_round_trip_and_errors() -> None:
     for strategy in SPARSE + [Dense()]:
         assert strategy_from_json(strategy.to_json()) == strategy

@@ -28,22 +28,37 @@ def _permute(x: torch.Tensor, perm: torch.Tensor | None, inverse: bool = False) 
     return scatter_tokens(x, perm) if inverse else gather_tokens(x, perm)
 
 
+# Who applies a clustered pattern's query permutation: "kernel" has the cluster op gather Q (one launch, so its tiles
+# still load as TMA boxes) and scatter out and lse as it stores them; "launches" gathers Q and scatters out and lse
+# with separate launches. On the H100 (strategy_overheads_2026-12-05_rounds.json, Wan2.1-1.3B, 64 clusters) "kernel"
+# made the whole SVG2 step 0.10-0.16 ms (about 1% of dense attention) cheaper. Keys and values are always gathered by
+# launches: gathered in the kernel they lose their TMA boxes, which costs more than the launches.
+CLUSTER_QUERY_PERMUTATION = "kernel"
+
+
 def pattern_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: SparsePattern, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: SparsePattern, scale: float,
+    *, query_permutation: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of video tokens ``q, k, v: [B, G, N, D]`` under ``pattern`` -> (out, lse float32), original order."""
-    qp, kp, vp = _permute(q, pattern.q_perm), _permute(k, pattern.kv_perm), _permute(v, pattern.kv_perm)
+    """Attention of video tokens ``q, k, v: [B, G, N, D]`` under ``pattern`` -> (out, lse float32), original order.
+
+    ``query_permutation`` ("kernel" or "launches", default :data:`CLUSTER_QUERY_PERMUTATION`) says how a clustered
+    pattern's query permutation is applied; both give the same result."""
+    mode = CLUSTER_QUERY_PERMUTATION if query_permutation is None else query_permutation
+    if mode not in ("kernel", "launches"):
+        raise ValueError(f"query_permutation must be 'kernel' or 'launches', got {mode!r}")
+    kp, vp = _permute(k, pattern.kv_perm), _permute(v, pattern.kv_perm)
     if pattern.is_clustered:
         from vdopt.kernels.cluster_sparse_attention import cluster_sparse_attention
 
-        out, lse = cluster_sparse_attention(
-            qp, kp, vp, pattern.q_offsets, pattern.kv_offsets, pattern.kv_block_indices, pattern.kv_block_counts,
-            scale=scale,
-        )
+        lists = (pattern.q_offsets, pattern.kv_offsets, pattern.kv_block_indices, pattern.kv_block_counts)
+        if mode == "kernel" and pattern.q_perm is not None:
+            return cluster_sparse_attention(q, kp, vp, *lists, scale=scale, q_perm=pattern.q_perm)
+        out, lse = cluster_sparse_attention(_permute(q, pattern.q_perm), kp, vp, *lists, scale=scale)
     else:
         out, lse = block_sparse_attention(
-            qp, kp, vp, pattern.kv_block_indices, pattern.kv_block_counts, pattern.block_size, pattern.block_size,
-            scale=scale,
+            _permute(q, pattern.q_perm), kp, vp, pattern.kv_block_indices, pattern.kv_block_counts,
+            pattern.block_size, pattern.block_size, scale=scale,
         )
     out = _permute(out, pattern.q_perm, inverse=True)
     lse = _permute(lse[..., None], pattern.q_perm, inverse=True)[..., 0]

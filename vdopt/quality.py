@@ -637,9 +637,14 @@ def _static_choices(grids: dict[str, list[list[Strategy]]], layout: TokenLayout,
 
 def calibration_candidates(grids: dict[str, list[list[Strategy]]], layout: TokenLayout, block_size: int,
                            targets: Sequence[float]) -> tuple[Strategy, ...]:
-    """vdopt's default candidates, the static baseline points nearest each target and every dynamic grid point."""
+    """vdopt's default candidates, the static baseline points nearest each target and nearest half the smallest
+    target, and every dynamic grid point.
+
+    The half-target points give the search something cheaper than the sparsest baseline: without them the
+    sparsest baseline's plan is often the cheapest plan there is, so at its time it is the only feasible one."""
     out: dict[str, Strategy] = {s.label(): s for s in default_candidates()}
-    out |= {s.label(): s for s in _static_choices(grids, layout, block_size, targets)}
+    floor = (min(targets) / 2,) if targets else ()
+    out |= {s.label(): s for s in _static_choices(grids, layout, block_size, (*targets, *floor))}
     for kinds in grids.values():
         for grid in kinds:
             if grid[0].dynamic:
