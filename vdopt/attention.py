@@ -30,8 +30,9 @@ def _permute(x: torch.Tensor, perm: torch.Tensor | None, inverse: bool = False) 
 
 # Who applies a clustered pattern's query permutation: "kernel" has the cluster op gather Q (one launch, so its tiles
 # still load as TMA boxes) and scatter out and lse as it stores them; "launches" gathers Q and scatters out and lse
-# with separate launches. On the H100 (strategy_overheads_2026-12-05_rounds.json, Wan2.1-1.3B, 64 clusters) "kernel"
-# made the whole SVG2 step 0.10-0.16 ms (about 1% of dense attention) cheaper. Keys and values are always gathered by
+# with separate launches. On the H100 (strategy_overheads_2026-12-05_rounds.json, Wan2.1-1.3B) "kernel" made the whole
+# SVG2 step 0.10-0.16 ms (about 1% of dense attention) cheaper at 64 clusters and at 128 with 1 iteration, and was
+# within the timing noise at 128 clusters with 3 iterations and at 256. Keys and values are always gathered by
 # launches: gathered in the kernel they lose their TMA boxes, which costs more than the launches.
 CLUSTER_QUERY_PERMUTATION = "kernel"
 
