@@ -14,7 +14,8 @@ At the Wan2.1-1.3B self-attention shape (B1 H12 N32760 D128, bf16) it times, wit
   gathering Q, K, V and scattering the output and its log-sum-exp back; the strategy total times
   ``SemanticKMeans.build`` (warm-started from the site state) plus those permutations by launches; the
   ``_out_scatter`` total (what vdopt's runtime runs since 2026-12-05: Q gathered by the op's launch, out and lse
-  scattered by the kernel) counts the cluster op with ``q_perm`` less the op on inputs in cluster order; the fused total times ``SemanticKMeans.build`` plus the cluster op with ``q_perm``/``kv_perm`` (one Q gather
+  scattered by the kernel) counts the cluster op with ``q_perm`` less the op on inputs in cluster order; the
+  fused total times ``SemanticKMeans.build`` plus the cluster op with ``q_perm``/``kv_perm`` (one Q gather
   launch, the kernel gathering K/V rows and scattering the output itself) less the cluster op on inputs already
   in cluster order;
 - the same strategy totals, by launches and with only the output scatter fused, for ``SemanticKMeans()`` with its
@@ -144,6 +145,7 @@ def main() -> None:
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             dense_ms = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    lse = torch.randn(1, args.heads, args.tokens, 1, device=device)  # the log-sum-exp the unfused steps scatter back
 
     def pct(ms: float) -> float:
         return round(100.0 * ms / dense_ms, 3)
@@ -286,13 +288,13 @@ def main() -> None:
                 }
             )
 
-    def semantic_steps(strategy: SemanticKMeans, warm: tuple[torch.Tensor, torch.Tensor], lse: torch.Tensor,
-                       row: dict, name: str, suffix: str, check: str | None, fused_kv: bool) -> None:
+    def semantic_steps(strategy: SemanticKMeans, warm: tuple[torch.Tensor, torch.Tensor], row: dict, name: str,
+                       suffix: str, check: str | None, fused_kv: bool) -> None:
         """Times whole denoising steps of ``strategy``, its site state warm with ``warm`` (converged Q and K
-        centroids), and appends them to ``result["strategies"]``: ``name`` (permutations by launches), ``name``_fused (every permutation fused into the cluster op; only with ``fused_kv``) and
+        centroids), and appends them to ``result["strategies"]``: ``name`` (permutations by launches),
+        ``name``_fused (every permutation fused into the cluster op; only with ``fused_kv``) and
         ``name``_out_scatter (the output scatter fused: what the runtime runs). Component timings go into ``row`` as
-        ``<component>{suffix}_ms``; ``check`` (None: none) suffixes the fused-vs-gathered checks.
-        lse: [batch, heads, tokens, 1], the log-sum-exp the unfused step scatters back."""
+        ``<component>{suffix}_ms``; ``check`` (None: none) suffixes the fused-vs-gathered checks."""
         # The site's state starts warm (the converged centroids); every timed step warm-starts from the last.
         state = {f"kmeans:{strategy.q_clusters}:{strategy.kv_clusters}:{tuple(q.shape)}": warm}
         ctx = PatternContext(TokenLayout(1, 1, args.tokens), 128, state)
@@ -412,8 +414,6 @@ def main() -> None:
         checks[f"cluster_select_rows_differing_C{clusters}"] = _rows_differing(
             cluster_lists, selection.cluster_select_top_p_reference(centroids_q, centroids_k, offsets_k, TOP_P), clusters
         )
-        lse = torch.randn(1, args.heads, args.tokens, 1, device=device)
-
         row = {
             "clusters": clusters,
             "assign_ms": bench(lambda c=centroids_q: km._assign_triton(q, c)),
@@ -458,7 +458,7 @@ def main() -> None:
                 )
             )
             strategy = SemanticKMeans(q_clusters=clusters, kv_clusters=clusters, top_p=TOP_P, iterations=iterations)
-            semantic_steps(strategy, (centroids_q, centroids_k), lse, row,
+            semantic_steps(strategy, (centroids_q, centroids_k), row,
                            f"semantic_permutation_C{clusters}_{iterations}iter", f"_{iterations}iter",
                            f"C{clusters}" if iterations == 1 else None, fused_kv=True)
         result["kmeans"].append(row)
@@ -474,8 +474,7 @@ def main() -> None:
             "iterations": strategy.iterations,
             "top_p": strategy.top_p,
         }
-        lse = torch.randn(1, args.heads, args.tokens, 1, device=device)
-        semantic_steps(strategy, warm, lse, row, "semantic_permutation_default", "", "default", fused_kv=False)
+        semantic_steps(strategy, warm, row, "semantic_permutation_default", "", "default", fused_kv=False)
         result["kmeans_default"].append(row)
 
     # --- run each section; an error is recorded and the others still run (one device call) ---------------
@@ -483,7 +482,9 @@ def main() -> None:
     sections += [(f"semantic_permutation_C{c}", semantic_permutation, c)
                  for c in ((64, 128, 256) if not args.smoke else (8, 16))]
     # SemanticKMeans() as its fields default; the smoke run keeps the rest and takes its small cluster counts.
-    default = SemanticKMeans() if not args.smoke else dataclasses.replace(SemanticKMeans(), q_clusters=8, kv_clusters=16)
+    default = SemanticKMeans()
+    if args.smoke:
+        default = dataclasses.replace(default, q_clusters=8, kv_clusters=16)
     sections += [("semantic_permutation_default", semantic_permutation_default, default)]
     if args.only:
         wanted = set(args.only.split(","))

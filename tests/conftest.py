@@ -7,14 +7,14 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 # Without a GPU the kernel tests run Triton's interpreter, which must be on before anything imports triton (its
 # @jit functions, tl.cumsum included, are made interpreted or compiled when triton is imported): whichever test
 # module is collected first, and whatever it imports, sees it set.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-import torch.nn.functional as F
-from torch import nn
 
 
 class TinyDiTBlock(nn.Module):

@@ -128,7 +128,7 @@ class CalibrationResult:
 
 
 def site_to_json(site: AttentionSite) -> dict[str, Any]:
-    return {**asdict(site), "layout": None if site.layout is None else site.layout.to_json()}
+    return asdict(site)  # the layout, a dataclass too, becomes its dict
 
 
 def site_from_json(data: dict[str, Any]) -> AttentionSite:
