@@ -167,7 +167,9 @@ def _attend_query_tile(
     index_row = KvIndices + b * stride_ib + g * stride_ih + q_block * stride_iq
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    if HOST_TMA:
+    if HOST_TMA == 3:
+        q = Q.load([b.to(tl.int32), h.to(tl.int32), row0, 0]).reshape(BLOCK_M, HEAD_DIM)
+    elif HOST_TMA:
         q_row, q_col = _host_tma_origin(b, h, stride_qb, stride_qh, stride_qn, HOST_TMA)
         k_row, k_col = _host_tma_origin(b, h, stride_kb, stride_kh, stride_kn, HOST_TMA)
         v_row, v_col = _host_tma_origin(b, h, stride_vb, stride_vh, stride_vn, HOST_TMA)
@@ -195,7 +197,10 @@ def _attend_query_tile(
     for t in tl.range(0, count * TILES_PER_BLOCK, num_stages=NUM_STAGES):
         kv_block = tl.load(index_row + t // TILES_PER_BLOCK)
         kv_start = kv_block * LAYOUT_BLOCK_N + (t % TILES_PER_BLOCK) * BLOCK_N
-        if HOST_TMA:
+        if HOST_TMA == 3:
+            k = K.load([b.to(tl.int32), h.to(tl.int32), kv_start, 0]).reshape(BLOCK_N, HEAD_DIM)
+            v = V.load([b.to(tl.int32), h.to(tl.int32), kv_start, 0]).reshape(BLOCK_N, HEAD_DIM)
+        elif HOST_TMA:
             k = K.load([k_row + kv_start, k_col])
             v = V.load([v_row + kv_start, v_col])
         elif USE_TMA:
@@ -246,7 +251,7 @@ def _set_host_descriptor_boxes(nargs: dict) -> None:
     """Autotuner pre-hook: give host-made descriptors the tile shape of the config about to run."""
     if nargs.get("HOST_TMA"):
         for name, rows in (("Q", nargs["BLOCK_M"]), ("K", nargs["BLOCK_N"]), ("V", nargs["BLOCK_N"])):
-            nargs[name].block_shape = [rows, nargs["HEAD_DIM"]]
+            nargs[name].block_shape = _descriptor_box(nargs["HOST_TMA"], rows, nargs["HEAD_DIM"])
 
 
 def _autotune_configs() -> list[triton.Config]:
@@ -266,9 +271,19 @@ _block_sparse_fwd_autotuned = triton.autotune(
 )(_block_sparse_fwd_kernel)
 
 
-# HOST_TMA layouts of a [B, H, N, D] tensor's storage that a 2-D descriptor of rows of stride(2) elements covers
-# exactly (no rows outside the tensor): heads stacked as rows, or side by side within a row.
-_HEAD_MAJOR, _TOKEN_MAJOR = 1, 2
+# HOST_TMA layouts of a [B, H, N, D] tensor. 1 and 2 ("storage" descriptors): one 2-D descriptor of rows of
+# stride(2) elements covers its storage exactly, heads stacked as rows (1) or side by side within a row (2); a
+# tile past a head's last row reads the next head's rows. 3 ("per_head"): a 4-D descriptor of the tensor's own
+# shape and strides (the copy engine takes them in any order) with boxes of [1, 1, rows, D], so each box is
+# bounded by its own head and reads zeros past it, as in-kernel descriptors do. A [1, rows, 1, D] box over
+# [B, N, H, D] dims compiled to a different pipeline (a third less shared memory, 160 stack bytes; Triton 3.6,
+# tests/hopper_codegen.py), so the box keeps the rows innermost-but-one whatever the memory order.
+_HEAD_MAJOR, _TOKEN_MAJOR, _PER_HEAD = 1, 2, 3
+HOST_DESCRIPTOR_KINDS = ("per_head", "storage")
+
+
+def _descriptor_box(layout: int, rows: int, head_dim: int) -> list[int]:
+    return [1, 1, rows, head_dim] if layout == _PER_HEAD else [rows, head_dim]
 
 
 def host_descriptor_layout(*tensors: torch.Tensor) -> int:
@@ -291,18 +306,23 @@ def host_descriptor_layout(*tensors: torch.Tensor) -> int:
 
 
 def _host_descriptors(layout: int, tensors: tuple[torch.Tensor, ...], rows: tuple[int, ...]) -> list:
-    """2-D tensor descriptors over the storage of ``[B, H, N, D]`` tensors in ``layout`` (rows of stride(2)
-    elements; head-major: B*H*N rows of D, token-major: B*N rows of H*D), tiles of ``rows`` x D."""
+    """Tensor descriptors of ``[B, H, N, D]`` tensors in HOST_TMA ``layout``, tiles of ``rows`` x D: per-head,
+    4-D over the tensor's own shape and strides; storage layouts, 2-D over the storage (rows of stride(2)
+    elements; head-major: B*H*N rows of D, token-major: B*N rows of H*D)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     out = []
     for t, r in zip(tensors, rows):
         batch, heads, tokens, head_dim = t.shape
+        box = _descriptor_box(layout, r, head_dim)
+        if layout == _PER_HEAD:
+            out.append(TensorDescriptor(t, list(t.shape), list(t.stride()), box))
+            continue
         if layout == _HEAD_MAJOR:
             shape = [batch * heads * tokens, head_dim]
         else:
             shape = [batch * tokens, (heads - 1) * t.stride(1) + head_dim]
-        out.append(TensorDescriptor(t, shape, [t.stride(2), 1], [r, head_dim]))
+        out.append(TensorDescriptor(t, shape, [t.stride(2), 1], box))
     return out
 
 
@@ -356,17 +376,18 @@ def block_sparse_attention_triton(
     config: tuple[int, int, int, int] | None = None,
     use_tma: bool | None = None,
     kv_ragged_mode: int = RAGGED_MASK_IN_BRANCH,
-    host_descriptors: bool = False,
+    host_descriptors: bool | str = False,
     persistent: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the Triton kernel (no validation of the index lists; see :func:`block_sparse_attention`).
 
     ``config = (BLOCK_M, BLOCK_N, stages, warps)`` pins the tiles (None: autotuned on GPU, (128, 64, 2, 4)
     under the interpreter); ``use_tma`` None picks tensor-descriptor loads wherever the GPU and strides allow.
-    ``host_descriptors``: make the TMA descriptors once on the host (2-D, over the tensors' storage) instead of
-    three per program inside the kernel; opt-in until a GPU run shows it pays (benchmarks/notes_attention_kernels.md).
-    A tile that runs past a head's last row then reads the next head's or batch's rows (zeros past the tensor's
-    end) where the in-kernel descriptors read zeros: they get zero weight, so results are equal for finite inputs.
+    ``host_descriptors``: make the TMA descriptors once on the host instead of three per program inside the kernel;
+    opt-in until a GPU run shows it pays (benchmarks/notes_attention_kernels.md). True or ``"per_head"``: 4-D
+    descriptors whose boxes are one head's rows, so a tile past a head's last row reads zeros, as in-kernel
+    descriptors do. ``"storage"``: 2-D descriptors over the tensors' storage; such a tile reads the next head's
+    or batch's rows, which get zero weight (equal results for finite inputs; a non-finite value there spreads).
     ``persistent``: launch :data:`PERSISTENT_PROGRAMS_PER_SM` programs per SM that take the query tiles longest key
     list first (a pinned config, default ``TILE_CONFIGS[0]``); opt-in until timed.
     """
@@ -390,14 +411,29 @@ def block_sparse_attention_triton(
     if use_tma is None:
         use_tma = _backends.tma_compatible(q, k, v)
     host_layout = 0
+    if host_descriptors is True:
+        host_descriptors = "per_head"
     if host_descriptors:
-        host_layout = host_descriptor_layout(q, k, v)
-        if not (use_tma and host_layout):
-            raise ValueError(
-                f"{_OP}: host_descriptors=True needs TMA-compatible q, k, v (sm90+, 16-byte aligned, unit last stride) "
-                "sharing one storage layout ([B, H, N, D] or [B, N, H, D], see host_descriptor_layout); got strides "
-                f"{q.stride()}, {k.stride()}, {v.stride()}. Call with host_descriptors=False"
-            )
+        if host_descriptors not in HOST_DESCRIPTOR_KINDS:
+            raise ValueError(f"{_OP}: host_descriptors must be False, True or one of {HOST_DESCRIPTOR_KINDS}, "
+                             f"got {host_descriptors!r}")
+        if host_descriptors == "per_head":
+            host_layout = _PER_HEAD
+            if not use_tma:
+                raise ValueError(
+                    f"{_OP}: host_descriptors='per_head' needs TMA-compatible q, k, v (sm90+, 16-byte aligned base "
+                    f"and strides, unit last stride); got strides {q.stride()}, {k.stride()}, {v.stride()}. "
+                    "Call with host_descriptors=False"
+                )
+        else:
+            host_layout = host_descriptor_layout(q, k, v)
+            if not (use_tma and host_layout):
+                raise ValueError(
+                    f"{_OP}: host_descriptors='storage' needs TMA-compatible q, k, v (sm90+, 16-byte aligned, unit "
+                    "last stride) sharing one storage layout ([B, H, N, D] or [B, N, H, D], see "
+                    f"host_descriptor_layout); got strides {q.stride()}, {k.stride()}, {v.stride()}. Call with "
+                    "host_descriptors='per_head' or False"
+                )
     elif use_tma:
         _backends.ensure_descriptor_allocator()
     kv_block_indices = kv_block_indices if kv_block_indices.stride(-1) == 1 else kv_block_indices.contiguous()
@@ -423,7 +459,7 @@ def block_sparse_attention_triton(
         tile_n = _largest_pow2_divisor(block_n, config[1])
         if tile_n < _MIN_TMA_TILE_N and not _backends.interpreting():
             if host_layout:
-                raise ValueError(f"{_OP}: host_descriptors=True needs key tiles of >= {_MIN_TMA_TILE_N} rows; "
+                raise ValueError(f"{_OP}: host_descriptors needs key tiles of >= {_MIN_TMA_TILE_N} rows; "
                                  f"block_n {block_n} gives {tile_n}")
             common["USE_TMA"] = False
     # Autotuned launches set the descriptors' boxes per config (_set_host_descriptor_boxes).

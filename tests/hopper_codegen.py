@@ -95,6 +95,10 @@ def variants() -> dict[str, tuple]:
                                stages, None, 90),
         "block_host_tma_d128": (bsa._block_sparse_fwd_kernel, {**block, "HEAD_DIM": 128, "HOST_TMA": 2}, warps,
                                 stages, boxes, 90),
+        # Per-head 4-D descriptors ([B, H, N, D] dims with the tensor's strides, boxes of one head's rows).
+        "block_host_tma_per_head_d128": (bsa._block_sparse_fwd_kernel, {**block, "HEAD_DIM": 128, "HOST_TMA": 3},
+                                         warps, stages, {n: f"tensordesc<bf16[1, 1, {r}, 128]>" for n, r in
+                                                         (("Q", block_m), ("K", block_n), ("V", block_n))}, 90),
         "block_persistent_host_tma_d128": (bsa._block_sparse_fwd_kernel,
                                            {**block, "HEAD_DIM": 128, "HOST_TMA": 2, "PERSISTENT": True}, warps,
                                            stages, boxes, 90),

@@ -91,20 +91,50 @@ def test_kernel_matches_reference(dtype, head_dim, batch, use_tma):
 
 
 @interpreted
+@pytest.mark.parametrize("kind", ["per_head", "storage"])
 @pytest.mark.parametrize("token_major", [True, False], ids=["BNHD", "BHND"])
 @pytest.mark.parametrize("dtype,head_dim,batch", [(torch.float32, 32, 2), (torch.bfloat16, 64, 1),
                                                   (torch.float16, 16, 2)])
-def test_host_descriptors_match_reference(token_major, dtype, head_dim, batch):
-    """Host-made 2-D descriptors over either memory order: ragged query/key counts (the rows read past a head's last
-    row, the next head's or batch's, must get no weight), an empty row, batch 2, a head-group launch."""
+def test_host_descriptors_match_reference(kind, token_major, dtype, head_dim, batch):
+    """Host-made descriptors (4-D per head, or 2-D over the storage) in either memory order: ragged query/key
+    counts (storage descriptors read the next head's or batch's rows there, which must get no weight), an empty
+    row, batch 2, a head-group launch."""
     q, k, v = random_inputs(batch, 3, 70, 90, head_dim, dtype, token_major=token_major)
     assert bsa.host_descriptor_layout(q, k, v) == (2 if token_major else 1)
     idx, cnt = random_lists(batch, 3, 3, 6, empty_rows=[(0, 1, 2)])
     out, lse = bsa.block_sparse_attention_triton(q, k, v, idx, cnt, 32, 16, config=(32, 16, 2, 4),
-                                                 host_descriptors=True)
+                                                 host_descriptors=kind)
     ref, ref_lse = block_sparse_attention_reference(q, k, v, idx, cnt, 32, 16)
     assert_matches(out, lse, ref, ref_lse, dtype)
-    assert_head_group_matches(q, k, v, idx, cnt, [2, 0], dtype, host_descriptors=True)
+    assert_head_group_matches(q, k, v, idx, cnt, [2, 0], dtype, host_descriptors=kind)
+
+
+@interpreted
+@pytest.mark.parametrize("token_major", [True, False], ids=["BNHD", "BHND"])
+def test_per_head_descriptors_read_zeros_past_a_heads_rows(token_major):
+    """q, k, v as the first 70/90 rows of longer buffers whose other rows hold NaN: per-head descriptors bound
+    each ragged tile by its own head's rows, so the NaNs never reach the output (storage descriptors cannot
+    describe these padded views at all)."""
+    batch, heads, head_dim, pad = 2, 3, 32, 24
+    full = [random_inputs(batch, heads, n + pad, n + pad, head_dim, torch.float16, token_major=token_major)[i]
+            for i, n in ((0, 70), (1, 90), (2, 90))]
+    for t in full:
+        t[:, :, -pad:] = float("nan")
+    q, k, v = full[0][:, :, :70], full[1][:, :, :90], full[2][:, :, :90]
+    assert bsa.host_descriptor_layout(q, k, v) == 0
+    idx, cnt = random_lists(batch, heads, 3, 6)
+    out, lse = bsa.block_sparse_attention_triton(q, k, v, idx, cnt, 32, 16, config=(32, 16, 2, 4),
+                                                 host_descriptors=True)
+    ref, ref_lse = block_sparse_attention_reference(q, k, v, idx, cnt, 32, 16)
+    assert torch.isfinite(out).all() and not torch.isnan(lse).any()
+    assert_matches(out, lse, ref, ref_lse, torch.float16)
+
+
+def test_host_descriptors_rejects_an_unknown_kind():
+    q, k, v = random_inputs(1, 2, 40, 40, 16, torch.float16)
+    idx, cnt = random_lists(1, 2, 3, 3)
+    with pytest.raises(ValueError, match=r"host_descriptors must be False, True or one of .*'per_head'.* got 'tma'"):
+        bsa.block_sparse_attention_triton(q, k, v, idx, cnt, 16, 16, config=(16, 16, 2, 4), host_descriptors="tma")
 
 
 def assert_head_group_matches(q, k, v, idx, cnt, heads, dtype, **options):
@@ -162,9 +192,17 @@ def test_host_descriptor_layout_needs_one_memory_order():
     # Batch not outermost ([N, B, H, D] storage): no descriptor layout.
     assert bsa.host_descriptor_layout(torch.randn(40, 2, 3, 16).permute(1, 2, 0, 3)) == 0
     idx, cnt = random_lists(2, 3, 3, 3)
-    with pytest.raises(ValueError, match=r"host_descriptors=True needs TMA-compatible q, k, v .* one storage layout"):
+    with pytest.raises(ValueError, match=r"host_descriptors='storage' needs TMA-compatible .* one storage layout"):
         bsa.block_sparse_attention_triton(q, k, v, idx, cnt, 16, 16, config=(16, 16, 2, 4), use_tma=True,
-                                          host_descriptors=True)
+                                          host_descriptors="storage")
+    # Per-head descriptors take each tensor's own strides, so mixed memory orders are fine.
+    out, lse = bsa.block_sparse_attention_triton(q, k, v, idx, cnt, 16, 16, config=(16, 16, 2, 4),
+                                                 host_descriptors="per_head")
+    ref, ref_lse = block_sparse_attention_reference(q, k, v, idx, cnt, 16, 16)
+    assert_matches(out, lse, ref, ref_lse, torch.float16)
+    with pytest.raises(ValueError, match=r"host_descriptors='per_head' needs TMA-compatible .* Call with host_desc"):
+        bsa.block_sparse_attention_triton(q, k, v, idx, cnt, 16, 16, config=(16, 16, 2, 4), use_tma=False,
+                                          host_descriptors="per_head")
 
 
 @interpreted
