@@ -27,7 +27,8 @@ try:
 except ImportError as error:  # pragma: no cover -- depends on the Triton build
     pytest.skip(f"this Triton cannot compile for CUDA targets here: {error}", allow_module_level=True)
 
-BOX_LOADED = {"block_tma_d128", "block_tma_d64_head_group", "block_host_tma_d128", "block_persistent_host_tma_d128",
+BOX_LOADED = {"block_tma_d128", "block_tma_d64_head_group", "block_host_tma_d128", "block_host_tma_per_head_d128",
+              "block_persistent_host_tma_d128",
               "cluster_padded", "cluster_padded_out_scatter"}
 GATHERED = {"block_pointer_d128", "cluster_packed", "cluster_packed_permuted", "cluster_padded_permuted",
             "cluster_packed_permuted_q_in_kernel"}
@@ -63,6 +64,11 @@ def test_box_loads_use_tma_and_gathers_are_prefetched(records) -> None:
     # Host-made descriptors: the kernel builds none (device-side creation writes a descriptor to global scratch and
     # fences it: tensormap instructions in the PTX).
     assert records["block_host_tma_d128"]["tensormap"] == 0 < records["block_tma_d128"]["tensormap"]
+    # Per-head (4-D) descriptors: the rank-reducing box load compiles to the 2-D one's pipeline, no extra copies.
+    per_head, storage = records["block_host_tma_per_head_d128"], records["block_host_tma_d128"]
+    assert per_head["tensormap"] == 0
+    assert (per_head["tma"], per_head["wgmma"], per_head["shared_bytes"]) == (
+        storage["tma"], storage["wgmma"], storage["shared_bytes"]), (per_head, storage)
     # Fused permutations gather K/V rows: the only box load left is Q's, gone when the kernel gathers Q too.
     assert records["cluster_padded_permuted"]["tma"] > 0 and records["cluster_packed_permuted_q_in_kernel"]["tma"] == 0
     # Only the output scattered: Q, K and V all still load as boxes, as in the padded default, and nothing is gathered.
