@@ -95,7 +95,7 @@ def test_site_dp_is_optimal_against_brute_force(seed: int) -> None:
 
     def cost(choice) -> float:
         used = frozenset().union(*(options[h][i].groups for h, i in enumerate(choice)))
-        return sum(options[h][i].seconds for h, i in enumerate(choice)) + sum(fixed[k] for k in used)
+        return sum(options[h][i].cost for h, i in enumerate(choice)) + sum(fixed[k] for k in used)
 
     def load(choice, rounding) -> int:
         return sum(rounding(options[h][i].weight * capacity) for h, i in enumerate(choice))

@@ -143,14 +143,17 @@ class SearchConfig:
 
 @dataclass(frozen=True)
 class Option:
-    """One candidate for one head: its per-head seconds, fused groups, knapsack weight and calibrated figures.
+    """One candidate for one head: the cost a knapsack minimises, fused groups, knapsack weight and calibrated
+    figures.
 
-    ``weight``: share of the site's error capacity it uses (0 under the recall floor); ``reason``: why it is
+    ``cost``: per-head seconds in the per-site latency search (:func:`solve_site`), the head's share of predicted
+    squared error in the plan-wide density and time searches (their items, see ``_density_items``). ``weight``:
+    share of the capacity it uses (error capacity per site; density in the density search); ``reason``: why it is
     infeasible (empty when feasible).
     """
 
     label: str
-    seconds: float
+    cost: float
     groups: frozenset[str]
     weight: float = 0.0
     recall: float = 1.0
@@ -175,7 +178,7 @@ class Solution:
 
 def _dp(options: list[list[Option]], allowed: list[list[int]], weights: list[list[int]], capacity: int
         ) -> tuple[float, list[int]] | None:
-    """Minimum total seconds with total weight <= capacity, one allowed option per head; None if infeasible."""
+    """Minimum total cost with total weight <= capacity, one allowed option per head; None if infeasible."""
     best = np.zeros(capacity + 1)
     picks: list[np.ndarray] = []
     # One pick array per item: the narrowest integer type keeps thousands of items (the density search over every
@@ -189,7 +192,7 @@ def _dp(options: list[list[Option]], allowed: list[list[int]], weights: list[lis
             if w > capacity:
                 continue
             cand = np.full(capacity + 1, np.inf)
-            cand[w:] = best[: capacity + 1 - w] + options[head][i].seconds
+            cand[w:] = best[: capacity + 1 - w] + options[head][i].cost
             better = cand < new  # strict: the earlier-listed option keeps ties
             new[better], pick[better] = cand[better], i
         best = new
@@ -228,7 +231,7 @@ def solve_site(options: list[list[Option]], fixed: dict[str, float], capacity: i
 
     def true_cost(choice: list[int]) -> tuple[float, frozenset[str]]:
         used = frozenset().union(*(options[h][i].groups for h, i in enumerate(choice)))
-        return sum(options[h][i].seconds for h, i in enumerate(choice)) + sum(fixed.get(k, 0.0) for k in used), used
+        return sum(options[h][i].cost for h, i in enumerate(choice)) + sum(fixed.get(k, 0.0) for k in used), used
 
     def enumerate_best(weights: list[list[int]]) -> tuple[float, list[int] | None]:
         feasible = [[i for i, o in enumerate(opts) if not o.reason] for opts in options]
@@ -323,11 +326,11 @@ class SearchReport:
                     why = why_by_budget.get(self.config.budget, f"site DP, uses {c.weight:.0%} of the error budget")
                     if c.reason:
                         why = c.reason
-                    lines.append(f"  head {h}: {c.label} ({why}; {c.seconds * 1e3:.4f} ms/head, recall {c.recall:.3f}, "
+                    lines.append(f"  head {h}: {c.label} ({why}; {c.cost * 1e3:.4f} ms/head, recall {c.recall:.3f}, "
                                  f"density {c.density:.3f}, error {c.rel_error:.3f})")
                     if e.runner_up is not None:
                         u = e.runner_up
-                        lines.append(f"    runner-up: {u.label} ({u.seconds * 1e3:.4f} ms/head, recall {u.recall:.3f}, "
+                        lines.append(f"    runner-up: {u.label} ({u.cost * 1e3:.4f} ms/head, recall {u.recall:.3f}, "
                                      f"density {u.density:.3f})")
                     if e.infeasible:
                         shown = "; ".join(f"{o.label}: {o.reason}" for o in e.infeasible[:4])
@@ -446,14 +449,14 @@ def _solve_range(problem: _SiteProblem, lo: int, hi: int, force_dense: bool) -> 
     solution = solve_site(options, fixed, capacity)
     chosen = [options[h][i] for h, i in enumerate(solution.choice)]
     dense = problem.dense_option()
-    dense_seconds = len(options) * dense.seconds + sum(fixed.get(k, 0.0) for k in dense.groups)
+    dense_seconds = len(options) * dense.cost + sum(fixed.get(k, 0.0) for k in dense.groups)
     groups: dict[str, int] = {}
     explanations = []
     for h, opts in enumerate(options):
         c = chosen[h]
         groups[attention_kernel(problem.candidates.get(c.label, Dense()))] = groups.get(
             attention_kernel(problem.candidates.get(c.label, Dense())), 0) + 1
-        feasible = sorted((o for o in opts if not o.reason and o.label != c.label), key=lambda o: o.seconds)
+        feasible = sorted((o for o in opts if not o.reason and o.label != c.label), key=lambda o: o.cost)
         explanations.append(HeadExplanation(c, feasible[0] if feasible else None, [o for o in opts if o.reason]))
     lo_t, hi_t = problem.bounds[lo], problem.bounds[hi]
     error = _site_error(chosen, norms)
@@ -476,7 +479,7 @@ def _schedule(problem: _SiteProblem) -> list[_RangeResult]:
         results[(0, forced)] = _solve_range(problem, 0, forced, True)
     if forced == m:
         return [results[(0, m)]]
-    tie = 1e-9 * problem.dense_option().seconds  # prefer fewer ranges when they cost the same
+    tie = 1e-9 * problem.dense_option().cost  # prefer fewer ranges when they cost the same
     for lo in range(forced, m):
         for hi in range(lo + 1, m + 1):
             results[(lo, hi)] = _solve_range(problem, lo, hi, False)
@@ -601,7 +604,7 @@ class _DensityItem:
 
 
 def _density_items(calibration: CalibrationResult, groups: list[list[float]], t_warmup: float) -> list[_DensityItem]:
-    """Per site, head and step group, every option with its objective share (``seconds``) and density share
+    """Per site, head and step group, every option with its objective share (``cost``: predicted squared error) and density share
     (``weight``); recall, error and density are the means over the group's samples."""
     heads_total = sum(stats.site.heads for stats in calibration.sites.values())
     gains = _output_gains(calibration)
@@ -690,7 +693,7 @@ def _density_choice(calibration: CalibrationResult, config: SearchConfig, incumb
         if picked is None:
             continue
         density = sum(options[k][i].weight for k, i in enumerate(picked))
-        value = sum(options[k][i].seconds for k, i in enumerate(picked))
+        value = sum(options[k][i].cost for k, i in enumerate(picked))
         if density <= config.density_budget * (1 + 1e-9) and value < objective - 1e-15:
             objective, choice, winner = value, picked, plan.search.get("method", "incumbent")
     record = {"predicted_sq_error": objective, "lower_bound_sq_error": lower_bound,
@@ -808,7 +811,7 @@ def _time_choice(calibration: CalibrationResult, config: SearchConfig, costs: Si
     prepared = []
     for (site, g), members in blocks.items():
         weight = len(groups[g]) / len(times)  # share of the post-warm-up steps this step group covers
-        error = np.array([[o.seconds for o in items[k].options] for k in members])  # [heads, labels]
+        error = np.array([[o.cost for o in items[k].options] for k in members])  # [heads, labels]
         labels = [o.label for o in items[members[0]].options]
         table = costs.per_site.get(site)
         if table is None or any(label not in table for label in labels):
@@ -878,14 +881,14 @@ def _time_choice(calibration: CalibrationResult, config: SearchConfig, costs: Si
         picked = _incumbent_choice(plan, items, calibration, groups, t_warmup)
         if picked is None:
             continue
-        inc_error = sum(items[k].options[i].seconds for k, i in enumerate(picked))
+        inc_error = sum(items[k].options[i].cost for k, i in enumerate(picked))
         inc_seconds = sum(_block_seconds(costs, items, members, [picked[k] for k in members])
                           * len(groups[g]) / len(times) for (_, g), members in blocks.items())
         if inc_seconds <= budget * (1 + 1e-9) and inc_error < error - 1e-15:
             error, seconds, choice, winner = inc_error, inc_seconds, picked, plan.search.get("method", "incumbent")
     choice, moves = _exchange_moves(blocks_table, choice, budget, config.max_site_groups)
     if moves:
-        error = sum(items[k].options[i].seconds for k, i in enumerate(choice))
+        error = sum(items[k].options[i].cost for k, i in enumerate(choice))
         seconds = sum(_prepared_block_seconds(per_head, fixed, mixing, [choice[k] for k in members])
                       for members, _, per_head, fixed, mixing in blocks_table)
     record = {"predicted_sq_error": error,
@@ -1069,7 +1072,7 @@ def _density_schedules(calibration: CalibrationResult, cost: CostModel, config: 
         dense = problem.dense_option()
         ranges: list[tuple[float, float, _RangeResult]] = []
         if t_warmup < 1.0:
-            warm = [Option("dense", dense.seconds, dense.groups, reason="forced dense warm-up")] * stats.site.heads
+            warm = [Option("dense", dense.cost, dense.groups, reason="forced dense warm-up")] * stats.site.heads
             ranges.append((1.0, t_warmup, _range_result(problem, warm, 0.0, "dense warm-up")))
         g = 0
         while g < len(groups):
@@ -1096,7 +1099,7 @@ def _merged_option(picked: dict[tuple[str, int], list[Option]], site: str, head:
     parts = [(picked[(site, g)][head], len(groups[g])) for g in range(first, last + 1)]
     size = sum(n for _, n in parts)
     head_option = parts[0][0]
-    return Option(head_option.label, head_option.seconds, head_option.groups, sum(o.weight for o, _ in parts),
+    return Option(head_option.label, head_option.cost, head_option.groups, sum(o.weight for o, _ in parts),
                   sum(o.recall * n for o, n in parts) / size,
                   math.sqrt(sum(o.rel_error**2 * n for o, n in parts) / size), sum(o.density * n for o, n in parts) / size)
 
@@ -1105,7 +1108,7 @@ def _priced(problem: _SiteProblem, option: Option) -> tuple[float, frozenset[str
     """Per-head seconds and fused groups of ``option`` at its density (dense: the site's dense option)."""
     if option.label == "dense":
         dense = problem.dense_option()
-        return dense.seconds, dense.groups
+        return dense.cost, dense.groups
     cost = problem.strategy_cost(option.label, problem.candidates[option.label], option.density)
     return cost.per_head, frozenset(cost.groups)
 
@@ -1115,8 +1118,8 @@ def _range_result(problem: _SiteProblem, chosen: list[Option], rel_error: float,
     dense = problem.dense_option()
     fixed = problem.fixed()
     used = frozenset().union(*(c.groups for c in chosen))
-    seconds = sum(c.seconds for c in chosen) + sum(fixed.get(k, 0.0) for k in used)
-    dense_seconds = len(chosen) * dense.seconds + sum(fixed.get(k, 0.0) for k in dense.groups)
+    seconds = sum(c.cost for c in chosen) + sum(fixed.get(k, 0.0) for k in used)
+    dense_seconds = len(chosen) * dense.cost + sum(fixed.get(k, 0.0) for k in dense.groups)
     kinds: dict[str, int] = {}
     for c in chosen:
         kind = attention_kernel(problem.candidates.get(c.label, Dense()))
