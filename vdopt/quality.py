@@ -45,6 +45,7 @@ from vdopt.search import (
     LaunchCost,
     SearchConfig,
     SiteCosts,
+    candidate_launch_groups,
     predicted_attention_seconds,
     predicted_quality,
     search,
@@ -481,7 +482,8 @@ def measure_site_costs(sites: Sequence[AttentionSite], recorded: dict[str, tuple
             mixing[member.name] = mix
     device = next(iter(recorded.values()))[0].device
     return SiteCosts(per_site, mixing, f"measured on {device.type} through site_runner: median of {repeats} calls "
-                                       f"after {warmup} warm-up calls, all heads and one head per candidate")
+                                       f"after {warmup} warm-up calls, all heads and one head per candidate",
+                     candidate_launch_groups(candidates))
 
 
 # ---------------------------------------------------------------------------------------------------------------

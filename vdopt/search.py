@@ -47,7 +47,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -724,23 +724,32 @@ class SiteCosts:
     """Attention seconds of any head assignment at each site.
 
     ``per_site[site][label]``: the :class:`LaunchCost` of a group running candidate ``label`` (``"dense"``
-    included); ``mixing[site]``: added once when the site runs more than one group (selecting head subsets and
-    assembling the output); ``source``: where the figures come from.
+    included); ``mixing[site]``: added once when the site runs more than one launch (selecting head subsets and
+    assembling the output); ``source``: where the figures come from; ``launch_groups[label]``: the launch the
+    candidate's heads join (:meth:`Strategy.launch_group`): candidates of one launch group run as one launch, so
+    together they pay the largest of their fixed costs once (labels not listed run their own launch).
     """
 
     per_site: dict[str, dict[str, LaunchCost]]
     mixing: dict[str, float]
     source: str
+    launch_groups: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"source": self.source, "mixing": self.mixing,
+        return {"source": self.source, "mixing": self.mixing, "launch_groups": self.launch_groups,
                 "per_site": {site: {label: {"fixed": c.fixed, "per_head": c.per_head} for label, c in table.items()}
                              for site, table in self.per_site.items()}}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SiteCosts:
         return cls({site: {label: LaunchCost(c["fixed"], c["per_head"]) for label, c in table.items()}
-                    for site, table in data["per_site"].items()}, dict(data["mixing"]), data["source"])
+                    for site, table in data["per_site"].items()}, dict(data["mixing"]), data["source"],
+                   dict(data.get("launch_groups", {})))
+
+    def launch_group_indices(self, labels: Sequence[str]) -> list[int]:
+        """Per label, the index of its launch group among ``labels``' groups (equal index: one launch)."""
+        keys: dict[str, int] = {}
+        return [keys.setdefault(self.launch_groups.get(label, f"own:{label}"), len(keys)) for label in labels]
 
     def seconds(self, site: str, labels: Sequence[str]) -> float:
         """Seconds of one call of ``site`` with head ``h`` running ``labels[h]``."""
@@ -751,8 +760,10 @@ class SiteCosts:
         missing = [label for label in counts if label not in table]
         if missing:
             raise ValueError(f"no cost for {missing[0]!r} at site {site}; measure or price every calibrated candidate")
-        total = sum(table[label].fixed + table[label].per_head * n for label, n in counts.items())
-        return total + (self.mixing.get(site, 0.0) if len(counts) > 1 else 0.0)
+        used = list(counts)
+        fixed = np.array([table[label].fixed for label in used])
+        return (sum(table[label].per_head * n for label, n in counts.items())
+                + _launch_fixed(fixed, self.mixing.get(site, 0.0), range(len(used)), self.launch_group_indices(used)))
 
     @classmethod
     def from_cost_model(cls, calibration: CalibrationResult, target: str = "h100",
@@ -770,7 +781,13 @@ class SiteCosts:
                 priced = problem.strategy_cost(label, strategy, sum(values) / len(values))
                 table[label] = LaunchCost(sum(priced.groups.values()), priced.per_head)
             per_site[name] = table
-        return cls(per_site, {name: 0.0 for name in per_site}, f"cost model for {target}")
+        return cls(per_site, {name: 0.0 for name in per_site}, f"cost model for {target}",
+                   candidate_launch_groups(calibration.candidates))
+
+
+def candidate_launch_groups(candidates: dict[str, Strategy]) -> dict[str, str]:
+    """``SiteCosts.launch_groups`` of calibration candidates (and ``"dense"``)."""
+    return {"dense": "dense", **{label: strategy.launch_group() for label, strategy in candidates.items()}}
 
 
 def _blocks(items: list[_DensityItem]) -> dict[tuple[str, int], list[int]]:
@@ -819,18 +836,19 @@ def _time_choice(calibration: CalibrationResult, config: SearchConfig, costs: Si
         per_head = np.array([table[label].per_head for label in labels]) * weight
         fixed = np.array([table[label].fixed for label in labels]) * weight
         mixing = costs.mixing.get(site, 0.0) * weight
-        # Every set of 1..max_site_groups groups, by size then lexicographically (ties go to the first listed).
+        group_of = costs.launch_group_indices(labels)
+        # Every set of 1..max_site_groups options, by size then lexicographically (ties go to the first listed).
         sets = []
         for r in range(1, min(config.max_site_groups, len(labels)) + 1):
             combos = np.array(list(itertools.combinations(range(len(labels)), r)), dtype=np.int64)
-            sets.append((combos, fixed[combos].sum(1) + (mixing if r > 1 else 0.0)))
-        prepared.append((members, error, per_head, fixed, mixing, sets))
+            sets.append((combos, np.array([_launch_fixed(fixed, mixing, combo, group_of) for combo in combos])))
+        prepared.append((members, error, per_head, fixed, mixing, group_of, sets))
 
     def solve(lam: float) -> tuple[float, float, list[int]]:
         err_total, sec_total = 0.0, 0.0
         choice = [0] * len(items)
         heads_axis = None
-        for members, error, per_head, fixed, mixing, sets in prepared:
+        for members, error, per_head, fixed, mixing, group_of, sets in prepared:
             value = error + lam * per_head[None, :]  # [heads, labels]
             best: tuple[float, np.ndarray] | None = None
             for combos, combo_fixed in sets:
@@ -842,7 +860,7 @@ def _time_choice(calibration: CalibrationResult, config: SearchConfig, costs: Si
                     best = (float(totals[s]), combos[s][local[:, s, :].argmin(1)])
             picks = [int(i) for i in best[1]]  # type: ignore[index]
             err_total += float(error[heads_axis, picks].sum())
-            sec_total += _prepared_block_seconds(per_head, fixed, mixing, picks)
+            sec_total += _prepared_block_seconds(per_head, fixed, mixing, picks, group_of)
             for k, i in zip(members, picks):
                 choice[k] = i
         return err_total, sec_total, choice
@@ -864,8 +882,9 @@ def _time_choice(calibration: CalibrationResult, config: SearchConfig, costs: Si
             lo = mid
         if lo > 0 and hi / lo < 1 + 1e-6:
             break
-    # Per block: its heads' item indices, error table, per-head and group seconds, mixing cost (sets dropped).
-    blocks_table = [entry[:5] for entry in prepared]
+    # Per block: its heads' item indices, error table, per-head and group seconds, mixing cost, launch group of
+    # each option (sets dropped).
+    blocks_table = [entry[:6] for entry in prepared]
     solver, lower_bound = "lagrangian", None
     if config.max_site_groups <= 2:
         exact = _exact_time_dp([entry[1:] for entry in blocks_table], budget, config.time_bins, config.max_site_groups)
@@ -889,8 +908,8 @@ def _time_choice(calibration: CalibrationResult, config: SearchConfig, costs: Si
     choice, moves = _exchange_moves(blocks_table, choice, budget, config.max_site_groups)
     if moves:
         error = sum(items[k].options[i].cost for k, i in enumerate(choice))
-        seconds = sum(_prepared_block_seconds(per_head, fixed, mixing, [choice[k] for k in members])
-                      for members, _, per_head, fixed, mixing in blocks_table)
+        seconds = sum(_prepared_block_seconds(per_head, fixed, mixing, [choice[k] for k in members], group_of)
+                      for members, _, per_head, fixed, mixing, group_of in blocks_table)
     record = {"predicted_sq_error": error,
               "objective": ("model-output relative squared error, sites weighted by measured output gains"
                             if _output_gains(calibration) else "sum over sites of squared relative attention error "
@@ -908,11 +927,12 @@ def _time_choice(calibration: CalibrationResult, config: SearchConfig, costs: Si
 
 
 def _block_frontier(error: np.ndarray, per_head: np.ndarray, fixed: np.ndarray, mixing: float, max_groups: int = 2,
-                    ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+                    group_of: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """Every assignment of one block's heads to at most ``max_groups`` (1 or 2) options that no other beats on both
     time and error: (seconds, error, per-head options), fastest first. With one option every head runs it; with
     two, a and b, the time depends only on how many heads run b (per-head cost is the option's), so for each count
-    the heads whose error gains most from b take it: the list is exact, not a heuristic."""
+    the heads whose error gains most from b take it: the list is exact, not a heuristic. Options of one launch
+    group (``group_of``) share their launch: a and b together pay the larger fixed cost and no mixing."""
     heads, labels = error.shape
     secs, errs, picks = [], [], []
     for a in range(labels):
@@ -920,11 +940,12 @@ def _block_frontier(error: np.ndarray, per_head: np.ndarray, fixed: np.ndarray, 
         errs.append(float(error[:, a].sum()))
         picks.append(np.full(heads, a))
     for a, b in itertools.combinations(range(labels), 2) if max_groups >= 2 else ():
+        pair_fixed = _launch_fixed(fixed, mixing, (a, b), group_of)
         gain = error[:, b] - error[:, a]
         order = np.argsort(gain, kind="stable")
         running = float(error[:, a].sum()) + np.cumsum(gain[order])
         for count in range(1, heads):
-            secs.append(per_head[a] * (heads - count) + per_head[b] * count + fixed[a] + fixed[b] + mixing)
+            secs.append(per_head[a] * (heads - count) + per_head[b] * count + pair_fixed)
             errs.append(float(running[count - 1]))
             assignment = np.full(heads, a)
             assignment[order[:count]] = b
@@ -938,14 +959,15 @@ def _block_frontier(error: np.ndarray, per_head: np.ndarray, fixed: np.ndarray, 
     return np.array([secs[j] for j in keep]), np.array([errs[j] for j in keep]), [picks[j] for j in keep]
 
 
-def _exact_time_dp(blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray, float]], budget: float, bins: int,
+def _exact_time_dp(blocks: list[tuple], budget: float, bins: int,
                    max_groups: int = 2) -> tuple[float, float, list[np.ndarray], float] | None:
     """Least total error at total seconds <= ``budget`` with at most ``max_groups`` (1 or 2) groups per block: a
     multiple-choice knapsack over each block's frontier, seconds rounded up to ``budget / bins`` (so the result
     meets the budget), and again rounded down for a lower bound on the true optimum. Returns (error, seconds,
     per-block head options, lower bound), or None when even the fastest frontier points overrun the budget once
     rounded up."""
-    frontiers = [_block_frontier(*block, max_groups) for block in blocks]
+    # blocks: (error, per_head, fixed, mixing[, group_of]) each.
+    frontiers = [_block_frontier(*block[:4], max_groups, *block[4:]) for block in blocks]
     options = [[Option(str(j), float(e), frozenset()) for j, e in enumerate(errs)] for _, errs, _ in frontiers]
     allowed = [list(range(len(o))) for o in options]
     unit = budget / bins
@@ -964,10 +986,22 @@ def _exact_time_dp(blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray, float]
         min(error, lower[0]) if lower is not None else 0.0)
 
 
-def _prepared_block_seconds(per_head: np.ndarray, fixed: np.ndarray, mixing: float, picks: Sequence[int]) -> float:
-    """Seconds of one (site, step group) block with head ``h`` on option ``picks[h]`` (step-group weight included)."""
-    used = set(picks)
-    return float(per_head[list(picks)].sum() + fixed[list(used)].sum() + (mixing if len(used) > 1 else 0.0))
+def _launch_fixed(fixed: np.ndarray, mixing: float, used: Iterable[int], group_of: Sequence[int] | None) -> float:
+    """Fixed seconds of a block running options ``used``: per launch group (``group_of[i]``; None: every option its
+    own launch) the largest fixed cost of its options in use, since they share one launch; plus ``mixing`` when
+    more than one launch runs."""
+    launches: dict[int, float] = {}
+    for i in used:
+        key = int(i) if group_of is None else int(group_of[i])
+        launches[key] = max(launches.get(key, 0.0), float(fixed[i]))
+    return sum(launches.values()) + (mixing if len(launches) > 1 else 0.0)
+
+
+def _prepared_block_seconds(per_head: np.ndarray, fixed: np.ndarray, mixing: float, picks: Sequence[int],
+                            group_of: Sequence[int] | None = None) -> float:
+    """Seconds of one (site, step group) block with head ``h`` on option ``picks[h]`` (step-group weight included);
+    options in one launch group (``group_of``) share their launch."""
+    return float(per_head[list(picks)].sum()) + _launch_fixed(fixed, mixing, set(picks), group_of)
 
 
 #: Most improving moves considered per side when pairing a time-saving change with an error-reducing one.
@@ -975,20 +1009,29 @@ EXCHANGE_CANDIDATES = 384
 
 
 def _block_moves(error: np.ndarray, per_head: np.ndarray, fixed: np.ndarray, mixing: float, picks: list[int],
-                 max_site_groups: int) -> tuple[np.ndarray, np.ndarray]:
+                 max_site_groups: int, group_of: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Every single-head change at one block: seconds and error change, ``[heads, options]`` (``inf`` seconds where
-    the change is no move or would exceed ``max_site_groups``)."""
+    the change is no move or would exceed ``max_site_groups`` options)."""
     heads, labels = error.shape
     current = np.asarray(picks)
     counts = np.bincount(current, minlength=labels)
-    distinct = int((counts > 0).sum())
-    leaves = counts[current] == 1  # [heads]: the head's group empties when it leaves
-    joins_new = counts == 0  # [labels]: the head opens a new group
-    after = distinct - leaves[:, None].astype(int) + joins_new[None, :].astype(int)
-    d_sec = (per_head[None, :] - per_head[current][:, None] + np.where(joins_new, fixed, 0.0)[None, :]
-             - np.where(leaves, fixed[current], 0.0)[:, None]
-             + mixing * ((after > 1).astype(float) - float(distinct > 1)))
-    d_sec[(after > max_site_groups) | (np.arange(labels)[None, :] == current[:, None])] = np.inf
+    used = {int(i) for i in np.flatnonzero(counts)}
+    base = _launch_fixed(fixed, mixing, used, group_of)
+    # The fixed seconds after a move depend only on which option empties (if any) and which one is joined.
+    after_fixed: dict[tuple[int, int], float] = {}
+    d_sec = np.full((heads, labels), np.inf)
+    for h in range(heads):
+        c = int(current[h])
+        leaving = c if counts[c] == 1 else -1
+        for i in range(labels):
+            if i == c:
+                continue
+            after = (used - {leaving}) | {i}
+            if len(after) > max_site_groups:
+                continue
+            if (leaving, i) not in after_fixed:
+                after_fixed[(leaving, i)] = _launch_fixed(fixed, mixing, after, group_of)
+            d_sec[h, i] = per_head[i] - per_head[c] + after_fixed[(leaving, i)] - base
     d_err = error - error[np.arange(heads), current][:, None]
     return d_sec, d_err
 
@@ -1002,11 +1045,12 @@ def _exchange_moves(blocks: list[tuple[list[int], np.ndarray, np.ndarray, np.nda
     lowers the error strictly, so the search ends (``max_rounds`` caps it, default 2 x heads + 16). Returns the new
     choice and the number of moves applied."""
     choice = list(choice)
+    blocks = [(*block, None) if len(block) == 5 else block for block in blocks]
     picks = [[choice[k] for k in members] for members, *_ in blocks]
-    block_sec = [_prepared_block_seconds(per_head, fixed, mixing, p)
-                 for (_, _, per_head, fixed, mixing), p in zip(blocks, picks)]
-    moves_of = [_block_moves(error, per_head, fixed, mixing, p, max_site_groups)
-                for (_, error, per_head, fixed, mixing), p in zip(blocks, picks)]
+    block_sec = [_prepared_block_seconds(per_head, fixed, mixing, p, group_of)
+                 for (_, _, per_head, fixed, mixing, group_of), p in zip(blocks, picks)]
+    moves_of = [_block_moves(error, per_head, fixed, mixing, p, max_site_groups, group_of)
+                for (_, error, per_head, fixed, mixing, group_of), p in zip(blocks, picks)]
     shapes = [m[0].shape for m in moves_of]
     block_of = np.concatenate([np.full(h * w, b) for b, (h, w) in enumerate(shapes)]) if shapes else np.zeros(0)
     starts = np.cumsum([0] + [h * w for h, w in shapes])
@@ -1041,13 +1085,13 @@ def _exchange_moves(blocks: list[tuple[list[int], np.ndarray, np.ndarray, np.nda
         for j in best:
             b = int(block_of[j])
             h, i = divmod(int(j - starts[b]), shapes[b][1])
-            members, error, per_head, fixed, mixing = blocks[b]
+            members, error, per_head, fixed, mixing, group_of = blocks[b]
             picks[b][h] = i
             choice[members[h]] = i
-            new_sec = _prepared_block_seconds(per_head, fixed, mixing, picks[b])
+            new_sec = _prepared_block_seconds(per_head, fixed, mixing, picks[b], group_of)
             total += new_sec - block_sec[b]
             block_sec[b] = new_sec
-            moves_of[b] = _block_moves(error, per_head, fixed, mixing, picks[b], max_site_groups)
+            moves_of[b] = _block_moves(error, per_head, fixed, mixing, picks[b], max_site_groups, group_of)
         moves += 1
     return choice, moves
 

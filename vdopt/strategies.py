@@ -214,6 +214,9 @@ class Strategy:
     dynamic: ClassVar[bool] = False  # reads q/k content (needs per-call estimation work)
     # build() is tensor code that dynamo traces (no host sync, no state kept across calls): see passes/lower_attention
     traceable: ClassVar[bool] = True
+    # Static patterns: the token order their block lists are in. sparse_site_attention runs every head of a site
+    # whose pattern is in one such order in one fused block-sparse launch, whatever the pattern's parameters.
+    launch_order: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -230,6 +233,15 @@ class Strategy:
     def label(self) -> str:
         params = ",".join(f"{k}={v}" for k, v in asdict(self).items())
         return f"{self.name}({params})" if params else self.name
+
+    def launch_group(self) -> str:
+        """The launch this strategy's heads join at a site (vdopt.attention.sparse_site_attention): ``"dense"``
+        (one SDPA call), ``"block:<order>"`` for static patterns in one token order (heads of different such
+        strategies share one block-sparse launch), else the strategy's own launch (dynamic patterns, whose
+        estimation work is their own even where their lists could be fused)."""
+        if self.launch_order is not None and not self.dynamic:
+            return f"block:{self.launch_order}"
+        return f"own:{self.label()}"
 
 
 def strategy_from_json(data: dict[str, Any]) -> Strategy:
@@ -254,12 +266,16 @@ class Dense(Strategy):
 
     name: ClassVar[str] = "dense"
 
+    def launch_group(self) -> str:
+        return "dense"
+
 
 @dataclass(frozen=True)
 class SpatialWindow(Strategy):
     """Frame-local attention (Sparse VideoGen's spatial head): keys in frames within ``frame_window`` of the query's."""
 
     name: ClassVar[str] = "spatial"
+    launch_order: ClassVar[str | None] = "original"
     frame_window: int = 0
 
     def build(self, q: torch.Tensor, k: torch.Tensor, ctx: PatternContext) -> SparsePattern:
@@ -279,6 +295,7 @@ class TemporalWindow(Strategy):
     """
 
     name: ClassVar[str] = "temporal"
+    launch_order: ClassVar[str | None] = "position_major"
     radius: int = 0
     frame_window: int = -1
 
@@ -298,6 +315,7 @@ class TileWindow(Strategy):
     """3D sliding-tile window (STA): tokens reordered into block-sized tiles; keys within a frames x rows x cols window."""
 
     name: ClassVar[str] = "tile3d"
+    launch_order: ClassVar[str | None] = "tile"
     frames: int = 1
     rows: int = 4
     cols: int = 4
@@ -322,6 +340,7 @@ class Diagonal(Strategy):
     """Sparse-vDiT diagonal: keys within ``width`` frames' worth of tokens of the query in frame-major order."""
 
     name: ClassVar[str] = "diagonal"
+    launch_order: ClassVar[str | None] = "original"
     width: float = 0.25
 
     def build(self, q: torch.Tensor, k: torch.Tensor, ctx: PatternContext) -> SparsePattern:
@@ -340,6 +359,7 @@ class MultiDiagonal(Strategy):
     """Sparse-vDiT multi-diagonal: the diagonal repeated at every frame offset within ``frame_window`` (-1: all)."""
 
     name: ClassVar[str] = "multi_diagonal"
+    launch_order: ClassVar[str | None] = "original"
     width: float = 0.1
     frame_window: int = -1
 
