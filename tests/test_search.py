@@ -330,7 +330,8 @@ def test_output_gains_weight_the_density_objective() -> None:
     assert "output gains" in reweighted.predictions["objective"]
 
 
-def _random_costs(calibration, seed: int):
+def _random_costs(calibration, seed: int, shared_launches: bool = False):
+    """Random costs; ``shared_launches``: the candidates fall into two launch groups (each group one launch)."""
     import random
 
     from vdopt.search import LaunchCost, SiteCosts
@@ -342,21 +343,26 @@ def _random_costs(calibration, seed: int):
         for label in calibration.candidates:
             table[label] = LaunchCost(rng.uniform(0.0, 5e-4), rng.uniform(5e-5, 5e-4))
         per_site[name], mixing[name] = table, rng.uniform(0.0, 2e-4)
-    return SiteCosts(per_site, mixing, "random test costs")
+    groups = {label: f"block:{i % 2}" for i, label in enumerate(calibration.candidates)} if shared_launches else {}
+    return SiteCosts(per_site, mixing, "random test costs", groups)
 
 
 def _seconds_by_hand(plan, calibration, costs, t_warmup: float) -> float:
-    """Mean over post-warm-up calibration times of the sum over sites of: per group used, fixed + per head x members;
-    plus the mixing cost where a site runs more than one group."""
+    """Mean over post-warm-up calibration times of the sum over sites of: per head its per-head cost; per launch
+    (labels of one launch group share one) the largest fixed cost of its labels in use; plus the mixing cost where
+    a site runs more than one launch."""
     times = sorted({t for st in calibration.sites.values() for t in st.times if t <= t_warmup + 1e-9})
     total = 0.0
     for t in times:
         for name in calibration.sites:
             labels = [s.label() for s in plan.site(name).strategies_at(t)]
             table = costs.per_site[name]
+            launches = {}
             for label in set(labels):
-                total += table[label].fixed + table[label].per_head * labels.count(label)
-            total += costs.mixing[name] if len(set(labels)) > 1 else 0.0
+                total += table[label].per_head * labels.count(label)
+                key = costs.launch_groups.get(label, label)
+                launches[key] = max(launches.get(key, 0.0), table[label].fixed)
+            total += sum(launches.values()) + (costs.mixing[name] if len(launches) > 1 else 0.0)
     return total / len(times)
 
 
@@ -368,9 +374,42 @@ def test_site_costs_hand_values() -> None:
     assert costs.seconds("s", ["a", "dense", "a"]) == (2.0 + 6.0) + (1.0 + 10.0) + 0.5
     with pytest.raises(ValueError, match="no cost for 'b'"):
         costs.seconds("s", ["b"])
+    # Labels of one launch group run as one launch: the larger fixed cost once, no mixing between them.
+    shared = SiteCosts({"s": {"dense": LaunchCost(1.0, 10.0), "a": LaunchCost(2.0, 3.0), "b": LaunchCost(4.0, 1.0)}},
+                       {"s": 0.5}, "hand", {"a": "block:original", "b": "block:original"})
+    assert shared.seconds("s", ["a", "b", "a"]) == 4.0 + (3.0 * 2 + 1.0)
+    assert shared.seconds("s", ["a", "b", "dense"]) == (4.0 + 3.0 + 1.0) + (1.0 + 10.0) + 0.5
+    assert shared.launch_group_indices(["dense", "a", "b"]) == [0, 1, 1]
+    assert SiteCosts.from_json(shared.to_json()) == shared
 
 
-def _time_brute_force(seed: int, max_site_groups: int | None = None):
+def test_launch_groups_follow_the_runtime_fusion() -> None:
+    from vdopt.search import candidate_launch_groups
+    from vdopt.strategies import (
+        Dense,
+        Diagonal,
+        MultiDiagonal,
+        PooledTopP,
+        SemanticKMeans,
+        SpatialWindow,
+        TemporalWindow,
+        TileWindow,
+    )
+
+    # Heads of static patterns in one token order share sparse_site_attention's fused launch; dynamic ones keep
+    # their own (their estimation is per strategy), as do k-means clusters; dense heads share one SDPA call.
+    assert Diagonal(0.25).launch_group() == Diagonal(0.5).launch_group() == SpatialWindow(1).launch_group()
+    assert MultiDiagonal().launch_group() == Diagonal(0.25).launch_group() == "block:original"
+    assert TemporalWindow(1).launch_group() == TemporalWindow(2, 3).launch_group() == "block:position_major"
+    assert TileWindow().launch_group() == "block:tile"
+    assert PooledTopP(0.5).launch_group() != PooledTopP(0.7).launch_group()
+    assert SemanticKMeans().launch_group().startswith("own:")
+    assert Dense().launch_group() == "dense"
+    groups = candidate_launch_groups({"d": Diagonal(0.25), "t": TemporalWindow(1)})
+    assert groups == {"dense": "dense", "d": "block:original", "t": "block:position_major"}
+
+
+def _time_brute_force(seed: int, max_site_groups: int | None = None, shared_launches: bool = False):
     """A random time-budget instance (budget: 0.45 of dense) and its optimum over every plan with at most
     ``max_site_groups`` candidates per site (None: any): (calibration, costs, model, sites, t_warmup, budget, best
     error, best heads)."""
@@ -382,7 +421,7 @@ def _time_brute_force(seed: int, max_site_groups: int | None = None):
     from vdopt.strategies import Dense
 
     calibration = _random_calibration(seed)
-    costs = _random_costs(calibration, seed)
+    costs = _random_costs(calibration, seed, shared_launches)
     model, _ = tiny_dit()
     sites = [stats.site for stats in calibration.sites.values()]
     choices = [Dense(), *calibration.candidates.values()]
@@ -553,31 +592,34 @@ def test_block_moves_match_recomputed_block_seconds() -> None:
         heads, labels, groups = int(rng.integers(1, 6)), int(rng.integers(2, 7)), int(rng.integers(1, 4))
         error, per_head, fixed = rng.random((heads, labels)), rng.random(labels), rng.random(labels)
         mixing = rng.random()
+        group_of = None if rng.random() < 0.5 else [int(x) for x in rng.integers(0, 2, labels)]
         picks = [int(x) for x in rng.integers(0, labels, heads)]
         if len(set(picks)) > groups:
             continue
-        d_sec, d_err = _block_moves(error, per_head, fixed, mixing, picks, groups)
-        base = _prepared_block_seconds(per_head, fixed, mixing, picks)
+        d_sec, d_err = _block_moves(error, per_head, fixed, mixing, picks, groups, group_of)
+        base = _prepared_block_seconds(per_head, fixed, mixing, picks, group_of)
         for h in range(heads):
             for i in range(labels):
                 trial = picks[:h] + [i] + picks[h + 1:]
                 if i == picks[h] or len(set(trial)) > groups:
                     assert d_sec[h, i] == np.inf
                 else:
-                    assert d_sec[h, i] == pytest.approx(_prepared_block_seconds(per_head, fixed, mixing, trial) - base,
-                                                        abs=1e-12)
+                    assert d_sec[h, i] == pytest.approx(
+                        _prepared_block_seconds(per_head, fixed, mixing, trial, group_of) - base, abs=1e-12)
                     assert d_err[h, i] == pytest.approx(error[h, i] - error[h, picks[h]], abs=1e-12)
                     checked += 1
     assert checked > 200
 
 
+@pytest.mark.parametrize("shared_launches", [False, True], ids=["own_launches", "shared_launches"])
 @pytest.mark.parametrize("seed", range(4))
-def test_time_search_with_two_groups_is_the_exact_dp_optimum_with_a_gap_bound(seed: int) -> None:
+def test_time_search_with_two_groups_is_the_exact_dp_optimum_with_a_gap_bound(seed: int, shared_launches: bool) -> None:
     import warnings
 
     from vdopt.search import SearchConfig, search
 
-    calibration, costs, model, sites, t_warmup, budget, best, _ = _time_brute_force(seed, max_site_groups=2)
+    calibration, costs, model, sites, t_warmup, budget, best, _ = _time_brute_force(seed, max_site_groups=2,
+                                                                                   shared_launches=shared_launches)
     config = SearchConfig(budget="time", time_budget_ms=budget * 1e3, min_dense_warmup=1 - t_warmup,
                           max_step_ranges=1, max_site_groups=2, progress=False)
     with warnings.catch_warnings():
@@ -595,7 +637,8 @@ def test_time_search_with_two_groups_is_the_exact_dp_optimum_with_a_gap_bound(se
     assert predictions["optimality_gap"] < 0.05
 
 
-def test_block_frontier_is_every_undominated_two_group_assignment() -> None:
+@pytest.mark.parametrize("group_of", [None, [0, 1, 1, 0]], ids=["own_launches", "shared_launches"])
+def test_block_frontier_is_every_undominated_two_group_assignment(group_of) -> None:
     import itertools
 
     import numpy as np
@@ -605,15 +648,15 @@ def test_block_frontier_is_every_undominated_two_group_assignment() -> None:
     rng = np.random.default_rng(3)
     heads, labels = 4, 4
     error, per_head, fixed, mixing = rng.random((heads, labels)), rng.random(labels), rng.random(labels), 0.3
-    secs, errs, picks = _block_frontier(error, per_head, fixed, mixing)
+    secs, errs, picks = _block_frontier(error, per_head, fixed, mixing, 2, group_of)
     points = []
     for assignment in itertools.product(range(labels), repeat=heads):
         if len(set(assignment)) <= 2:
-            points.append((_prepared_block_seconds(per_head, fixed, mixing, list(assignment)),
+            points.append((_prepared_block_seconds(per_head, fixed, mixing, list(assignment), group_of),
                            float(error[np.arange(heads), list(assignment)].sum())))
     undominated = sorted({p for p in points if not any(q[0] <= p[0] and q[1] < p[1] - 1e-12 or
                                                        q[0] < p[0] - 1e-12 and q[1] <= p[1] for q in points)})
     assert np.allclose(secs, [p[0] for p in undominated]) and np.allclose(errs, [p[1] for p in undominated])
     for sec, err, assignment in zip(secs, errs, picks):
-        assert _prepared_block_seconds(per_head, fixed, mixing, list(assignment)) == pytest.approx(sec)
+        assert _prepared_block_seconds(per_head, fixed, mixing, list(assignment), group_of) == pytest.approx(sec)
         assert error[np.arange(heads), assignment].sum() == pytest.approx(err)
