@@ -207,6 +207,10 @@ def test_harness_end_to_end_on_tiny_untrained_proxy(tmp_path) -> None:
     assert summary["attention_time_prediction"]["records"] == len(records) - 1
     costs = summary["site_costs"]["per_candidate_ms"]
     assert "dense" in costs and all(c["fixed"] >= 0 and c["per_head"] >= 0 for c in costs.values())
+    assert summary["site_costs"]["shared_mixing_ms"] >= 0.0 and summary["site_costs"]["mixing_ms"] >= 0.0
+    # Static candidates of one token order share a launch in the runtime, and the measured costs say so.
+    groups = result.site_costs.launch_groups
+    assert groups["dense"] == "dense" and any(g == "block:original" for g in groups.values())
     assert [pair["baseline"] for pair in summary["pairs"]] == baselines
     assert summary["pairs_compared"] == len(baselines) and summary["records_ranked"] == len(records) - 1
     report = _strict_json(paths["recall"].read_text())

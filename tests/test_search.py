@@ -344,25 +344,28 @@ def _random_costs(calibration, seed: int, shared_launches: bool = False):
             table[label] = LaunchCost(rng.uniform(0.0, 5e-4), rng.uniform(5e-5, 5e-4))
         per_site[name], mixing[name] = table, rng.uniform(0.0, 2e-4)
     groups = {label: f"block:{i % 2}" for i, label in enumerate(calibration.candidates)} if shared_launches else {}
-    return SiteCosts(per_site, mixing, "random test costs", groups)
+    shared = {name: rng.uniform(0.0, 1e-4) for name in calibration.sites} if shared_launches else {}
+    return SiteCosts(per_site, mixing, "random test costs", groups, shared)
 
 
 def _seconds_by_hand(plan, calibration, costs, t_warmup: float) -> float:
     """Mean over post-warm-up calibration times of the sum over sites of: per head its per-head cost; per launch
-    (labels of one launch group share one) the largest fixed cost of its labels in use; plus the mixing cost where
-    a site runs more than one launch."""
+    (labels of one launch group share one) the largest fixed cost of its labels in use, plus the shared mixing cost
+    where it holds several; plus the mixing cost where a site runs more than one launch."""
     times = sorted({t for st in calibration.sites.values() for t in st.times if t <= t_warmup + 1e-9})
     total = 0.0
     for t in times:
         for name in calibration.sites:
             labels = [s.label() for s in plan.site(name).strategies_at(t)]
             table = costs.per_site[name]
-            launches = {}
+            launches, members = {}, {}
             for label in set(labels):
                 total += table[label].per_head * labels.count(label)
                 key = costs.launch_groups.get(label, label)
                 launches[key] = max(launches.get(key, 0.0), table[label].fixed)
+                members[key] = members.get(key, 0) + 1
             total += sum(launches.values()) + (costs.mixing[name] if len(launches) > 1 else 0.0)
+            total += costs.shared_mixing.get(name, 0.0) * sum(1 for n in members.values() if n > 1)
     return total / len(times)
 
 
@@ -376,9 +379,10 @@ def test_site_costs_hand_values() -> None:
         costs.seconds("s", ["b"])
     # Labels of one launch group run as one launch: the larger fixed cost once, no mixing between them.
     shared = SiteCosts({"s": {"dense": LaunchCost(1.0, 10.0), "a": LaunchCost(2.0, 3.0), "b": LaunchCost(4.0, 1.0)}},
-                       {"s": 0.5}, "hand", {"a": "block:original", "b": "block:original"})
-    assert shared.seconds("s", ["a", "b", "a"]) == 4.0 + (3.0 * 2 + 1.0)
-    assert shared.seconds("s", ["a", "b", "dense"]) == (4.0 + 3.0 + 1.0) + (1.0 + 10.0) + 0.5
+                       {"s": 0.5}, "hand", {"a": "block:original", "b": "block:original"}, {"s": 0.25})
+    assert shared.seconds("s", ["a", "b", "a"]) == 4.0 + 0.25 + (3.0 * 2 + 1.0)
+    assert shared.seconds("s", ["a", "a", "a"]) == 2.0 + 3.0 * 3
+    assert shared.seconds("s", ["a", "b", "dense"]) == (4.0 + 0.25 + 3.0 + 1.0) + (1.0 + 10.0) + 0.5
     assert shared.launch_group_indices(["dense", "a", "b"]) == [0, 1, 1]
     assert SiteCosts.from_json(shared.to_json()) == shared
 
@@ -584,7 +588,7 @@ def test_time_search_at_an_incumbents_own_time_beats_it() -> None:
 def test_block_moves_match_recomputed_block_seconds() -> None:
     import numpy as np
 
-    from vdopt.search import _block_moves, _prepared_block_seconds
+    from vdopt.search import Launches, _block_moves, _prepared_block_seconds
 
     rng = np.random.default_rng(1)
     checked = 0
@@ -592,7 +596,7 @@ def test_block_moves_match_recomputed_block_seconds() -> None:
         heads, labels, groups = int(rng.integers(1, 6)), int(rng.integers(2, 7)), int(rng.integers(1, 4))
         error, per_head, fixed = rng.random((heads, labels)), rng.random(labels), rng.random(labels)
         mixing = rng.random()
-        group_of = None if rng.random() < 0.5 else [int(x) for x in rng.integers(0, 2, labels)]
+        group_of = None if rng.random() < 0.5 else Launches([int(x) for x in rng.integers(0, 2, labels)], rng.random())
         picks = [int(x) for x in rng.integers(0, labels, heads)]
         if len(set(picks)) > groups:
             continue
@@ -637,13 +641,15 @@ def test_time_search_with_two_groups_is_the_exact_dp_optimum_with_a_gap_bound(se
     assert predictions["optimality_gap"] < 0.05
 
 
-@pytest.mark.parametrize("group_of", [None, [0, 1, 1, 0]], ids=["own_launches", "shared_launches"])
-def test_block_frontier_is_every_undominated_two_group_assignment(group_of) -> None:
+@pytest.mark.parametrize("shared", [False, True], ids=["own_launches", "shared_launches"])
+def test_block_frontier_is_every_undominated_two_group_assignment(shared: bool) -> None:
     import itertools
 
     import numpy as np
 
-    from vdopt.search import _block_frontier, _prepared_block_seconds
+    from vdopt.search import Launches, _block_frontier, _prepared_block_seconds
+
+    group_of = Launches([0, 1, 1, 0], 0.2) if shared else None
 
     rng = np.random.default_rng(3)
     heads, labels = 4, 4

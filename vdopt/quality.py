@@ -427,7 +427,8 @@ def attention_milliseconds(plan: Plan | None, sites: Sequence[AttentionSite], re
 
 
 def _measure_shape_class(site: AttentionSite, inputs: tuple, candidates: dict[str, Strategy], block_size: int,
-                         seed: int, warmup: int, repeats: int, progress: bool) -> tuple[dict[str, LaunchCost], float]:
+                         seed: int, warmup: int, repeats: int, progress: bool,
+                         ) -> tuple[dict[str, LaunchCost], float, float]:
     from tqdm.auto import tqdm
 
     q, k, v, mask, scale = inputs
@@ -458,7 +459,22 @@ def _measure_shape_class(site: AttentionSite, inputs: tuple, candidates: dict[st
         parts = (table[static[0]].fixed + table[static[0]].per_head * half + table["dense"].fixed
                  + table["dense"].per_head * (heads - half))
         mix = max(split - parts, 0.0)
-    return table, mix
+    # Two static candidates of one launch group split half and half: one fused launch, priced as the larger fixed
+    # cost; what the split takes beyond that is the shared mixing cost.
+    shared = 0.0
+    by_group: dict[str, list[tuple[str, Strategy]]] = {}
+    for label, s in candidates.items():
+        if not s.dynamic and not isinstance(s, Dense):
+            by_group.setdefault(s.launch_group(), []).append((label, s))
+    pair = next((members[:2] for members in by_group.values() if len(members) >= 2), None)
+    if pair is not None and heads > 1:
+        half = heads // 2
+        (a, sa), (b, sb) = pair
+        split = timed([sa] * half + [sb] * (heads - half), heads)
+        parts = (max(table[a].fixed, table[b].fixed) + table[a].per_head * half
+                 + table[b].per_head * (heads - half))
+        shared = max(split - parts, 0.0)
+    return table, mix, shared
 
 
 def measure_site_costs(sites: Sequence[AttentionSite], recorded: dict[str, tuple], candidates: dict[str, Strategy],
@@ -466,24 +482,27 @@ def measure_site_costs(sites: Sequence[AttentionSite], recorded: dict[str, tuple
                        progress: bool = False) -> SiteCosts:
     """:class:`~vdopt.search.SiteCosts` measured on this device: per shape class of ``sites`` (one representative
     site, its recorded q/k/v), every candidate timed through :func:`site_runner` on all heads and on one head
-    (fixed = one-head time minus the per-head slope), dense likewise with SDPA, and the mixing cost as what a site
-    split between a static candidate and dense takes beyond its two groups."""
+    (fixed = one-head time minus the per-head slope), dense likewise with SDPA, the mixing cost as what a site
+    split between a static candidate and dense takes beyond its two launches, and the shared mixing cost as what a
+    site split between two static candidates of one launch group takes beyond one launch."""
     classes: dict[tuple, list[AttentionSite]] = {}
     for site in sites:
         q = recorded[site.name][0]
         classes.setdefault((tuple(q.shape), site.layout), []).append(site)
     per_site: dict[str, dict[str, LaunchCost]] = {}
     mixing: dict[str, float] = {}
+    shared_mixing: dict[str, float] = {}
     for members in classes.values():
-        table, mix = _measure_shape_class(members[0], recorded[members[0].name], candidates, block_size, seed,
-                                          warmup, repeats, progress)
+        table, mix, shared = _measure_shape_class(members[0], recorded[members[0].name], candidates, block_size, seed,
+                                                  warmup, repeats, progress)
         for member in members:
             per_site[member.name] = table
             mixing[member.name] = mix
+            shared_mixing[member.name] = shared
     device = next(iter(recorded.values()))[0].device
     return SiteCosts(per_site, mixing, f"measured on {device.type} through site_runner: median of {repeats} calls "
                                        f"after {warmup} warm-up calls, all heads and one head per candidate",
-                     candidate_launch_groups(candidates))
+                     candidate_launch_groups(candidates), shared_mixing)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1339,6 +1358,7 @@ def write_results(result: QualityResult, out: str | Path) -> dict[str, Path]:
         costs = result.site_costs
         first = next(iter(costs.per_site))
         summary["site_costs"] = {"source": costs.source, "site": first, "mixing_ms": costs.mixing[first] * 1e3,
+                                 "shared_mixing_ms": costs.shared_mixing.get(first, 0.0) * 1e3,
                                  "per_candidate_ms": {label: {"fixed": c.fixed * 1e3, "per_head": c.per_head * 1e3}
                                                       for label, c in costs.per_site[first].items()}}
     paths["comparison"].write_text(json.dumps(_jsonable(summary), indent=1) + "\n")

@@ -727,16 +727,20 @@ class SiteCosts:
     included); ``mixing[site]``: added once when the site runs more than one launch (selecting head subsets and
     assembling the output); ``source``: where the figures come from; ``launch_groups[label]``: the launch the
     candidate's heads join (:meth:`Strategy.launch_group`): candidates of one launch group run as one launch, so
-    together they pay the largest of their fixed costs once (labels not listed run their own launch).
+    together they pay the largest of their fixed costs once (labels not listed run their own launch);
+    ``shared_mixing[site]``: added per launch that holds several candidates (joining their lists, heads back in
+    order).
     """
 
     per_site: dict[str, dict[str, LaunchCost]]
     mixing: dict[str, float]
     source: str
     launch_groups: dict[str, str] = field(default_factory=dict)
+    shared_mixing: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"source": self.source, "mixing": self.mixing, "launch_groups": self.launch_groups,
+                "shared_mixing": self.shared_mixing,
                 "per_site": {site: {label: {"fixed": c.fixed, "per_head": c.per_head} for label, c in table.items()}
                              for site, table in self.per_site.items()}}
 
@@ -744,7 +748,7 @@ class SiteCosts:
     def from_json(cls, data: dict[str, Any]) -> SiteCosts:
         return cls({site: {label: LaunchCost(c["fixed"], c["per_head"]) for label, c in table.items()}
                     for site, table in data["per_site"].items()}, dict(data["mixing"]), data["source"],
-                   dict(data.get("launch_groups", {})))
+                   dict(data.get("launch_groups", {})), dict(data.get("shared_mixing", {})))
 
     def launch_group_indices(self, labels: Sequence[str]) -> list[int]:
         """Per label, the index of its launch group among ``labels``' groups (equal index: one launch)."""
@@ -762,8 +766,9 @@ class SiteCosts:
             raise ValueError(f"no cost for {missing[0]!r} at site {site}; measure or price every calibrated candidate")
         used = list(counts)
         fixed = np.array([table[label].fixed for label in used])
+        launches = Launches(self.launch_group_indices(used), self.shared_mixing.get(site, 0.0))
         return (sum(table[label].per_head * n for label, n in counts.items())
-                + _launch_fixed(fixed, self.mixing.get(site, 0.0), range(len(used)), self.launch_group_indices(used)))
+                + _launch_fixed(fixed, self.mixing.get(site, 0.0), range(len(used)), launches))
 
     @classmethod
     def from_cost_model(cls, calibration: CalibrationResult, target: str = "h100",
@@ -836,19 +841,19 @@ def _time_choice(calibration: CalibrationResult, config: SearchConfig, costs: Si
         per_head = np.array([table[label].per_head for label in labels]) * weight
         fixed = np.array([table[label].fixed for label in labels]) * weight
         mixing = costs.mixing.get(site, 0.0) * weight
-        group_of = costs.launch_group_indices(labels)
+        launches = Launches(costs.launch_group_indices(labels), costs.shared_mixing.get(site, 0.0) * weight)
         # Every set of 1..max_site_groups options, by size then lexicographically (ties go to the first listed).
         sets = []
         for r in range(1, min(config.max_site_groups, len(labels)) + 1):
             combos = np.array(list(itertools.combinations(range(len(labels)), r)), dtype=np.int64)
-            sets.append((combos, np.array([_launch_fixed(fixed, mixing, combo, group_of) for combo in combos])))
-        prepared.append((members, error, per_head, fixed, mixing, group_of, sets))
+            sets.append((combos, np.array([_launch_fixed(fixed, mixing, combo, launches) for combo in combos])))
+        prepared.append((members, error, per_head, fixed, mixing, launches, sets))
 
     def solve(lam: float) -> tuple[float, float, list[int]]:
         err_total, sec_total = 0.0, 0.0
         choice = [0] * len(items)
         heads_axis = None
-        for members, error, per_head, fixed, mixing, group_of, sets in prepared:
+        for members, error, per_head, fixed, mixing, launches, sets in prepared:
             value = error + lam * per_head[None, :]  # [heads, labels]
             best: tuple[float, np.ndarray] | None = None
             for combos, combo_fixed in sets:
@@ -860,7 +865,7 @@ def _time_choice(calibration: CalibrationResult, config: SearchConfig, costs: Si
                     best = (float(totals[s]), combos[s][local[:, s, :].argmin(1)])
             picks = [int(i) for i in best[1]]  # type: ignore[index]
             err_total += float(error[heads_axis, picks].sum())
-            sec_total += _prepared_block_seconds(per_head, fixed, mixing, picks, group_of)
+            sec_total += _prepared_block_seconds(per_head, fixed, mixing, picks, launches)
             for k, i in zip(members, picks):
                 choice[k] = i
         return err_total, sec_total, choice
@@ -908,8 +913,8 @@ def _time_choice(calibration: CalibrationResult, config: SearchConfig, costs: Si
     choice, moves = _exchange_moves(blocks_table, choice, budget, config.max_site_groups)
     if moves:
         error = sum(items[k].options[i].cost for k, i in enumerate(choice))
-        seconds = sum(_prepared_block_seconds(per_head, fixed, mixing, [choice[k] for k in members], group_of)
-                      for members, _, per_head, fixed, mixing, group_of in blocks_table)
+        seconds = sum(_prepared_block_seconds(per_head, fixed, mixing, [choice[k] for k in members], launches)
+                      for members, _, per_head, fixed, mixing, launches in blocks_table)
     record = {"predicted_sq_error": error,
               "objective": ("model-output relative squared error, sites weighted by measured output gains"
                             if _output_gains(calibration) else "sum over sites of squared relative attention error "
@@ -927,12 +932,13 @@ def _time_choice(calibration: CalibrationResult, config: SearchConfig, costs: Si
 
 
 def _block_frontier(error: np.ndarray, per_head: np.ndarray, fixed: np.ndarray, mixing: float, max_groups: int = 2,
-                    group_of: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+                    launches: Launches | None = None) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """Every assignment of one block's heads to at most ``max_groups`` (1 or 2) options that no other beats on both
     time and error: (seconds, error, per-head options), fastest first. With one option every head runs it; with
     two, a and b, the time depends only on how many heads run b (per-head cost is the option's), so for each count
     the heads whose error gains most from b take it: the list is exact, not a heuristic. Options of one launch
-    group (``group_of``) share their launch: a and b together pay the larger fixed cost and no mixing."""
+    group (``launches``) share their launch: a and b together pay the larger fixed cost and the shared mixing cost
+    instead of both fixed costs and the mixing cost."""
     heads, labels = error.shape
     secs, errs, picks = [], [], []
     for a in range(labels):
@@ -940,7 +946,7 @@ def _block_frontier(error: np.ndarray, per_head: np.ndarray, fixed: np.ndarray, 
         errs.append(float(error[:, a].sum()))
         picks.append(np.full(heads, a))
     for a, b in itertools.combinations(range(labels), 2) if max_groups >= 2 else ():
-        pair_fixed = _launch_fixed(fixed, mixing, (a, b), group_of)
+        pair_fixed = _launch_fixed(fixed, mixing, (a, b), launches)
         gain = error[:, b] - error[:, a]
         order = np.argsort(gain, kind="stable")
         running = float(error[:, a].sum()) + np.cumsum(gain[order])
@@ -966,7 +972,7 @@ def _exact_time_dp(blocks: list[tuple], budget: float, bins: int,
     meets the budget), and again rounded down for a lower bound on the true optimum. Returns (error, seconds,
     per-block head options, lower bound), or None when even the fastest frontier points overrun the budget once
     rounded up."""
-    # blocks: (error, per_head, fixed, mixing[, group_of]) each.
+    # blocks: (error, per_head, fixed, mixing[, launches]) each.
     frontiers = [_block_frontier(*block[:4], max_groups, *block[4:]) for block in blocks]
     options = [[Option(str(j), float(e), frozenset()) for j, e in enumerate(errs)] for _, errs, _ in frontiers]
     allowed = [list(range(len(o))) for o in options]
@@ -986,22 +992,35 @@ def _exact_time_dp(blocks: list[tuple], budget: float, bins: int,
         min(error, lower[0]) if lower is not None else 0.0)
 
 
-def _launch_fixed(fixed: np.ndarray, mixing: float, used: Iterable[int], group_of: Sequence[int] | None) -> float:
-    """Fixed seconds of a block running options ``used``: per launch group (``group_of[i]``; None: every option its
-    own launch) the largest fixed cost of its options in use, since they share one launch; plus ``mixing`` when
-    more than one launch runs."""
-    launches: dict[int, float] = {}
+@dataclass(frozen=True)
+class Launches:
+    """How a block's options run: ``group_of[i]``, the launch group of option ``i`` (options of one group run as
+    one launch); ``shared_mixing``: seconds added per launch that holds more than one option (joining their lists
+    and putting heads back in order)."""
+
+    group_of: Sequence[int]
+    shared_mixing: float = 0.0
+
+
+def _launch_fixed(fixed: np.ndarray, mixing: float, used: Iterable[int], launches: Launches | None) -> float:
+    """Fixed seconds of a block running options ``used``: per launch (``launches``; None: every option its own) the
+    largest fixed cost of its options in use plus, where it holds several, the shared mixing cost; plus ``mixing``
+    when more than one launch runs."""
+    largest: dict[int, float] = {}
+    options: dict[int, int] = {}
     for i in used:
-        key = int(i) if group_of is None else int(group_of[i])
-        launches[key] = max(launches.get(key, 0.0), float(fixed[i]))
-    return sum(launches.values()) + (mixing if len(launches) > 1 else 0.0)
+        key = int(i) if launches is None else int(launches.group_of[i])
+        largest[key] = max(largest.get(key, 0.0), float(fixed[i]))
+        options[key] = options.get(key, 0) + 1
+    shared = 0.0 if launches is None else launches.shared_mixing * sum(1 for n in options.values() if n > 1)
+    return sum(largest.values()) + shared + (mixing if len(largest) > 1 else 0.0)
 
 
 def _prepared_block_seconds(per_head: np.ndarray, fixed: np.ndarray, mixing: float, picks: Sequence[int],
-                            group_of: Sequence[int] | None = None) -> float:
+                            launches: Launches | None = None) -> float:
     """Seconds of one (site, step group) block with head ``h`` on option ``picks[h]`` (step-group weight included);
-    options in one launch group (``group_of``) share their launch."""
-    return float(per_head[list(picks)].sum()) + _launch_fixed(fixed, mixing, set(picks), group_of)
+    options in one launch group (``launches``) share their launch."""
+    return float(per_head[list(picks)].sum()) + _launch_fixed(fixed, mixing, set(picks), launches)
 
 
 #: Most improving moves considered per side when pairing a time-saving change with an error-reducing one.
@@ -1009,14 +1028,14 @@ EXCHANGE_CANDIDATES = 384
 
 
 def _block_moves(error: np.ndarray, per_head: np.ndarray, fixed: np.ndarray, mixing: float, picks: list[int],
-                 max_site_groups: int, group_of: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 max_site_groups: int, launches: Launches | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Every single-head change at one block: seconds and error change, ``[heads, options]`` (``inf`` seconds where
     the change is no move or would exceed ``max_site_groups`` options)."""
     heads, labels = error.shape
     current = np.asarray(picks)
     counts = np.bincount(current, minlength=labels)
     used = {int(i) for i in np.flatnonzero(counts)}
-    base = _launch_fixed(fixed, mixing, used, group_of)
+    base = _launch_fixed(fixed, mixing, used, launches)
     # The fixed seconds after a move depend only on which option empties (if any) and which one is joined.
     after_fixed: dict[tuple[int, int], float] = {}
     d_sec = np.full((heads, labels), np.inf)
@@ -1030,7 +1049,7 @@ def _block_moves(error: np.ndarray, per_head: np.ndarray, fixed: np.ndarray, mix
             if len(after) > max_site_groups:
                 continue
             if (leaving, i) not in after_fixed:
-                after_fixed[(leaving, i)] = _launch_fixed(fixed, mixing, after, group_of)
+                after_fixed[(leaving, i)] = _launch_fixed(fixed, mixing, after, launches)
             d_sec[h, i] = per_head[i] - per_head[c] + after_fixed[(leaving, i)] - base
     d_err = error - error[np.arange(heads), current][:, None]
     return d_sec, d_err
@@ -1047,10 +1066,10 @@ def _exchange_moves(blocks: list[tuple[list[int], np.ndarray, np.ndarray, np.nda
     choice = list(choice)
     blocks = [(*block, None) if len(block) == 5 else block for block in blocks]
     picks = [[choice[k] for k in members] for members, *_ in blocks]
-    block_sec = [_prepared_block_seconds(per_head, fixed, mixing, p, group_of)
-                 for (_, _, per_head, fixed, mixing, group_of), p in zip(blocks, picks)]
-    moves_of = [_block_moves(error, per_head, fixed, mixing, p, max_site_groups, group_of)
-                for (_, error, per_head, fixed, mixing, group_of), p in zip(blocks, picks)]
+    block_sec = [_prepared_block_seconds(per_head, fixed, mixing, p, launches)
+                 for (_, _, per_head, fixed, mixing, launches), p in zip(blocks, picks)]
+    moves_of = [_block_moves(error, per_head, fixed, mixing, p, max_site_groups, launches)
+                for (_, error, per_head, fixed, mixing, launches), p in zip(blocks, picks)]
     shapes = [m[0].shape for m in moves_of]
     block_of = np.concatenate([np.full(h * w, b) for b, (h, w) in enumerate(shapes)]) if shapes else np.zeros(0)
     starts = np.cumsum([0] + [h * w for h, w in shapes])
@@ -1085,13 +1104,13 @@ def _exchange_moves(blocks: list[tuple[list[int], np.ndarray, np.ndarray, np.nda
         for j in best:
             b = int(block_of[j])
             h, i = divmod(int(j - starts[b]), shapes[b][1])
-            members, error, per_head, fixed, mixing, group_of = blocks[b]
+            members, error, per_head, fixed, mixing, launches = blocks[b]
             picks[b][h] = i
             choice[members[h]] = i
-            new_sec = _prepared_block_seconds(per_head, fixed, mixing, picks[b], group_of)
+            new_sec = _prepared_block_seconds(per_head, fixed, mixing, picks[b], launches)
             total += new_sec - block_sec[b]
             block_sec[b] = new_sec
-            moves_of[b] = _block_moves(error, per_head, fixed, mixing, picks[b], max_site_groups, group_of)
+            moves_of[b] = _block_moves(error, per_head, fixed, mixing, picks[b], max_site_groups, launches)
         moves += 1
     return choice, moves
 
