@@ -5,11 +5,12 @@ One process: first every kernel is checked against the PyTorch reference on smal
 self-attention shapes on the same random per-head block masks:
   cudnn_dense   torch SDPA, cuDNN backend, dense (the reference rate)
   flex          torch.compile(flex_attention) with BlockMask.from_kv_blocks of the same 128-token block lists
-  triton        vdopt's Triton kernel called directly (block_sparse_attention_triton); triton_host_desc_* the
-                same with host_descriptors=True (TMA descriptors made once on the host, not per program, autotuned:
-                4-D, a head's rows per box), triton_host_desc_storage_* with host_descriptors="storage" (2-D over the
-                storage; tiles past a head's end read the next head), triton_persistent_* with per-head ones and
-                persistent=True (two programs per SM, longest lists first,
+  triton        vdopt's Triton kernel called directly (block_sparse_attention_triton; its default since 2026-12-06:
+                per-head 4-D TMA descriptors made once on the host); triton_host_desc_* the same with
+                host_descriptors="per_head" named, triton_in_kernel_desc_* with host_descriptors=False (three
+                descriptors built per program, the default before), triton_host_desc_storage_* with
+                host_descriptors="storage" (2-D over the storage; tiles past a head's end read the next head), all
+                autotuned; triton_persistent_* with per-head ones and persistent=True (two programs per SM, longest lists first,
                 128x64 tiles) on the same equal-length lists; triton_unequal_* and triton_persistent_unequal_*: the
                 default and the persistent launch on lists of unequal lengths (1 .. 2 * kept - 1 blocks per row,
                 a dynamic selection's shape) at about the same density
@@ -563,6 +564,7 @@ def full(args) -> None:
     # Opt-in Triton variants: host-made TMA descriptors, and those in a persistent launch (longest lists first).
     # Each is checked, then timed beside the default path where it passed.
     triton_variants = {"triton_host_desc": {"host_descriptors": "per_head"},
+                       "triton_in_kernel_desc": {"host_descriptors": False},
                        "triton_host_desc_storage": {"host_descriptors": "storage"},
                        "triton_persistent": {"host_descriptors": "per_head", "persistent": True}}
     for name, options in triton_variants.items():
@@ -745,7 +747,8 @@ def full(args) -> None:
             save()
             log(f"  d={density:<5} triton {rec['triton_ms']:.3f} ms {rec['triton_effective_tflops']:.0f} TF (host "
                 f"descriptors {rec.get('triton_host_desc_effective_tflops', float('nan')):.0f}, storage descriptors "
-                f"{rec.get('triton_host_desc_storage_effective_tflops', float('nan')):.0f}, persistent "
+                f"{rec.get('triton_host_desc_storage_effective_tflops', float('nan')):.0f}, in-kernel descriptors "
+                f"{rec.get('triton_in_kernel_desc_effective_tflops', float('nan')):.0f}, persistent "
                 f"{rec.get('triton_persistent_effective_tflops', float('nan')):.0f}) | fa4 "
                 f"{rec.get('fa4_ms', float('nan')):.3f} ms {rec.get('fa4_effective_tflops', float('nan')):.0f} TF | op "
                 f"({rec['vdopt_backend']}) {rec['vdopt_ms']:.3f} ms {rec['effective_tflops']:.0f} TF, x"
@@ -800,6 +803,7 @@ def plot(records, path) -> None:
         ax.plot(d, [r["cudnn_dense_ms"] / r["triton_ms"] for r in rs], "s-", label="vdopt triton")
         for key, style, label in (("triton_host_desc", "s--", "vdopt triton, host descriptors (per head)"),
                                   ("triton_host_desc_storage", "s-.", "vdopt triton, host descriptors (storage)"),
+                                  ("triton_in_kernel_desc", "s-", "vdopt triton, in-kernel descriptors"),
                                   ("triton_persistent", "s:", "vdopt triton, host descriptors + persistent")):
             if all(f"{key}_ms" in r for r in rs):
                 ax.plot(d, [r["cudnn_dense_ms"] / r[f"{key}_ms"] for r in rs], style, label=label)

@@ -376,18 +376,20 @@ def block_sparse_attention_triton(
     config: tuple[int, int, int, int] | None = None,
     use_tma: bool | None = None,
     kv_ragged_mode: int = RAGGED_MASK_IN_BRANCH,
-    host_descriptors: bool | str = False,
+    host_descriptors: bool | str | None = None,
     persistent: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the Triton kernel (no validation of the index lists; see :func:`block_sparse_attention`).
 
     ``config = (BLOCK_M, BLOCK_N, stages, warps)`` pins the tiles (None: autotuned on GPU, (128, 64, 2, 4)
     under the interpreter); ``use_tma`` None picks tensor-descriptor loads wherever the GPU and strides allow.
-    ``host_descriptors``: make the TMA descriptors once on the host instead of three per program inside the kernel;
-    opt-in until a GPU run shows it pays (benchmarks/notes_attention_kernels.md). True or ``"per_head"``: 4-D
-    descriptors whose boxes are one head's rows, so a tile past a head's last row reads zeros, as in-kernel
-    descriptors do. ``"storage"``: 2-D descriptors over the tensors' storage; such a tile reads the next head's
-    or batch's rows, which get zero weight (equal results for finite inputs; a non-finite value there spreads).
+    ``host_descriptors``: make the TMA descriptors once on the host instead of three per program inside the kernel.
+    True or ``"per_head"``: 4-D descriptors whose boxes are one head's rows, so a tile past a head's last row reads
+    zeros, as in-kernel descriptors do. ``"storage"``: 2-D descriptors over the tensors' storage; such a tile reads
+    the next head's or batch's rows, which get zero weight (equal results for finite inputs; a non-finite value
+    there spreads). False: descriptors built in the kernel. None (default): ``"per_head"`` wherever TMA loads run
+    (two H100 runs of 2026-12-06: +3% to +13% at density 0.05, within -1.5% to +7% elsewhere;
+    benchmarks/notes_attention_kernels.md), else pointer loads.
     ``persistent``: launch :data:`PERSISTENT_PROGRAMS_PER_SM` programs per SM that take the query tiles longest key
     list first (a pinned config, default ``TILE_CONFIGS[0]``); opt-in until timed.
     """
@@ -411,7 +413,12 @@ def block_sparse_attention_triton(
     if use_tma is None:
         use_tma = _backends.tma_compatible(q, k, v)
     host_layout = 0
-    if host_descriptors is True:
+    requested = host_descriptors is not None
+    if host_descriptors is None:
+        # A zero stride (an expanded tensor) is no copy engine stride: such calls build descriptors in the kernel.
+        real_strides = all(st > 0 or n == 1 for t in (q, k, v) for st, n in zip(t.stride(), t.shape))
+        host_descriptors = "per_head" if use_tma and real_strides else False
+    elif host_descriptors is True:
         host_descriptors = "per_head"
     if host_descriptors:
         if host_descriptors not in HOST_DESCRIPTOR_KINDS:
@@ -458,10 +465,12 @@ def block_sparse_attention_triton(
         tile_m = _largest_pow2_divisor(block_m, config[0])
         tile_n = _largest_pow2_divisor(block_n, config[1])
         if tile_n < _MIN_TMA_TILE_N and not _backends.interpreting():
-            if host_layout:
+            if host_layout and requested:
                 raise ValueError(f"{_OP}: host_descriptors needs key tiles of >= {_MIN_TMA_TILE_N} rows; "
                                  f"block_n {block_n} gives {tile_n}")
+            host_layout = 0
             common["USE_TMA"] = False
+            common["HOST_TMA"] = 0
     # Autotuned launches set the descriptors' boxes per config (_set_host_descriptor_boxes).
     qkv = (q, k, v) if not host_layout else _host_descriptors(host_layout, (q, k, v),
                                                                (tile_m or 64, tile_n or 64, tile_n or 64))

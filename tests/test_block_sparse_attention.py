@@ -83,12 +83,15 @@ def assert_matches(out, lse, ref, ref_lse, dtype):
         (torch.float16, 128, 1),
     ],
 )
-@pytest.mark.parametrize("use_tma", [True, False], ids=["tma", "pointer"])
-def test_kernel_matches_reference(dtype, head_dim, batch, use_tma):
-    """Ragged query and key counts (70 and 90 tokens, blocks 32 and 16), unequal lengths, one empty row."""
+@pytest.mark.parametrize("use_tma,host_descriptors", [(True, None), (True, False), (False, None)],
+                         ids=["tma_default_per_head_host", "tma_in_kernel_descriptors", "pointer"])
+def test_kernel_matches_reference(dtype, head_dim, batch, use_tma, host_descriptors):
+    """Ragged query and key counts (70 and 90 tokens, blocks 32 and 16), unequal lengths, one empty row; TMA loads
+    through the default per-head host descriptors and through descriptors built in the kernel, and pointer loads."""
     q, k, v = random_inputs(batch, 2, 70, 90, head_dim, dtype)
     idx, cnt = random_lists(batch, 2, 3, 6, empty_rows=[(0, 1, 2)])
-    out, lse = bsa.block_sparse_attention_triton(q, k, v, idx, cnt, 32, 16, config=(32, 16, 2, 4), use_tma=use_tma)
+    out, lse = bsa.block_sparse_attention_triton(q, k, v, idx, cnt, 32, 16, config=(32, 16, 2, 4), use_tma=use_tma,
+                                                 host_descriptors=host_descriptors)
     ref, ref_lse = block_sparse_attention_reference(q, k, v, idx, cnt, 32, 16)
     assert_matches(out, lse, ref, ref_lse, dtype)
 
@@ -332,6 +335,7 @@ def test_gpu_matches_reference(dtype, head_dim):
     assert bsa.last_backend() in ("fa4", "triton")  # fa4 where flash-attn-4 is installed (tests/test_fa4_backend.py)
     ref, ref_lse = block_sparse_attention_reference(q, k, v, idx, cnt, 128, 128)
     assert_matches(out, lse, ref, ref_lse, dtype)
-    # The autotuned launch with host-made descriptors (each config's pre-hook sets their tile shapes).
-    out, lse = bsa.block_sparse_attention_triton(q, k, v, idx, cnt, 128, 128, host_descriptors=True)
-    assert_matches(out, lse, ref, ref_lse, dtype)
+    # The autotuned launch with each kind of descriptor (each config's pre-hook sets host descriptors' tile shapes).
+    for kind in (None, "per_head", "storage", False):
+        out, lse = bsa.block_sparse_attention_triton(q, k, v, idx, cnt, 128, 128, host_descriptors=kind)
+        assert_matches(out, lse, ref, ref_lse, dtype)
