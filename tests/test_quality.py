@@ -376,6 +376,24 @@ def test_time_match_searches_again_while_the_plan_measures_slower_than_its_basel
 
     plan, record = _match_measured_time(10.0, "baseline", 10.0, measure, 3, fails)
     assert plan == 10.0 and not record["no_slower_than_baseline"] and "error" in record["tries"][-1]
+    assert len(record["tries"]) == 4  # the first plan, then three budgets no plan fits
+
+    # The proxy's Sparse-vDiT d0.1 case (H100, 2026-12-06): the cost model over-predicts the baseline and
+    # under-predicts the searched plan, so the scaled budget falls below the fastest plan (here 3.2 ms). The
+    # infeasible budget is bisected toward the too-slow one, and a plan between them is measured and kept.
+    def fastest_3_2(ms):
+        if ms < 3.2:
+            raise RuntimeError("no plan meets the time budget")
+        return ms
+
+    def skewed(plan):
+        return 3.5 if plan == "baseline" else 1.6 * plan - 2.0
+
+    plan, record = _match_measured_time(5.5, "baseline", 5.5, skewed, 3, fastest_3_2)
+    budgets = [t["budget_ms"] for t in record["tries"]]
+    assert budgets[0] == 5.5 and "error" in record["tries"][1] and budgets[1] < 3.2
+    assert budgets[2] == pytest.approx((budgets[1] * 5.5) ** 0.5)  # bisected between infeasible and too slow
+    assert record["no_slower_than_baseline"] and skewed(plan) <= 3.5 and plan >= 3.2
 
 
 def test_calibration_candidates_include_a_point_below_the_sparsest_target() -> None:

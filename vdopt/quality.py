@@ -772,28 +772,44 @@ def searched_plans(calibration: CalibrationResult, sites: list[AttentionSite], m
 def _match_measured_time(plan: Plan, baseline: Plan, budget_ms: float, measure_ms: Callable[[Plan], float],
                          retries: int, search_at: Callable[[float], Plan]) -> tuple[Plan, dict[str, Any]]:
     """The plan searched at ``budget_ms`` (predicted), re-searched at a budget scaled by measured baseline over
-    measured plan while it measures slower than ``baseline``. Returns the last plan no slower than the baseline,
-    else the fastest one measured, and the record of the tries."""
+    measured plan while it measures slower than ``baseline`` (at most ``retries`` searches; a budget no plan fits is
+    bisected toward the last too-slow one). Returns the last plan no slower than the baseline, else the fastest one
+    measured, and the record of the tries."""
     target_ms = measure_ms(baseline)
     tries: list[dict[str, Any]] = []
     chosen: tuple[float, Plan] | None = None
     fastest: tuple[float, Plan] | None = None
-    for attempt in range(retries + 1):
-        got = measure_ms(plan)
+    # Budgets at or above ``too_slow`` gave plans measured slower than the baseline; at or below ``infeasible`` no
+    # plan is predicted to fit. A scaled budget that falls to or below ``infeasible`` is replaced by the geometric
+    # mean of the two, so a cost model that errs both ways (its fastest plan predicted above the scaled budget)
+    # still gets a plan between them measured.
+    too_slow, infeasible = math.inf, 0.0
+    searches = 0
+    got = measure_ms(plan)
+    while True:
         tries.append({"budget_ms": budget_ms, "measured_ms": got})
         if fastest is None or got < fastest[0]:
             fastest = (got, plan)
         if got <= target_ms:
             chosen = (got, plan)
             break
-        if attempt == retries:
+        too_slow = min(too_slow, budget_ms)
+        next_ms = budget_ms * target_ms / got
+        found = None
+        while searches < retries and found is None:
+            if next_ms <= infeasible:
+                next_ms = math.sqrt(infeasible * too_slow)
+            searches += 1
+            try:
+                found = search_at(next_ms)
+            except RuntimeError as error:  # no plan is predicted to fit this budget
+                tries.append({"budget_ms": next_ms, "measured_ms": None, "error": str(error)})
+                infeasible = max(infeasible, next_ms)
+                next_ms = math.sqrt(infeasible * too_slow)
+        if found is None:
             break
-        budget_ms *= target_ms / got
-        try:
-            plan = search_at(budget_ms)
-        except RuntimeError as error:  # no plan is predicted to fit the smaller budget
-            tries.append({"budget_ms": budget_ms, "measured_ms": None, "error": str(error)})
-            break
+        plan, budget_ms = found, next_ms
+        got = measure_ms(plan)
     assert fastest is not None
     picked = chosen if chosen is not None else fastest
     return picked[1], {"baseline_measured_ms": target_ms, "tries": tries, "measured_ms": picked[0],
