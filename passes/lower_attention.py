@@ -178,9 +178,10 @@ class LoweredAttention(nn.Module):
             if self.text_spans:  # the log-sum-exp is read only to merge the text keys in
                 lses.append(lse if self.hoisted else lse.index_select(2, inverse))
         video_out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-        q_s, k_s, v_s = [x if self.sparse_all_heads else x.index_select(1, self.sparse_index)
-                         for x in (query, key, value)]
         if self.text_spans:
+            # The sparse heads' full q/k/v are read only for the text rows and keys (copies when heads are mixed).
+            q_s, k_s, v_s = [x if self.sparse_all_heads else x.index_select(1, self.sparse_index)
+                             for x in (query, key, value)]
             video_lse = lses[0] if len(lses) == 1 else torch.cat(lses, dim=1)
             k_text = torch.cat([k_s[:, :, a:b] for a, b in self.text_spans], dim=2)
             v_text = torch.cat([v_s[:, :, a:b] for a, b in self.text_spans], dim=2)

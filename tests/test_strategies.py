@@ -85,13 +85,17 @@ def _masked_reference(q, k, v, keep_video, layout, key_bias=None):
     return torch.softmax(scores, -1) @ v.double()
 
 
+@pytest.mark.parametrize("interleaved", [False, True], ids=["three_launches", "one_launch_heads_reordered"])
 @pytest.mark.parametrize("text_position", ["none", "before", "after"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_site_attention_equals_masked_reference(text_position, dtype, tol) -> None:
+def test_site_attention_equals_masked_reference(text_position, dtype, tol, interleaved) -> None:
     text = 0 if text_position == "none" else 5
     layout = TokenLayout(3, 5, 7, text, text_position)
     q, k, v = _qk(2, 3, layout.total_tokens, 16, seed=1)
-    heads = [SpatialWindow(0), PooledTopP(0.6), TemporalWindow(1)]
+    # Interleaved: one fused launch runs every head, listed as heads 0, 2, 1 (its groups in turn), so the text
+    # merge must take the heads in that order too.
+    heads = ([PooledTopP(0.6), SpatialWindow(0), PooledTopP(0.6)] if interleaved
+             else [SpatialWindow(0), PooledTopP(0.6), TemporalWindow(1)])
     state: dict = {}
     ctx = PatternContext(layout, 16, state)
     # Rebuild the same patterns the runtime builds (static + deterministic dynamic) for the reference mask.

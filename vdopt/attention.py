@@ -157,20 +157,23 @@ def sparse_site_attention(
     qv, kv, vv = q[:, :, v0:v1], k[:, :, v0:v1], v[:, :, v0:v1]
 
     def heads_of(x: torch.Tensor | None, members: list[int]) -> torch.Tensor | None:
-        if x is None or x.shape[1] == 1 or len(members) == heads:
+        # Every head in another order (a fused launch lists its groups' heads one group after another) is a copy.
+        if x is None or x.shape[1] == 1 or members == list(range(heads)):
             return x
         return x.index_select(1, torch.tensor(members, device=x.device))
 
     def finish(members: list[int], video_out: torch.Tensor, video_lse: torch.Tensor) -> None:
         """Merge the text keys into the video rows, attend the text rows densely, write the heads' output."""
+        if not text:  # the video rows are every row
+            out[:, members] = video_out.to(q.dtype)
+            return
         kg, vg, qg = heads_of(k, members), heads_of(v, members), heads_of(q, members)
-        if text:
-            kt = torch.cat([kg[:, :, a:b] for a, b in text], dim=2)
-            vt = torch.cat([vg[:, :, a:b] for a, b in text], dim=2)
-            bias_g = heads_of(bias, members)
-            bias_t = None if bias_g is None else torch.cat([bias_g[..., a:b] for a, b in text], dim=-1)
-            text_out, text_lse = _attention_with_lse(qg[:, :, v0:v1], kt, vt, bias_t, scale)
-            video_out = merge_partial_attention(video_out, video_lse, text_out, text_lse)
+        kt = torch.cat([kg[:, :, a:b] for a, b in text], dim=2)
+        vt = torch.cat([vg[:, :, a:b] for a, b in text], dim=2)
+        bias_g = heads_of(bias, members)
+        bias_t = None if bias_g is None else torch.cat([bias_g[..., a:b] for a, b in text], dim=-1)
+        text_out, text_lse = _attention_with_lse(qg[:, :, v0:v1], kt, vt, bias_t, scale)
+        video_out = merge_partial_attention(video_out, video_lse, text_out, text_lse)
         result = torch.empty_like(qg)
         result[:, :, v0:v1] = video_out.to(q.dtype)
         for a, b in text:
