@@ -782,8 +782,8 @@ def _match_measured_time(plan: Plan, baseline: Plan, budget_ms: float, measure_m
                          retries: int, search_at: Callable[[float], Plan]) -> tuple[Plan, dict[str, Any]]:
     """The plan searched at ``budget_ms`` (predicted), re-searched at a budget scaled by measured baseline over
     measured plan while it measures slower than ``baseline`` (at most ``retries`` searches; a budget no plan fits is
-    bisected toward the last too-slow one). Returns the last plan no slower than the baseline, else the fastest one
-    measured, and the record of the tries."""
+    bisected toward the last too-slow one). Returns the last plan no slower than the baseline, else the baseline's
+    own plan, and the record of the tries."""
     target_ms = measure_ms(baseline)
     tries: list[dict[str, Any]] = []
     chosen: tuple[float, Plan] | None = None
@@ -820,9 +820,15 @@ def _match_measured_time(plan: Plan, baseline: Plan, budget_ms: float, measure_m
         plan, budget_ms = found, next_ms
         got = measure_ms(plan)
     assert fastest is not None
-    picked = chosen if chosen is not None else fastest
-    return picked[1], {"baseline_measured_ms": target_ms, "tries": tries, "measured_ms": picked[0],
-                       "no_slower_than_baseline": chosen is not None}
+    if chosen is None:
+        # Nothing searched runs as fast as the baseline: keep the baseline's own plan (an incumbent of every
+        # time-matched search), which a user of the search would rather have than a slower one; comparisons count
+        # it as a tie, not a win.
+        return baseline, {"baseline_measured_ms": target_ms, "tries": tries, "measured_ms": target_ms,
+                          "no_slower_than_baseline": True, "kept_baseline_plan": True,
+                          "fastest_searched_ms": fastest[0]}
+    return chosen[1], {"baseline_measured_ms": target_ms, "tries": tries, "measured_ms": chosen[0],
+                       "no_slower_than_baseline": True, "kept_baseline_plan": False}
 
 
 # ---------------------------------------------------------------------------------------------------------------
