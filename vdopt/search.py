@@ -604,8 +604,8 @@ class _DensityItem:
 
 
 def _density_items(calibration: CalibrationResult, groups: list[list[float]], t_warmup: float) -> list[_DensityItem]:
-    """Per site, head and step group, every option with its objective share (``cost``: predicted squared error) and density share
-    (``weight``); recall, error and density are the means over the group's samples."""
+    """Per site, head and step group, every option with its objective share (``cost``: predicted squared error)
+    and density share (``weight``); recall, error and density are the means over the group's samples."""
     heads_total = sum(stats.site.heads for stats in calibration.sites.values())
     gains = _output_gains(calibration)
     labels = ["dense"] + [label for label, s in calibration.candidates.items() if not isinstance(s, Dense)]
@@ -887,8 +887,8 @@ def _time_choice(calibration: CalibrationResult, config: SearchConfig, costs: Si
             lo = mid
         if lo > 0 and hi / lo < 1 + 1e-6:
             break
-    # Per block: its heads' item indices, error table, per-head and group seconds, mixing cost, launch group of
-    # each option (sets dropped).
+    # Per block: its heads' item indices, error table, per-head and group seconds, mixing cost, the options'
+    # launches (sets dropped).
     blocks_table = [entry[:6] for entry in prepared]
     solver, lower_bound = "lagrangian", None
     if config.max_site_groups <= 2:
