@@ -152,9 +152,10 @@ def _attend_query_tile(
     DOT_UPCAST: tl.constexpr, HOST_TMA: tl.constexpr,
 ):
     """Query tile ``tile_m`` of launched (batch, head) ``pid_bh``: attend its key-block list and store its rows.
-    HOST_TMA (1 head-major, 2 token-major): Q, K, V are 2-D tensor descriptors made on the host over their
-    storage (see _host_descriptors), so no program builds descriptors. Rows past a head's last row then come
-    from the next head or batch (zeros past the tensor's end): masked keys, and query rows that are not stored."""
+    HOST_TMA: Q, K, V are tensor descriptors made on the host (see _host_descriptors), so no program builds
+    descriptors. 3 (per head, the default): 4-D, loaded as one head's [1, 1, rows, D] boxes, zeros past its rows.
+    1 (head-major) and 2 (token-major): 2-D over the storage; rows past a head's last row then come from the next
+    head or batch (zeros past the tensor's end): masked keys, and query rows that are not stored."""
     b = (pid_bh // group_heads).to(tl.int64)
     g = pid_bh % group_heads
     if HAS_HEAD_INDICES:
