@@ -9,8 +9,9 @@ self-attention shapes on the same random per-head block masks:
                 per-head 4-D TMA descriptors made once on the host); triton_host_desc_* the same with
                 host_descriptors="per_head" named, triton_in_kernel_desc_* with host_descriptors=False (three
                 descriptors built per program, the default before), triton_host_desc_storage_* with
-                host_descriptors="storage" (2-D over the storage; tiles past a head's end read the next head), all
-                autotuned; triton_persistent_* with per-head ones and persistent=True (two programs per SM, longest lists first,
+                host_descriptors="storage" (2-D over the storage; tiles past a head's end read the next head),
+                triton_out_desc_* with out_descriptor=True too (output tiles stored by TMA), all autotuned;
+                triton_persistent_* with per-head ones and persistent=True (two programs per SM, longest lists first,
                 128x64 tiles) on the same equal-length lists; triton_unequal_* and triton_persistent_unequal_*: the
                 default and the persistent launch on lists of unequal lengths (1 .. 2 * kept - 1 blocks per row,
                 a dynamic selection's shape) at about the same density
@@ -565,6 +566,7 @@ def full(args) -> None:
     # Each is checked, then timed beside the default path where it passed.
     triton_variants = {"triton_host_desc": {"host_descriptors": "per_head"},
                        "triton_in_kernel_desc": {"host_descriptors": False},
+                       "triton_out_desc": {"host_descriptors": "per_head", "out_descriptor": True},
                        "triton_host_desc_storage": {"host_descriptors": "storage"},
                        "triton_persistent": {"host_descriptors": "per_head", "persistent": True}}
     for name, options in triton_variants.items():
@@ -748,7 +750,8 @@ def full(args) -> None:
             log(f"  d={density:<5} triton {rec['triton_ms']:.3f} ms {rec['triton_effective_tflops']:.0f} TF (host "
                 f"descriptors {rec.get('triton_host_desc_effective_tflops', float('nan')):.0f}, storage descriptors "
                 f"{rec.get('triton_host_desc_storage_effective_tflops', float('nan')):.0f}, in-kernel descriptors "
-                f"{rec.get('triton_in_kernel_desc_effective_tflops', float('nan')):.0f}, persistent "
+                f"{rec.get('triton_in_kernel_desc_effective_tflops', float('nan')):.0f}, TMA out "
+                f"{rec.get('triton_out_desc_effective_tflops', float('nan')):.0f}, persistent "
                 f"{rec.get('triton_persistent_effective_tflops', float('nan')):.0f}) | fa4 "
                 f"{rec.get('fa4_ms', float('nan')):.3f} ms {rec.get('fa4_effective_tflops', float('nan')):.0f} TF | op "
                 f"({rec['vdopt_backend']}) {rec['vdopt_ms']:.3f} ms {rec['effective_tflops']:.0f} TF, x"
@@ -804,6 +807,7 @@ def plot(records, path) -> None:
         for key, style, label in (("triton_host_desc", "s--", "vdopt triton, host descriptors (per head)"),
                                   ("triton_host_desc_storage", "s-.", "vdopt triton, host descriptors (storage)"),
                                   ("triton_in_kernel_desc", "s-", "vdopt triton, in-kernel descriptors"),
+                                  ("triton_out_desc", "D--", "vdopt triton, TMA output stores"),
                                   ("triton_persistent", "s:", "vdopt triton, host descriptors + persistent")):
             if all(f"{key}_ms" in r for r in rs):
                 ax.plot(d, [r["cudnn_dense_ms"] / r[f"{key}_ms"] for r in rs], style, label=label)

@@ -112,6 +112,7 @@ def _block_sparse_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
     HAS_HEAD_INDICES: tl.constexpr, USE_TMA: tl.constexpr, KV_RAGGED: tl.constexpr, PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr, HOST_TMA: tl.constexpr = 0, PERSISTENT: tl.constexpr = False,
+    OUT_TMA: tl.constexpr = False,
 ):
     # Grid: (query tiles, batch * launched heads); query tiles vary fastest so the programs resident at one
     # time share a head and its K/V stays in L2. PERSISTENT: a 1-D grid of a few programs per SM, each taking work
@@ -127,7 +128,7 @@ def _block_sparse_fwd_kernel(
                 stride_ob, stride_oh, stride_on, stride_ib, stride_ih, stride_iq, stride_cb, stride_ch,
                 group_heads, q_tokens, kv_tokens, qk_scale,
                 HEAD_DIM, LAYOUT_BLOCK_M, LAYOUT_BLOCK_N, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_HEAD_INDICES, USE_TMA,
-                KV_RAGGED, PRECISION, DOT_UPCAST, HOST_TMA,
+                KV_RAGGED, PRECISION, DOT_UPCAST, HOST_TMA, OUT_TMA,
             )
     else:
         _attend_query_tile(
@@ -136,7 +137,7 @@ def _block_sparse_fwd_kernel(
             stride_ob, stride_oh, stride_on, stride_ib, stride_ih, stride_iq, stride_cb, stride_ch,
             group_heads, q_tokens, kv_tokens, qk_scale,
             HEAD_DIM, LAYOUT_BLOCK_M, LAYOUT_BLOCK_N, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_HEAD_INDICES, USE_TMA,
-            KV_RAGGED, PRECISION, DOT_UPCAST, HOST_TMA,
+            KV_RAGGED, PRECISION, DOT_UPCAST, HOST_TMA, OUT_TMA,
         )
 
 
@@ -149,7 +150,7 @@ def _attend_query_tile(
     HEAD_DIM: tl.constexpr, LAYOUT_BLOCK_M: tl.constexpr, LAYOUT_BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
     HAS_HEAD_INDICES: tl.constexpr, USE_TMA: tl.constexpr, KV_RAGGED: tl.constexpr, PRECISION: tl.constexpr,
-    DOT_UPCAST: tl.constexpr, HOST_TMA: tl.constexpr,
+    DOT_UPCAST: tl.constexpr, HOST_TMA: tl.constexpr, OUT_TMA: tl.constexpr = False,
 ):
     """Query tile ``tile_m`` of launched (batch, head) ``pid_bh``: attend its key-block list and store its rows.
     HOST_TMA: Q, K, V are tensor descriptors made on the host (see _host_descriptors), so no program builds
@@ -214,10 +215,20 @@ def _attend_query_tile(
         acc, l_i, m_i = attend_tile(
             acc, l_i, m_i, q, k, v, qk_scale, kv_start, kv_tokens, BLOCK_N, KV_RAGGED, PRECISION, DOT_UPCAST
         )
-    store_rows(
-        Out, Lse, acc, l_i, m_i, Out + b * stride_ob + g * stride_oh, Lse + pid_bh.to(tl.int64) * q_tokens,
-        row0, q_tokens, stride_on, BLOCK_M, HEAD_DIM,
-    )
+    if OUT_TMA:
+        # Out is a host-made per-head 4-D descriptor of the launched heads' output: the copy engine writes the
+        # tile from shared memory and clips rows past the head's last one, so no row mask and no address math.
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        tile = (acc / l_safe[:, None]).to(Out.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM)
+        Out.store([b.to(tl.int32), g.to(tl.int32), row0, 0], tile)
+        offs_m = row0 + tl.arange(0, BLOCK_M)
+        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+        tl.store(Lse + pid_bh.to(tl.int64) * q_tokens + offs_m, lse, mask=offs_m < q_tokens)
+    else:
+        store_rows(
+            Out, Lse, acc, l_i, m_i, Out + b * stride_ob + g * stride_oh, Lse + pid_bh.to(tl.int64) * q_tokens,
+            row0, q_tokens, stride_on, BLOCK_M, HEAD_DIM,
+        )
 
 
 # Tile configurations tried by the autotuner (BLOCK_M, BLOCK_N, stages, warps); configs whose tiles do not
@@ -253,6 +264,8 @@ def _set_host_descriptor_boxes(nargs: dict) -> None:
     if nargs.get("HOST_TMA"):
         for name, rows in (("Q", nargs["BLOCK_M"]), ("K", nargs["BLOCK_N"]), ("V", nargs["BLOCK_N"])):
             nargs[name].block_shape = _descriptor_box(nargs["HOST_TMA"], rows, nargs["HEAD_DIM"])
+    if nargs.get("OUT_TMA"):
+        nargs["Out"].block_shape = _descriptor_box(_PER_HEAD, nargs["BLOCK_M"], nargs["HEAD_DIM"])
 
 
 def _autotune_configs() -> list[triton.Config]:
@@ -379,6 +392,7 @@ def block_sparse_attention_triton(
     kv_ragged_mode: int = RAGGED_MASK_IN_BRANCH,
     host_descriptors: bool | str | None = None,
     persistent: bool = False,
+    out_descriptor: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the Triton kernel (no validation of the index lists; see :func:`block_sparse_attention`).
 
@@ -393,6 +407,9 @@ def block_sparse_attention_triton(
     benchmarks/notes_attention_kernels.md), else pointer loads.
     ``persistent``: launch :data:`PERSISTENT_PROGRAMS_PER_SM` programs per SM that take the query tiles longest key
     list first (a pinned config, default ``TILE_CONFIGS[0]``); opt-in until timed.
+    ``out_descriptor``: store each output tile through a host-made per-head descriptor (a TMA store from shared
+    memory, rows past the head's end clipped) instead of masked pointer stores; needs per-head host descriptors.
+    Opt-in until timed on a GPU (its aim is the epilogue's share at low density).
     """
     batch, heads, q_tokens, head_dim = q.shape
     kv_tokens = k.shape[2]
@@ -472,13 +489,19 @@ def block_sparse_attention_triton(
             host_layout = 0
             common["USE_TMA"] = False
             common["HOST_TMA"] = 0
+    if out_descriptor and host_layout != _PER_HEAD:
+        raise ValueError(f"{_OP}: out_descriptor=True needs per-head host descriptors (host_descriptors='per_head' "
+                         f"on TMA-compatible q, k, v with key tiles of >= {_MIN_TMA_TILE_N} rows); this call uses "
+                         f"{'storage' if host_layout else 'no host'} descriptors. Call with out_descriptor=False")
+    common["OUT_TMA"] = bool(out_descriptor)
     # Autotuned launches set the descriptors' boxes per config (_set_host_descriptor_boxes).
     qkv = (q, k, v) if not host_layout else _host_descriptors(host_layout, (q, k, v),
                                                                (tile_m or 64, tile_n or 64, tile_n or 64))
+    out_arg = out if not out_descriptor else _host_descriptors(_PER_HEAD, (out,), (tile_m or 64,))[0]
     work_items = batch * group * triton.cdiv(q_tokens, tile_m) if persistent else 0
     work_order = _longest_first(kv_block_counts, block_m // tile_m, q_tokens, tile_m) if persistent else head_arg
     args = (
-        *qkv, out, lse, kv_block_indices, kv_block_counts, head_arg, work_order,
+        *qkv, out_arg, lse, kv_block_indices, kv_block_counts, head_arg, work_order,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),

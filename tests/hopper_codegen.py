@@ -83,7 +83,8 @@ def variants() -> dict[str, tuple]:
     block_m, block_n, stages, warps = bsa.TILE_CONFIGS[0]
     block = {"LAYOUT_BLOCK_M": 128, "LAYOUT_BLOCK_N": 128, "BLOCK_M": block_m, "BLOCK_N": block_n,
              "NUM_STAGES": stages, "HAS_HEAD_INDICES": False, "USE_TMA": True, "KV_RAGGED": bsa.RAGGED_MASK_IN_BRANCH,
-             "PRECISION": "tf32", "DOT_UPCAST": False, "HOST_TMA": 0, "PERSISTENT": False}
+             "PRECISION": "tf32", "DOT_UPCAST": False, "HOST_TMA": 0, "PERSISTENT": False,
+             "OUT_TMA": False}
     # Host-made 2-D descriptors over [B, N, H, D] storage (token-major, the layout projections produce).
     boxes = {"Q": f"tensordesc<bf16[{block_m}, 128]>", "K": f"tensordesc<bf16[{block_n}, 128]>",
              "V": f"tensordesc<bf16[{block_n}, 128]>"}
@@ -99,6 +100,11 @@ def variants() -> dict[str, tuple]:
         "block_host_tma_per_head_d128": (bsa._block_sparse_fwd_kernel, {**block, "HEAD_DIM": 128, "HOST_TMA": 3},
                                          warps, stages, {n: f"tensordesc<bf16[1, 1, {r}, 128]>" for n, r in
                                                          (("Q", block_m), ("K", block_n), ("V", block_n))}, 90),
+        # The same, with output tiles stored through a per-head descriptor (TMA store).
+        "block_host_tma_per_head_out_tma_d128": (
+            bsa._block_sparse_fwd_kernel, {**block, "HEAD_DIM": 128, "HOST_TMA": 3, "OUT_TMA": True}, warps, stages,
+            {n: f"tensordesc<bf16[1, 1, {r}, 128]>" for n, r in
+             (("Q", block_m), ("K", block_n), ("V", block_n), ("Out", block_m))}, 90),
         "block_persistent_host_tma_d128": (bsa._block_sparse_fwd_kernel,
                                            {**block, "HEAD_DIM": 128, "HOST_TMA": 2, "PERSISTENT": True}, warps,
                                            stages, boxes, 90),

@@ -32,14 +32,14 @@ def test_attention_kernels_smoke(tmp_path: Path) -> None:
                      "--densities", "0.25")
     assert data["complete"] and not data["skipped"]
     checks = data["checks_worst_rel_l2"]
-    assert {"triton", "triton_host_desc", "triton_host_desc_storage", "triton_in_kernel_desc", "triton_persistent",
-            "cluster", "cluster_packed",
+    assert {"triton", "triton_host_desc", "triton_host_desc_storage", "triton_in_kernel_desc", "triton_out_desc",
+            "triton_persistent", "cluster", "cluster_packed",
             "cluster_packed_permuted", "cluster_padded_permuted", "cluster_packed_w8"} <= set(checks)
     assert all(math.isfinite(value) for value in checks.values()), checks
     for record in data["records"]:
         assert not [key for key in record if key.endswith("_error")], record
         for name in ("triton", "triton_host_desc", "triton_host_desc_storage", "triton_in_kernel_desc",
-                     "triton_persistent", "triton_unequal", "triton_persistent_unequal",
+                     "triton_out_desc", "triton_persistent", "triton_unequal", "triton_persistent_unequal",
                      "cluster", "cluster_packed", "cluster_packed_m64", "cluster_packed_w8",
                      "cluster_packed_permuted", "cluster_padded_permuted", "cluster_padded_permuted_w8",
                      "cluster_packed_permuted_q_in_kernel", "cluster_default_counts", "cluster_padded_out_scatter"):

@@ -136,6 +136,27 @@ def test_per_head_descriptors_read_zeros_past_a_heads_rows(token_major):
     assert_matches(out, lse, ref, ref_lse, torch.float16)
 
 
+@interpreted
+@pytest.mark.parametrize("token_major", [True, False], ids=["BNHD", "BHND"])
+@pytest.mark.parametrize("dtype,head_dim,batch", [(torch.float32, 32, 2), (torch.bfloat16, 64, 1),
+                                                  (torch.float16, 16, 2)])
+def test_output_descriptor_matches_reference(token_major, dtype, head_dim, batch):
+    """Output tiles stored through a per-head descriptor: ragged query count (the last tile's rows past the head
+    are clipped, not written into the next head), an empty row, batch 2, a head-group launch, a persistent one."""
+    q, k, v = random_inputs(batch, 3, 70, 90, head_dim, dtype, token_major=token_major)
+    idx, cnt = random_lists(batch, 3, 3, 6, empty_rows=[(0, 1, 2)])
+    ref, ref_lse = block_sparse_attention_reference(q, k, v, idx, cnt, 32, 16)
+    for persistent in (False, True):
+        out, lse = bsa.block_sparse_attention_triton(q, k, v, idx, cnt, 32, 16, config=(32, 16, 2, 4),
+                                                     host_descriptors="per_head", out_descriptor=True,
+                                                     persistent=persistent)
+        assert_matches(out, lse, ref, ref_lse, dtype)
+    assert_head_group_matches(q, k, v, idx, cnt, [2, 0], dtype, host_descriptors="per_head", out_descriptor=True)
+    with pytest.raises(ValueError, match=r"out_descriptor=True needs per-head host descriptors .* uses storage"):
+        bsa.block_sparse_attention_triton(q, k, v, idx, cnt, 32, 16, config=(32, 16, 2, 4),
+                                          host_descriptors="storage", out_descriptor=True)
+
+
 def test_host_descriptors_rejects_an_unknown_kind():
     q, k, v = random_inputs(1, 2, 40, 40, 16, torch.float16)
     idx, cnt = random_lists(1, 2, 3, 3)
@@ -339,3 +360,5 @@ def test_gpu_matches_reference(dtype, head_dim):
     for kind in (None, "per_head", "storage", False):
         out, lse = bsa.block_sparse_attention_triton(q, k, v, idx, cnt, 128, 128, host_descriptors=kind)
         assert_matches(out, lse, ref, ref_lse, dtype)
+    out, lse = bsa.block_sparse_attention_triton(q, k, v, idx, cnt, 128, 128, out_descriptor=True)
+    assert_matches(out, lse, ref, ref_lse, dtype)

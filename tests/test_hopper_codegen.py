@@ -28,7 +28,7 @@ except ImportError as error:  # pragma: no cover -- depends on the Triton build
     pytest.skip(f"this Triton cannot compile for CUDA targets here: {error}", allow_module_level=True)
 
 BOX_LOADED = {"block_tma_d128", "block_tma_d64_head_group", "block_host_tma_d128", "block_host_tma_per_head_d128",
-              "block_persistent_host_tma_d128",
+              "block_host_tma_per_head_out_tma_d128", "block_persistent_host_tma_d128",
               "cluster_padded", "cluster_padded_out_scatter"}
 GATHERED = {"block_pointer_d128", "cluster_packed", "cluster_packed_permuted", "cluster_padded_permuted",
             "cluster_packed_permuted_q_in_kernel"}
@@ -69,6 +69,10 @@ def test_box_loads_use_tma_and_gathers_are_prefetched(records) -> None:
     assert per_head["tensormap"] == 0
     assert (per_head["tma"], per_head["wgmma"], per_head["shared_bytes"]) == (
         storage["tma"], storage["wgmma"], storage["shared_bytes"]), (per_head, storage)
+    # Output through a descriptor: one more bulk tensor copy (the store), the same loop and shared memory.
+    out_tma = records["block_host_tma_per_head_out_tma_d128"]
+    assert (out_tma["tma"], out_tma["wgmma"], out_tma["shared_bytes"]) == (
+        per_head["tma"] + 1, per_head["wgmma"], per_head["shared_bytes"]), (out_tma, per_head)
     # Fused permutations gather K/V rows: the only box load left is Q's, gone when the kernel gathers Q too.
     assert records["cluster_padded_permuted"]["tma"] > 0 and records["cluster_packed_permuted_q_in_kernel"]["tma"] == 0
     # Only the output scattered: Q, K and V all still load as boxes, as in the padded default, and nothing is gathered.
