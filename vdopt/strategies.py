@@ -425,7 +425,13 @@ class PooledTopP(Strategy):
 class SemanticKMeans(Strategy):
     """Sparse VideoGen2: k-means over queries and over keys, clusters made contiguous by a permutation, and per query
     cluster the key clusters holding ``top_p`` of the centroid-estimated mass. Centroids are warm-started across
-    denoising steps from the site's state."""
+    denoising steps from the site's state, so each step's ``iterations`` continue one Lloyd run.
+
+    One iteration per step by default: on the trained proxy (benchmarks/kmeans_iterations.py, CPU, 2026-12-06) it
+    kept 0.1 percentage point less attention mass than two (0.8668 vs 0.8678) at 0.5 points more density, and on
+    an H100 the whole step cost 3.9% of dense attention with one iteration at 64/64 clusters and 5.7% with two at
+    32/64 (benchmarks/results/strategy_overheads_2026-12-0*.json; one iteration at 32/64 is not yet timed).
+    """
 
     name: ClassVar[str] = "kmeans"
     dynamic: ClassVar[bool] = True
@@ -433,7 +439,7 @@ class SemanticKMeans(Strategy):
     q_clusters: int = 32
     kv_clusters: int = 64
     top_p: float = 0.9
-    iterations: int = 2
+    iterations: int = 1
 
     def build(self, q: torch.Tensor, k: torch.Tensor, ctx: PatternContext) -> SparsePattern:
         from vdopt.kernels.kmeans import kmeans, permutation_from_labels
