@@ -489,8 +489,8 @@ def measure_site_costs(sites: Sequence[AttentionSite], recorded: dict[str, tuple
                        progress: bool = False) -> SiteCosts:
     """:class:`~vdopt.search.SiteCosts` measured on this device: per shape class of ``sites`` (one representative
     site, its recorded q/k/v), every candidate timed (least of :data:`TIMING_PASSES` medians) through
-    :func:`site_runner` on all heads and on one head
-    (fixed = one-head time minus the per-head slope), dense likewise with SDPA, the mixing cost as what a site
+    :func:`site_runner` on all heads and on one head (fixed = one-head time minus the per-head slope), dense
+    likewise with SDPA, the mixing cost as what a site
     split between a static candidate and dense takes beyond its two launches, and the shared mixing cost as what a
     site split between two static candidates of one launch group takes beyond one launch."""
     classes: dict[tuple, list[AttentionSite]] = {}
@@ -508,10 +508,9 @@ def measure_site_costs(sites: Sequence[AttentionSite], recorded: dict[str, tuple
             mixing[member.name] = mix
             shared_mixing[member.name] = shared
     device = next(iter(recorded.values()))[0].device
-    return SiteCosts(per_site, mixing, f"measured on {device.type} through site_runner: least of {TIMING_PASSES} passes' "
-                                       f"median of {repeats} calls after {warmup} warm-up calls, all heads and one "
-                                       "head per candidate",
-                     candidate_launch_groups(candidates), shared_mixing)
+    source = (f"measured on {device.type} through site_runner: least of {TIMING_PASSES} passes' median of {repeats} "
+              f"calls after {warmup} warm-up calls, all heads and one head per candidate")
+    return SiteCosts(per_site, mixing, source, candidate_launch_groups(candidates), shared_mixing)
 
 
 # ---------------------------------------------------------------------------------------------------------------
