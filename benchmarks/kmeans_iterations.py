@@ -25,9 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from vdopt.calibrate import CalibrationConfig, record_forward_inputs
-from vdopt.capture import capture, export_kwargs, replace_attention_nodes
 from vdopt.proxy.pipeline import load_proxy_pipeline
-from vdopt.quality import _InputRecorder
+from vdopt.quality import attention_input_recorder
 from vdopt.strategies import PatternContext, SemanticKMeans
 
 PROMPTS = ("a large red circle moves right on a black background",
@@ -51,19 +50,13 @@ def main() -> None:
     for prompt in PROMPTS:
         config = CalibrationConfig(num_inference_steps=args.steps, steps_per_input=args.steps, seed=1)
         inputs = record_forward_inputs(model, [prompt], pipe, config)
-        captured = capture(model, inputs[0])
+        captured, record = attention_input_recorder(model, inputs[0])
         layout = captured.layout
-        sink: dict[str, tuple] = {}
-        graph = replace_attention_nodes(captured.graph_module, captured.sites,
-                                        lambda site, sink=sink: _InputRecorder(site, sink) if site.sparsifiable else None,
-                                        "rec_")
         states: dict[str, dict] = {mode: {} for mode in MODES}
         for step in tqdm(range(args.warmup_steps, len(inputs)), desc=f"vdopt: k-means iterations, {prompt[:24]}"):
-            sink.clear()
-            with torch.no_grad():
-                graph(**export_kwargs(model, inputs[step]))
-            for name in list(sink)[::3]:
-                q, k = sink[name][0], sink[name][1]
+            recorded = record(inputs[step])
+            for name in list(recorded)[::3]:
+                q, k = recorded[name][0], recorded[name][1]
                 v0, v1 = layout.video_span
                 qv, kv = q[:, :, v0:v1].float(), k[:, :, v0:v1].float()
                 rows = torch.randperm(qv.shape[2])[: args.rows]

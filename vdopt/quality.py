@@ -38,7 +38,7 @@ from vdopt.calibrate import (
     record_forward_inputs,
     save_calibration,
 )
-from vdopt.capture import capture, export_kwargs, forward_kwargs, replace_attention_nodes
+from vdopt.capture import CapturedGraph, capture, export_kwargs, forward_kwargs, replace_attention_nodes
 from vdopt.plan import ModelFingerprint, Plan, SitePlan, StepRange
 from vdopt.runtime import OptimizedModel, denoising_time, input_signature
 from vdopt.search import (
@@ -349,17 +349,31 @@ class _InputRecorder(nn.Module):
                                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
 
 
-def record_attention_inputs(model: nn.Module, inputs: dict[str, Any], layout: TokenLayout | None = None
-                            ) -> tuple[list[AttentionSite], dict[str, tuple]]:
-    """The sparsifiable self-attention sites of ``model`` and, per site, the ``(q, k, v, mask, scale)`` of one
-    dense forward call on ``inputs``."""
+def attention_input_recorder(model: nn.Module, inputs: dict[str, Any], layout: TokenLayout | None = None
+                             ) -> tuple[CapturedGraph, Callable[[dict[str, Any]], dict[str, tuple]]]:
+    """``model`` captured once on ``inputs``, and a function that runs one dense forward call on any inputs of the
+    same signature and returns, per sparsifiable self-attention site, its ``(q, k, v, mask, scale)``."""
     captured = capture(model, inputs, layout)
     sink: dict[str, tuple] = {}
     gm = replace_attention_nodes(captured.graph_module, captured.sites,
                                  lambda site: _InputRecorder(site, sink) if site.sparsifiable else None, "vdopt_rec_")
-    with torch.no_grad():
-        gm(**export_kwargs(model, inputs))
-    return [s for s in captured.sites if s.name in sink], sink
+
+    def record(call_inputs: dict[str, Any]) -> dict[str, tuple]:
+        sink.clear()
+        with torch.no_grad():
+            gm(**export_kwargs(model, call_inputs))
+        return dict(sink)
+
+    return captured, record
+
+
+def record_attention_inputs(model: nn.Module, inputs: dict[str, Any], layout: TokenLayout | None = None
+                            ) -> tuple[list[AttentionSite], dict[str, tuple]]:
+    """The sparsifiable self-attention sites of ``model`` and, per site, the ``(q, k, v, mask, scale)`` of one
+    dense forward call on ``inputs``."""
+    captured, record = attention_input_recorder(model, inputs, layout)
+    recorded = record(inputs)
+    return [s for s in captured.sites if s.name in recorded], recorded
 
 
 #: Timing passes per measured site cost; the least is kept.
@@ -1568,7 +1582,8 @@ def quality_main(argv: list[str] | None = None) -> int:
 
 
 __all__ = [
-    "DensityRecorder", "QualityConfig", "QualityResult", "attention_milliseconds", "attention_recall_report",
+    "DensityRecorder", "QualityConfig", "QualityResult", "attention_input_recorder", "attention_milliseconds",
+    "attention_recall_report",
     "baseline_plan", "comparison", "density_for_recall", "fixed_plan", "format_comparison", "pareto_comparison",
     "psnr", "quality_main", "rank_correlation", "record_attention_inputs", "relative_l2", "run_quality",
     "searched_plans", "ssim", "with_dense_warmup", "write_results",
