@@ -13,7 +13,7 @@
 
 _vdopt_device_env() {
     local site=/tmp/site parts=/tmp/fa4parts tarball=cutlass_dsl_libs_cu13.tar.xz
-    local sha=a69090f0321660e43a6673f04c1b699c8fd207a882dd3a14ad2c5cc1444bbb9b
+    local sha=8a7faf5effcfabf84b27b4d541f51d9ee271311299fd3e4534ff841ca8446a1e
     mkdir -p "$site/.vdopt_installed" "$parts"
 
     local wheel new=()
