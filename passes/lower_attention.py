@@ -125,15 +125,12 @@ class LoweredAttention(nn.Module):
                 [_pad_width(p.kv_block_indices, width) for p in patterns], dim=1).to(torch.int32), persistent=False)
             self.register_buffer(f"perm_counts_{i}", torch.cat(
                 [p.kv_block_counts for p in patterns], dim=1).to(torch.int32), persistent=False)
-            self.register_buffer(f"perm_heads_{i}", _head_index(members, device), persistent=False)
             self.permuted.append((str(i), members, members == list(range(heads))))
 
         self.sparse_heads = self.in_order_heads + [h for _, members, _ in self.permuted for h in members]
         self.sparse_all_heads = self.sparse_heads == list(range(heads))
         # Set by hoist_token_order: q/k/v already arrive in the (one) permuted order, so no gather or scatter here.
         self.hoisted = False
-        self.register_buffer("sparse_index", _head_index(self.sparse_heads, device), persistent=False)
-        self.register_buffer("dense_index", _head_index(self.dense_heads, device), persistent=False)
 
     def _launch(self, q, k, v, indices, counts, scale, head_indices=None):
         # Looked up on the module at call time, so a benchmark may swap the kernel (vdopt.attention's name).
@@ -165,11 +162,10 @@ class LoweredAttention(nn.Module):
                                     None if self.in_order_all_heads else self.in_order_index)
             outs.append(out)
             lses.append(lse)
-        for name, _, all_heads in self.permuted:
+        for name, members, all_heads in self.permuted:
             perm = getattr(self, f"perm_{name}")
             inverse = getattr(self, f"inverse_perm_{name}")
-            heads = getattr(self, f"perm_heads_{name}")
-            q, k, v = [x if all_heads else x.index_select(1, heads) for x in (qv, kv, vv)]
+            q, k, v = [x if all_heads else _attention.select_heads(x, members) for x in (qv, kv, vv)]
             if not self.hoisted:
                 q, k, v = [x.index_select(2, perm) for x in (q, k, v)]
             out, lse = self._launch(q, k, v, getattr(self, f"perm_indices_{name}"), getattr(self, f"perm_counts_{name}"),
@@ -180,7 +176,7 @@ class LoweredAttention(nn.Module):
         video_out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         if self.text_spans:
             # The sparse heads' full q/k/v are read only for the text rows and keys (copies when heads are mixed).
-            q_s, k_s, v_s = [x if self.sparse_all_heads else x.index_select(1, self.sparse_index)
+            q_s, k_s, v_s = [x if self.sparse_all_heads else _attention.select_heads(x, self.sparse_heads)
                              for x in (query, key, value)]
             video_lse = lses[0] if len(lses) == 1 else torch.cat(lses, dim=1)
             k_text = torch.cat([k_s[:, :, a:b] for a, b in self.text_spans], dim=2)
@@ -198,14 +194,10 @@ class LoweredAttention(nn.Module):
             sparse_out = video_out.to(query.dtype)
         if self.sparse_all_heads:
             return sparse_out
+        # Heads go in and out as slices per run of consecutive heads (see vdopt.attention.select_heads for why).
         out = torch.empty_like(query)
-        out[:, self.sparse_index] = sparse_out
-        if not self.dense_heads:  # every head sparse, in another order than the model's (e.g. permuted heads first)
-            return out
-        dense_out = F.scaled_dot_product_attention(query.index_select(1, self.dense_index),
-                                                   key.index_select(1, self.dense_index),
-                                                   value.index_select(1, self.dense_index), scale=scale)
-        out[:, self.dense_index] = dense_out
+        _attention.write_heads(out, self.sparse_heads, sparse_out)
+        _attention.dense_heads_attention(out, self.dense_heads, query, key, value, None, scale)
         return out
 
 

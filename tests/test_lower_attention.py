@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vdopt
-from vdopt.attention import sparse_site_attention
+from vdopt.attention import head_runs, select_heads, sparse_site_attention, write_heads
 from vdopt.passes.lower_attention import LoweredAttention, NotLowerable, lower_for_phase, lowering_report
 from vdopt.sites import AttentionSite, TokenLayout
 from vdopt.strategies import PatternContext
@@ -22,6 +22,9 @@ HEAD_MIXES = {
     "all permuted": [vdopt.TileWindow(1, 1, 1)] * 4,
     "everything": [vdopt.PooledTopP(0.6), vdopt.Dense(), vdopt.TemporalWindow(0), vdopt.SpatialWindow(1)],
     "all dense": [vdopt.Dense()] * 4,
+    # Dense and sparse heads interleaved: every head subset is several runs of consecutive heads.
+    "interleaved": [vdopt.Dense(), vdopt.SpatialWindow(0), vdopt.Dense(), vdopt.TemporalWindow(0), vdopt.Dense(),
+                    vdopt.Diagonal(1)],
 }
 
 
@@ -173,3 +176,39 @@ def test_hoisting_refuses_a_graph_the_step_cache_pass_already_split() -> None:
     sparsified, _, sites = next(iter(optimized._sparsified.values()))
     cached = lower_for_phase(insert_step_cache(sparsified, plan, sites), 0.5)
     assert hoist_token_order(cached) is cached
+
+
+@pytest.mark.parametrize("layout_name", list(LAYOUTS))
+@pytest.mark.parametrize("mix", ["interleaved", "dense + permuted", "everything"])
+def test_each_head_equals_that_head_run_alone(layout_name: str, mix: str) -> None:
+    """Head bookkeeping (runs of consecutive heads in and out) checked against one-head calls, which split nothing."""
+    layout, strategies = LAYOUTS[layout_name], HEAD_MIXES[mix]
+    batch, heads, head_dim, block = 2, len(strategies), 16, 8
+    tokens = layout.video_tokens + layout.text_tokens
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(batch, tokens, heads, head_dim, generator=g).transpose(1, 2) for _ in range(3))
+    ctx = PatternContext(layout, block, {})
+    eager = sparse_site_attention(q, k, v, None, None, layout, strategies, ctx)
+    lowered = LoweredAttention(_site(layout, heads, head_dim), strategies, block, tuple(q.shape), q.device)(q, k, v)
+    assert eager.stride() == q.stride() and lowered.stride() == q.stride()  # the model's token-major layout is kept
+    for h, strategy in enumerate(strategies):
+        sl = slice(h, h + 1)
+        alone = sparse_site_attention(q[:, sl], k[:, sl], v[:, sl], None, None, layout, [strategy], ctx)
+        torch.testing.assert_close(eager[:, sl], alone, atol=2e-6, rtol=2e-6)
+        torch.testing.assert_close(lowered[:, sl], alone, atol=2e-6, rtol=2e-6)
+
+
+def test_head_runs_select_and_write() -> None:
+    assert head_runs([0, 1, 2]) == [(0, 0, 3)]
+    assert head_runs([2, 3, 0, 5, 6]) == [(0, 2, 2), (2, 0, 1), (3, 5, 2)]
+    assert head_runs([]) == []
+    x = torch.randn(2, 7, 5, 3).transpose(1, 2)  # [2, 5, 7, 3], token-major
+    members = [3, 4, 0, 2]
+    assert select_heads(x, [1, 2])._base is x._base  # one run: a view, no copy
+    torch.testing.assert_close(select_heads(x, members), x[:, members])
+    out = torch.zeros_like(x)
+    value = torch.randn(2, 4, 7, 3)
+    write_heads(out, members, value)
+    expected = torch.zeros_like(x)
+    expected[:, members] = value
+    torch.testing.assert_close(out, expected)

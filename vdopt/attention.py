@@ -6,7 +6,7 @@ video part through their log-sum-exps, which is exact), and text queries attend 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,61 @@ def _permute(x: torch.Tensor, perm: torch.Tensor | None, inverse: bool = False) 
         return x.index_select(2, perm)
     perm = perm.expand(*x.shape[:2], -1)
     return scatter_tokens(x, perm) if inverse else gather_tokens(x, perm)
+
+
+def head_runs(members: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Maximal runs of consecutive head numbers in ``members``: ``(position in members, first head, length)``."""
+    runs: list[tuple[int, int, int]] = []
+    for position, head in enumerate(members):
+        if runs and runs[-1][1] + runs[-1][2] == head:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((position, head, 1))
+    return runs
+
+
+# Head subsets are taken as slices, not with index_select / index_put: on the H100 (benchmarks/site_split_profile.py,
+# site_split_profile.json: the trained proxy's token-major q/k/v, [32, 4, 4608, 64] bf16) index_select of two heads
+# ran 0.17 ms per tensor (about 0.2 TB/s) and index_put of two heads' output 0.10 ms, which together were the whole
+# 0.65 ms a dense/sparse split took beyond its two launches.
+def select_heads(x: torch.Tensor, members: Sequence[int]) -> torch.Tensor:
+    """``x[:, members]``: a view where the heads are consecutive, else one concatenation of views (a copy)."""
+    runs = head_runs(members)
+    if len(runs) == 1:
+        _, first, count = runs[0]
+        return x[:, first:first + count]
+    return torch.cat([x[:, first:first + count] for _, first, count in runs], dim=1)
+
+
+def write_heads(out: torch.Tensor, members: Sequence[int], value: torch.Tensor) -> None:
+    """``out[:, members] = value`` as one slice copy per run of consecutive heads."""
+    for position, first, count in head_runs(members):
+        out[:, first:first + count] = value[:, position:position + count]
+
+
+def dense_heads_attention(out: torch.Tensor, members: Sequence[int], q: torch.Tensor, k: torch.Tensor,
+                          v: torch.Tensor, attn_mask: torch.Tensor | None, scale: float) -> None:
+    """SDPA of the heads ``members`` written into ``out``: one call per run of consecutive heads, on views (no copy
+    of q/k/v; a run's output is copied into ``out`` once)."""
+    for _, first, count in head_runs(members):
+        heads = slice(first, first + count)
+        mask = attn_mask if attn_mask is None or attn_mask.shape[1] == 1 else attn_mask[:, heads]
+        out[:, heads] = F.scaled_dot_product_attention(q[:, heads], k[:, heads], v[:, heads], attn_mask=mask,
+                                                       scale=scale)
+
+
+_HEAD_INDEX_CACHE: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
+
+
+def _head_index_tensor(heads: Sequence[int], device: torch.device) -> torch.Tensor:
+    """The int32 head list on ``device``, made once per (list, device): no host-to-device copy per call."""
+    key = (tuple(heads), device)
+    index = _HEAD_INDEX_CACHE.get(key)
+    if index is None:
+        if len(_HEAD_INDEX_CACHE) > 4096:
+            _HEAD_INDEX_CACHE.clear()
+        index = _HEAD_INDEX_CACHE[key] = torch.tensor(heads, device=device, dtype=torch.int32)
+    return index
 
 
 # Who applies a clustered pattern's query permutation: "kernel" has the cluster op gather Q (one launch, so its tiles
@@ -108,7 +163,7 @@ def _fused_block_launch(
     indices = torch.cat([F.pad(p.kv_block_indices, (0, width - p.kv_block_indices.shape[-1])) for p in patterns], dim=1)
     counts = torch.cat([p.kv_block_counts for p in patterns], dim=1)
     block = patterns[0].block_size
-    head_index = None if heads is None else torch.tensor(heads, device=q.device, dtype=torch.int32)
+    head_index = None if heads is None else _head_index_tensor(heads, q.device)
     return block_sparse_attention(q, k, v, indices, counts, block, block, scale=scale, head_indices=head_index)
 
 
@@ -160,12 +215,12 @@ def sparse_site_attention(
         # Every head in another order (a fused launch lists its groups' heads one group after another) is a copy.
         if x is None or x.shape[1] == 1 or members == list(range(heads)):
             return x
-        return x.index_select(1, torch.tensor(members, device=x.device))
+        return select_heads(x, members)
 
     def finish(members: list[int], video_out: torch.Tensor, video_lse: torch.Tensor) -> None:
         """Merge the text keys into the video rows, attend the text rows densely, write the heads' output."""
         if not text:  # the video rows are every row
-            out[:, members] = video_out.to(q.dtype)
+            write_heads(out, members, video_out.to(q.dtype))
             return
         kg, vg, qg = heads_of(k, members), heads_of(v, members), heads_of(q, members)
         kt = torch.cat([kg[:, :, a:b] for a, b in text], dim=2)
@@ -178,7 +233,7 @@ def sparse_site_attention(
         result[:, :, v0:v1] = video_out.to(q.dtype)
         for a, b in text:
             result[:, :, a:b] = F.scaled_dot_product_attention(qg[:, :, a:b], kg, vg, attn_mask=heads_of(attn_mask, members), scale=scale)
-        out[:, members] = result
+        write_heads(out, members, result)
 
     fused_patterns: list[SparsePattern] = []
     fused_heads: list[int] = []
@@ -187,10 +242,7 @@ def sparse_site_attention(
     permuted: dict[int, tuple[torch.Tensor, list[SparsePattern], list[int]]] = {}
     for strategy, members in groups.items():
         if isinstance(strategy, Dense):
-            out[:, members] = F.scaled_dot_product_attention(
-                heads_of(q, members), heads_of(k, members), heads_of(v, members),
-                attn_mask=heads_of(attn_mask, members), scale=scale,
-            )
+            dense_heads_attention(out, members, q, k, v, attn_mask, scale)
             if observe is not None:
                 observe(members, strategy, None)
             continue
