@@ -111,9 +111,6 @@ class LoweredAttention(nn.Module):
             self.static_indices = self.static_counts = None
         self.in_order_all_heads = self.in_order_heads == list(range(heads))
         self.register_buffer("in_order_index", _head_index(self.in_order_heads, device), persistent=False)
-        self.dynamic_index = [_head_index(members, device) for _, members in self.dynamic]
-        for i, index in enumerate(self.dynamic_index):
-            self.register_buffer(f"dynamic_index_{i}", index, persistent=False)
 
         # One gather, launch and scatter per shared static token order.
         self.permuted: list[tuple[str, list[int], bool]] = []
@@ -150,9 +147,10 @@ class LoweredAttention(nn.Module):
         if self.in_order_heads:
             indices = [] if self.static_indices is None else [self.static_indices]
             counts = [] if self.static_counts is None else [self.static_counts]
-            for i, (strategy, _) in enumerate(self.dynamic):
-                index = getattr(self, f"dynamic_index_{i}")
-                pattern = strategy.build(qv.index_select(1, index), kv.index_select(1, index), self.ctx)
+            for strategy, members in self.dynamic:
+                # The selections read strided views: a run of consecutive heads is not copied.
+                pattern = strategy.build(_attention.select_heads(qv, members), _attention.select_heads(kv, members),
+                                         self.ctx)
                 indices.append(_pad_width(pattern.kv_block_indices.to(torch.int32), self.in_order_width))
                 counts.append(pattern.kv_block_counts.to(torch.int32))
             # One list as it is (the same tensor every step, which the FA4 backend converts once), several joined.
