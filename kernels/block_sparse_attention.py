@@ -409,7 +409,7 @@ def block_sparse_attention_triton(
     list first (a pinned config, default ``TILE_CONFIGS[0]``); opt-in until timed.
     ``out_descriptor``: store each output tile through a host-made per-head descriptor (a TMA store from shared
     memory, rows past the head's end clipped) instead of masked pointer stores; needs per-head host descriptors.
-    Opt-in until timed on a GPU (its aim is the epilogue's share at low density).
+    Opt-in: on the H100 (2026-12-06, 24 points) it ran 0.96-1.05x the default, geometric mean 1.00.
     """
     batch, heads, q_tokens, head_dim = q.shape
     kv_tokens = k.shape[2]
