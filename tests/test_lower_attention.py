@@ -212,3 +212,28 @@ def test_head_runs_select_and_write() -> None:
     expected = torch.zeros_like(x)
     expected[:, members] = value
     torch.testing.assert_close(out, expected)
+
+
+def test_dynamic_and_static_in_order_heads_share_one_launch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the search's launch groups assume (Strategy.launch_group): pooled top-p, stripes and in-order static heads
+    run in one block-sparse launch, in the eager runtime and lowered."""
+    import vdopt.attention as attention_module
+
+    layout = TokenLayout(3, 5, 6)
+    strategies = [vdopt.PooledTopP(0.6), vdopt.Diagonal(1), vdopt.VerticalStripe(0.8), vdopt.Dense()]
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 90, 4, 16, generator=g).transpose(1, 2) for _ in range(3))
+    launches = []
+    original = attention_module.block_sparse_attention
+
+    def counting(*args, **kwargs):
+        launches.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "block_sparse_attention", counting)
+    sparse_site_attention(q, k, v, None, None, layout, strategies, PatternContext(layout, 8, {}))
+    assert len(launches) == 1
+    launches.clear()
+    LoweredAttention(_site(layout, 4, 16), strategies, 8, tuple(q.shape), q.device)(q, k, v)
+    assert len(launches) == 1
+    assert {s.launch_group() for s in strategies[:3]} == {"block:original"}

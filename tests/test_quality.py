@@ -215,6 +215,16 @@ def test_harness_end_to_end_on_tiny_untrained_proxy(tmp_path) -> None:
     # Static candidates of one token order share a launch in the runtime, and the measured costs say so.
     groups = result.site_costs.launch_groups
     assert groups["dense"] == "dense" and any(g == "block:original" for g in groups.values())
+    # Dynamic selections that join the in-order launch carry at most that launch's fixed cost (the static
+    # candidates' median); the rest of what they measured is their own.
+    import statistics
+
+    for table in result.site_costs.per_site.values():
+        static = [table[label].fixed for label, s in result.calibration.candidates.items()
+                  if not s.dynamic and s.launch_group() == "block:original" and label in table]
+        for label, s in result.calibration.candidates.items():
+            if s.dynamic and s.launch_group() == "block:original" and label in table and static:
+                assert table[label].own >= 0.0 and table[label].fixed <= statistics.median(static) + 1e-12
     assert [pair["baseline"] for pair in summary["pairs"]] == baselines
     assert summary["pairs_compared"] == len(baselines) and summary["records_ranked"] == len(records) - 1
     report = _strict_json(paths["recall"].read_text())

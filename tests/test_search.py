@@ -331,7 +331,8 @@ def test_output_gains_weight_the_density_objective() -> None:
 
 
 def _random_costs(calibration, seed: int, shared_launches: bool = False):
-    """Random costs; ``shared_launches``: the candidates fall into two launch groups (each group one launch)."""
+    """Random costs; ``shared_launches``: the candidates fall into two launch groups (each group one launch) and
+    every other candidate has own seconds (estimation work paid whoever shares its launch)."""
     import random
 
     from vdopt.search import LaunchCost, SiteCosts
@@ -340,8 +341,9 @@ def _random_costs(calibration, seed: int, shared_launches: bool = False):
     per_site, mixing = {}, {}
     for name in calibration.sites:
         table = {"dense": LaunchCost(rng.uniform(0.0, 2e-4), 1e-3)}
-        for label in calibration.candidates:
-            table[label] = LaunchCost(rng.uniform(0.0, 5e-4), rng.uniform(5e-5, 5e-4))
+        for i, label in enumerate(calibration.candidates):
+            own = rng.uniform(0.0, 3e-4) if shared_launches and i % 2 == 0 else 0.0
+            table[label] = LaunchCost(rng.uniform(0.0, 5e-4), rng.uniform(5e-5, 5e-4), own)
         per_site[name], mixing[name] = table, rng.uniform(0.0, 2e-4)
     groups = {label: f"block:{i % 2}" for i, label in enumerate(calibration.candidates)} if shared_launches else {}
     shared = {name: rng.uniform(0.0, 1e-4) for name in calibration.sites} if shared_launches else {}
@@ -351,7 +353,8 @@ def _random_costs(calibration, seed: int, shared_launches: bool = False):
 def _seconds_by_hand(plan, calibration, costs, t_warmup: float) -> float:
     """Mean over post-warm-up calibration times of the sum over sites of: per head its per-head cost; per launch
     (labels of one launch group share one) the largest fixed cost of its labels in use, plus the shared mixing cost
-    where it holds several; plus the mixing cost where a site runs more than one launch."""
+    where it holds several; per label in use its own seconds; plus the mixing cost where a site runs more than one
+    launch."""
     times = sorted({t for st in calibration.sites.values() for t in st.times if t <= t_warmup + 1e-9})
     total = 0.0
     for t in times:
@@ -360,7 +363,7 @@ def _seconds_by_hand(plan, calibration, costs, t_warmup: float) -> float:
             table = costs.per_site[name]
             launches, members = {}, {}
             for label in set(labels):
-                total += table[label].per_head * labels.count(label)
+                total += table[label].per_head * labels.count(label) + table[label].own
                 key = costs.launch_groups.get(label, label)
                 launches[key] = max(launches.get(key, 0.0), table[label].fixed)
                 members[key] = members.get(key, 0) + 1
@@ -385,6 +388,14 @@ def test_site_costs_hand_values() -> None:
     assert shared.seconds("s", ["a", "b", "dense"]) == (4.0 + 0.25 + 3.0 + 1.0) + (1.0 + 10.0) + 0.5
     assert shared.launch_group_indices(["dense", "a", "b"]) == [0, 1, 1]
     assert SiteCosts.from_json(shared.to_json()) == shared
+    # A dynamic selection "p" joins the launch of "a" and "b" and pays its own estimation seconds on top.
+    own = SiteCosts({"s": {"dense": LaunchCost(1.0, 10.0), "a": LaunchCost(2.0, 3.0),
+                           "p": LaunchCost(1.5, 2.0, own=7.0), "q": LaunchCost(1.0, 2.0, own=5.0)}},
+                    {"s": 0.5}, "hand", {"a": "block:original", "p": "block:original", "q": "block:original"},
+                    {"s": 0.25})
+    assert own.seconds("s", ["p", "p"]) == 1.5 + 7.0 + 2.0 * 2
+    assert own.seconds("s", ["a", "p", "q"]) == 2.0 + 0.25 + 7.0 + 5.0 + (3.0 + 2.0 + 2.0)
+    assert SiteCosts.from_json(own.to_json()) == own
 
 
 def test_launch_groups_follow_the_runtime_fusion() -> None:
@@ -398,15 +409,18 @@ def test_launch_groups_follow_the_runtime_fusion() -> None:
         SpatialWindow,
         TemporalWindow,
         TileWindow,
+        VerticalStripe,
     )
 
-    # Heads of static patterns in one token order share sparse_site_attention's fused launch; dynamic ones keep
-    # their own (their estimation is per strategy), as do k-means clusters; dense heads share one SDPA call.
+    # Heads of patterns in one token order share sparse_site_attention's fused launch, the in-order one also with
+    # the dynamic selections' lists (their estimation is priced apart, LaunchCost.own); k-means clusters run their
+    # own launch; dense heads share one SDPA call.
     assert Diagonal(0.25).launch_group() == Diagonal(0.5).launch_group() == SpatialWindow(1).launch_group()
     assert MultiDiagonal().launch_group() == Diagonal(0.25).launch_group() == "block:original"
     assert TemporalWindow(1).launch_group() == TemporalWindow(2, 3).launch_group() == "block:position_major"
     assert TileWindow().launch_group() == "block:tile"
-    assert PooledTopP(0.5).launch_group() != PooledTopP(0.7).launch_group()
+    assert PooledTopP(0.5).launch_group() == PooledTopP(0.7).launch_group() == VerticalStripe(0.8).launch_group() \
+        == "block:original"
     assert SemanticKMeans().launch_group().startswith("own:")
     assert Dense().launch_group() == "dense"
     groups = candidate_launch_groups({"d": Diagonal(0.25), "t": TemporalWindow(1)})

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import platform
+import statistics
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -444,6 +445,24 @@ def attention_milliseconds(plan: Plan | None, sites: Sequence[AttentionSite], re
     return {"total_ms": sum(per_site.values()), "per_site_ms": per_site}
 
 
+def split_shared_launch_costs(table: dict[str, LaunchCost], candidates: dict[str, Strategy]) -> dict[str, LaunchCost]:
+    """``table`` with each dynamic selection that joins a static launch (pooled top-p and stripes join the in-order
+    one) priced as the runtime runs it. Timed alone, its fixed cost holds that launch's; the part beyond the launch's
+    fixed cost (the median of the group's static candidates') becomes its ``own`` seconds, paid whoever shares the
+    launch. Entries already split (``own`` > 0) and candidates with no static partner are kept."""
+    static_fixed: dict[str, list[float]] = {}
+    for label, s in candidates.items():
+        if not s.dynamic and not isinstance(s, Dense) and label in table:
+            static_fixed.setdefault(s.launch_group(), []).append(table[label].fixed)
+    out = dict(table)
+    for label, s in candidates.items():
+        cost = out.get(label)
+        if s.dynamic and s.launch_group() in static_fixed and cost is not None and cost.own == 0.0:
+            shared_launch = min(cost.fixed, statistics.median(static_fixed[s.launch_group()]))
+            out[label] = LaunchCost(shared_launch, cost.per_head, cost.fixed - shared_launch)
+    return out
+
+
 def _measure_shape_class(site: AttentionSite, inputs: tuple, candidates: dict[str, Strategy], block_size: int,
                          seed: int, warmup: int, repeats: int, progress: bool,
                          ) -> tuple[dict[str, LaunchCost], float, float]:
@@ -472,6 +491,7 @@ def _measure_shape_class(site: AttentionSite, inputs: tuple, candidates: dict[st
                                 disable=not progress, leave=False):
         if not isinstance(strategy, Dense):
             table[label] = launch_cost(strategy)
+    table = split_shared_launch_costs(table, candidates)
     mix = 0.0
     static = next(((label, s) for label, s in candidates.items() if not s.dynamic and not isinstance(s, Dense)), None)
     if static is not None and heads > 1:
@@ -1403,7 +1423,8 @@ def write_results(result: QualityResult, out: str | Path) -> dict[str, Path]:
         first = next(iter(costs.per_site))
         summary["site_costs"] = {"source": costs.source, "site": first, "mixing_ms": costs.mixing[first] * 1e3,
                                  "shared_mixing_ms": costs.shared_mixing.get(first, 0.0) * 1e3,
-                                 "per_candidate_ms": {label: {"fixed": c.fixed * 1e3, "per_head": c.per_head * 1e3}
+                                 "per_candidate_ms": {label: {"fixed": c.fixed * 1e3, "per_head": c.per_head * 1e3,
+                                                               "own": c.own * 1e3}
                                                       for label, c in costs.per_site[first].items()}}
     paths["comparison"].write_text(json.dumps(_jsonable(summary), indent=1) + "\n")
     plot_pareto(result.records, paths["plot"])

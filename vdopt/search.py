@@ -712,11 +712,13 @@ def _density_choice(calibration: CalibrationResult, config: SearchConfig, incumb
 
 @dataclass(frozen=True)
 class LaunchCost:
-    """Seconds of one head group at a site: ``fixed`` once per group (launch, selection, permutation in and out),
-    ``per_head`` for each head in it."""
+    """Seconds of one head group at a site: ``fixed`` once per launch (shared, as the largest, by the candidates of
+    one launch group), ``per_head`` for each head in it, ``own`` once per candidate in use even where it shares its
+    launch (a dynamic selection's estimation work, whose lists join the launch of its token order)."""
 
     fixed: float
     per_head: float
+    own: float = 0.0
 
 
 @dataclass
@@ -741,12 +743,13 @@ class SiteCosts:
     def to_json(self) -> dict[str, Any]:
         return {"source": self.source, "mixing": self.mixing, "launch_groups": self.launch_groups,
                 "shared_mixing": self.shared_mixing,
-                "per_site": {site: {label: {"fixed": c.fixed, "per_head": c.per_head} for label, c in table.items()}
+                "per_site": {site: {label: {"fixed": c.fixed, "per_head": c.per_head, "own": c.own}
+                                    for label, c in table.items()}
                              for site, table in self.per_site.items()}}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SiteCosts:
-        return cls({site: {label: LaunchCost(c["fixed"], c["per_head"]) for label, c in table.items()}
+        return cls({site: {label: LaunchCost(c["fixed"], c["per_head"], c.get("own", 0.0)) for label, c in table.items()}
                     for site, table in data["per_site"].items()}, dict(data["mixing"]), data["source"],
                    dict(data.get("launch_groups", {})), dict(data.get("shared_mixing", {})))
 
@@ -766,7 +769,8 @@ class SiteCosts:
             raise ValueError(f"no cost for {missing[0]!r} at site {site}; measure or price every calibrated candidate")
         used = list(counts)
         fixed = np.array([table[label].fixed for label in used])
-        launches = Launches(self.launch_group_indices(used), self.shared_mixing.get(site, 0.0))
+        launches = Launches(self.launch_group_indices(used), self.shared_mixing.get(site, 0.0),
+                            [table[label].own for label in used])
         return (sum(table[label].per_head * n for label, n in counts.items())
                 + _launch_fixed(fixed, self.mixing.get(site, 0.0), range(len(used)), launches))
 
@@ -784,7 +788,10 @@ class SiteCosts:
                     continue
                 values = [d for sample in stats.density.get(label, [[1.0]]) for d in sample]
                 priced = problem.strategy_cost(label, strategy, sum(values) / len(values))
-                table[label] = LaunchCost(sum(priced.groups.values()), priced.per_head)
+                # The attention kernel's launch is what a launch group shares; selection and clustering launches
+                # are each candidate's own.
+                launch = sum(v for key, v in priced.groups.items() if key.startswith("kernel:"))
+                table[label] = LaunchCost(launch, priced.per_head, sum(priced.groups.values()) - launch)
             per_site[name] = table
         return cls(per_site, {name: 0.0 for name in per_site}, f"cost model for {target}",
                    candidate_launch_groups(calibration.candidates))
@@ -841,7 +848,8 @@ def _time_choice(calibration: CalibrationResult, config: SearchConfig, costs: Si
         per_head = np.array([table[label].per_head for label in labels]) * weight
         fixed = np.array([table[label].fixed for label in labels]) * weight
         mixing = costs.mixing.get(site, 0.0) * weight
-        launches = Launches(costs.launch_group_indices(labels), costs.shared_mixing.get(site, 0.0) * weight)
+        launches = Launches(costs.launch_group_indices(labels), costs.shared_mixing.get(site, 0.0) * weight,
+                            np.array([table[label].own for label in labels]) * weight)
         # Every set of 1..max_site_groups options, by size then lexicographically (ties go to the first listed).
         sets = []
         for r in range(1, min(config.max_site_groups, len(labels)) + 1):
@@ -942,7 +950,7 @@ def _block_frontier(error: np.ndarray, per_head: np.ndarray, fixed: np.ndarray, 
     heads, labels = error.shape
     secs, errs, picks = [], [], []
     for a in range(labels):
-        secs.append(per_head[a] * heads + fixed[a])
+        secs.append(per_head[a] * heads + _launch_fixed(fixed, mixing, (a,), launches))
         errs.append(float(error[:, a].sum()))
         picks.append(np.full(heads, a))
     for a, b in itertools.combinations(range(labels), 2) if max_groups >= 2 else ():
@@ -996,16 +1004,19 @@ def _exact_time_dp(blocks: list[tuple], budget: float, bins: int,
 class Launches:
     """How a block's options run: ``group_of[i]``, the launch group of option ``i`` (options of one group run as
     one launch); ``shared_mixing``: seconds added per launch that holds more than one option (joining their lists
-    and putting heads back in order)."""
+    and putting heads back in order); ``own[i]``: seconds option ``i`` adds once when used, whoever shares its
+    launch (:attr:`LaunchCost.own`; empty: none)."""
 
     group_of: Sequence[int]
     shared_mixing: float = 0.0
+    own: Sequence[float] = ()
 
 
 def _launch_fixed(fixed: np.ndarray, mixing: float, used: Iterable[int], launches: Launches | None) -> float:
     """Fixed seconds of a block running options ``used``: per launch (``launches``; None: every option its own) the
     largest fixed cost of its options in use plus, where it holds several, the shared mixing cost; plus ``mixing``
-    when more than one launch runs."""
+    when more than one launch runs; plus each used option's own seconds (``launches.own``)."""
+    used = list(used)
     largest: dict[int, float] = {}
     options: dict[int, int] = {}
     for i in used:
@@ -1013,7 +1024,8 @@ def _launch_fixed(fixed: np.ndarray, mixing: float, used: Iterable[int], launche
         largest[key] = max(largest.get(key, 0.0), float(fixed[i]))
         options[key] = options.get(key, 0) + 1
     shared = 0.0 if launches is None else launches.shared_mixing * sum(1 for n in options.values() if n > 1)
-    return sum(largest.values()) + shared + (mixing if len(largest) > 1 else 0.0)
+    own = 0.0 if launches is None or not len(launches.own) else float(sum(launches.own[i] for i in used))
+    return sum(largest.values()) + shared + own + (mixing if len(largest) > 1 else 0.0)
 
 
 def _prepared_block_seconds(per_head: np.ndarray, fixed: np.ndarray, mixing: float, picks: Sequence[int],

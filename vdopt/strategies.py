@@ -236,10 +236,10 @@ class Strategy:
 
     def launch_group(self) -> str:
         """The launch this strategy's heads join at a site (vdopt.attention.sparse_site_attention): ``"dense"``
-        (one SDPA call), ``"block:<order>"`` for static patterns in one token order (heads of different such
-        strategies share one block-sparse launch), else the strategy's own launch (dynamic patterns, whose
-        estimation work is their own even where their lists could be fused)."""
-        if self.launch_order is not None and not self.dynamic:
+        (one SDPA call), ``"block:<order>"`` for patterns in one token order (heads of different such strategies
+        share one block-sparse launch; a dynamic selection's lists join it too, while its estimation work stays its
+        own: ``vdopt.search.LaunchCost.own``), else the strategy's own launch (k-means clusters)."""
+        if self.launch_order is not None:
             return f"block:{self.launch_order}"
         return f"own:{self.label()}"
 
@@ -394,6 +394,7 @@ class VerticalStripe(Strategy):
 
     name: ClassVar[str] = "vertical_stripe"
     dynamic: ClassVar[bool] = True
+    launch_order: ClassVar[str | None] = "original"  # its lists keep the token order
     top_p: float = 0.9
 
     def build(self, q: torch.Tensor, k: torch.Tensor, ctx: PatternContext) -> SparsePattern:
@@ -411,6 +412,7 @@ class PooledTopP(Strategy):
 
     name: ClassVar[str] = "pooled_top_p"
     dynamic: ClassVar[bool] = True
+    launch_order: ClassVar[str | None] = "original"  # its lists keep the token order
     top_p: float = 0.9
 
     def build(self, q: torch.Tensor, k: torch.Tensor, ctx: PatternContext) -> SparsePattern:
