@@ -3,9 +3,10 @@
 The harness (``vdopt-bench quality``) saves its calibration and measured site costs (quality_calibration.json) and
 each plan's measured attention time (quality.json). This rebuilds the plans that need no GPU timing to rebuild (every
 baseline, and the searched plan at each target density) and prices them twice: with the site costs as the harness
-used them, which must reproduce the recorded predictions, and with the dynamic selections' fixed costs split into the
+used them, which must reproduce the recorded predictions; with the dynamic selections' fixed costs split into the
 launch they share and their own estimation work (:func:`vdopt.quality.split_shared_launch_costs`, with the launch
-groups of today's :meth:`Strategy.launch_group`). Both are compared
+groups of today's :meth:`Strategy.launch_group`); and, as the harness now prices them, with that split after the
+static candidates of each launch group are priced from one fit (:func:`vdopt.quality.fit_static_launch_costs`). Both are compared
 with the measured times. The time-matched searched plans are left out: rebuilding them needs the GPU's timings.
 
     python benchmarks/reprice_quality.py --out benchmarks/results     # about a minute on CPU
@@ -24,6 +25,7 @@ from vdopt.proxy.pipeline import load_proxy_pipeline
 from vdopt.quality import (
     _sparse_cutoff,
     baseline_grids,
+    fit_static_launch_costs,
     baseline_plan,
     load_harness_calibration,
     predicted_attention_seconds,
@@ -47,6 +49,12 @@ def main() -> None:
                        for site, table in costs.per_site.items()},
                       costs.mixing, costs.source + "; dynamic selections split (split_shared_launch_costs)",
                       candidate_launch_groups(calibration.candidates), costs.shared_mixing)
+    layout, block_size = next(iter(calibration.sites.values())).site.layout, next(iter(calibration.sites.values())).block_size
+    refined = SiteCosts({site: split_shared_launch_costs(fit_static_launch_costs(table, calibration.candidates, layout,
+                                                                                block_size), calibration.candidates)
+                         for site, table in costs.per_site.items()},
+                        costs.mixing, costs.source + "; static fit and dynamic split (as the harness now prices)",
+                        candidate_launch_groups(calibration.candidates), costs.shared_mixing)
     model = load_proxy_pipeline("cpu").transformer
     stats = next(iter(calibration.sites.values()))
     grids = baseline_grids(stats.site.layout, stats.block_size)
@@ -85,10 +93,12 @@ def main() -> None:
     for r, plan in rows:
         old = predicted_attention_seconds(plan, calibration, costs, cutoff) * 1e3
         new = predicted_attention_seconds(plan, calibration, split, cutoff) * 1e3
+        now = predicted_attention_seconds(plan, calibration, refined, cutoff) * 1e3
         out.append({"method": r["method"], "target_density": r["target_density"], "measured_ms": r["attention_ms"],
                     "recorded_predicted_ms": r["predicted_attention_ms"], "repriced_as_recorded_ms": old,
-                    "repriced_split_ms": new, "error_as_recorded": old / r["attention_ms"] - 1.0,
-                    "error_split": new / r["attention_ms"] - 1.0})
+                    "repriced_split_ms": new, "repriced_fit_and_split_ms": now, "error_as_recorded": old / r["attention_ms"] - 1.0,
+                    "error_split": new / r["attention_ms"] - 1.0,
+                    "error_fit_and_split": now / r["attention_ms"] - 1.0})
 
     def summary(key: str) -> dict[str, float]:
         errors = sorted(abs(o[key]) for o in out)
@@ -100,7 +110,7 @@ def main() -> None:
         "device_of_measurements": records[0].get("device"), "date_of_measurements": records[0].get("date"),
         "t_warmup": t_warmup, "reproduction_worst_abs_ms": max(abs(o["repriced_as_recorded_ms"]
                                                                    - o["recorded_predicted_ms"]) for o in out),
-        "plans": len(out), "as_recorded": summary("error_as_recorded"), "split": summary("error_split"),
+        "plans": len(out), "as_recorded": summary("error_as_recorded"), "split": summary("error_split"), "fit_and_split": summary("error_fit_and_split"),
         "records": out,
     }
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -108,11 +118,12 @@ def main() -> None:
     for o in out:
         print(f"{o['method']:17s} {o['target_density']:.2f}  measured {o['measured_ms']:6.2f}  as recorded "
               f"{o['repriced_as_recorded_ms']:6.2f} ({o['error_as_recorded']:+.0%})  split {o['repriced_split_ms']:6.2f} "
-              f"({o['error_split']:+.0%})")
+              f"({o['error_split']:+.0%})  fit+split {o['repriced_fit_and_split_ms']:6.2f} ({o['error_fit_and_split']:+.0%})")
     print(f"t_warmup {t_warmup}; reproduction worst {result['reproduction_worst_abs_ms']:.4f} ms")
     print(f"abs error, as recorded: median {result['as_recorded']['median_abs']:.1%}, worst "
           f"{result['as_recorded']['worst_abs']:.1%}; split: median {result['split']['median_abs']:.1%}, worst "
-          f"{result['split']['worst_abs']:.1%} over {len(out)} plans")
+          f"{result['split']['worst_abs']:.1%}; fit and split: median {result['fit_and_split']['median_abs']:.1%}, worst "
+          f"{result['fit_and_split']['worst_abs']:.1%} over {len(out)} plans")
 
 
 if __name__ == "__main__":

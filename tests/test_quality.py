@@ -422,3 +422,34 @@ def test_calibration_candidates_include_a_point_below_the_sparsest_target() -> N
     # The diagonal nearest 0.1 (Sparse-vDiT's own point there) and a sparser one nearest 0.05.
     assert densities[0] < 0.075 < densities[1]
     assert abs(densities[1] - 0.1) < 0.02
+
+
+def test_static_launch_costs_fit_and_dynamic_split() -> None:
+    """Static candidates of one launch group get the group's median fixed cost and a per-head line in their exact
+    density; a dynamic selection that joins that launch keeps at most the launch's fixed cost, the rest is its own."""
+    from vdopt.quality import fit_static_launch_costs, split_shared_launch_costs, static_density
+    from vdopt.search import LaunchCost
+    from vdopt.sites import TokenLayout
+    from vdopt.strategies import Dense, Diagonal, PooledTopP, SpatialWindow, TemporalWindow
+
+    layout, block = TokenLayout(4, 8, 8), 32
+    statics = {"s0": SpatialWindow(0), "s1": SpatialWindow(1), "d1": Diagonal(1.0), "d2": Diagonal(2.0)}
+    candidates = {**statics, "t": TemporalWindow(1), "p": PooledTopP(0.8)}
+    density = {label: static_density(s, layout, block) for label, s in statics.items()}
+    true_per_head = {label: 0.1 + 2.0 * d for label, d in density.items()}
+    noise = {"s0": 0.03, "s1": -0.02, "d1": 0.01, "d2": -0.02}
+    table = {"dense": LaunchCost(0.05, 3.0), "t": LaunchCost(0.7, 0.4), "p": LaunchCost(0.9, 0.5),
+             **{label: LaunchCost(f, true_per_head[label] + noise[label])
+                for label, f in zip(statics, (0.2, 0.4, 0.3, 0.9))}}
+    fitted = fit_static_launch_costs(table, candidates, layout, block)
+    assert {fitted[label].fixed for label in statics} == {0.35}  # median of 0.2, 0.4, 0.3, 0.9
+    d = [density[label] for label in statics]
+    slope, intercept = np.polyfit(d, [table[label].per_head for label in statics], 1)
+    for label in statics:
+        assert fitted[label].per_head == pytest.approx(intercept + slope * density[label])
+    assert fitted["t"] == table["t"] and fitted["p"] == table["p"] and fitted["dense"] == table["dense"]
+    split = split_shared_launch_costs(fitted, candidates)
+    assert split["p"] == LaunchCost(0.35, 0.5, pytest.approx(0.55))  # joins the in-order launch, 0.55 its own
+    assert split["t"] == table["t"] and split["dense"] == table["dense"]  # no static partner / not dynamic
+    assert split_shared_launch_costs(split, candidates) == split  # already split: kept
+    assert Dense().launch_group() == "dense"

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -445,6 +446,31 @@ def attention_milliseconds(plan: Plan | None, sites: Sequence[AttentionSite], re
     return {"total_ms": sum(per_site.values()), "per_site_ms": per_site}
 
 
+def fit_static_launch_costs(table: dict[str, LaunchCost], candidates: dict[str, Strategy], layout: TokenLayout,
+                            block_size: int) -> dict[str, LaunchCost]:
+    """``table`` with the static candidates of each launch group (three or more) priced from one fit: they run one
+    block-sparse kernel on lists of their exact densities, so each gets the group's median fixed cost and the
+    least-squares line of per-head cost in density (clipped at 0). Single timings of a few-head launch are noisy
+    (on the H100 proxy run of 2026-12-06 a sparser diagonal measured slower than a denser one); re-pricing that
+    run's 18 rebuildable plans with the fit (benchmarks/reprice_quality.py) took the median error of predicted
+    attention time from 16.7% to 12.3%."""
+    groups: dict[str, list[tuple[str, float]]] = {}
+    for label, s in candidates.items():
+        if not s.dynamic and not isinstance(s, Dense) and label in table:
+            groups.setdefault(s.launch_group(), []).append((label, static_density(s, layout, block_size)))
+    out = dict(table)
+    for members in groups.values():
+        if len(members) < 3:
+            continue
+        density = np.array([d for _, d in members])
+        per_head = np.array([table[label].per_head for label, _ in members])
+        (intercept, slope), *_ = np.linalg.lstsq(np.stack([np.ones_like(density), density], 1), per_head, rcond=None)
+        fixed = statistics.median(table[label].fixed for label, _ in members)
+        for label, d in members:
+            out[label] = LaunchCost(fixed, max(float(intercept + slope * d), 0.0), table[label].own)
+    return out
+
+
 def split_shared_launch_costs(table: dict[str, LaunchCost], candidates: dict[str, Strategy]) -> dict[str, LaunchCost]:
     """``table`` with each dynamic selection that joins a static launch (pooled top-p and stripes join the in-order
     one) priced as the runtime runs it. Timed alone, its fixed cost holds that launch's; the part beyond the launch's
@@ -491,7 +517,7 @@ def _measure_shape_class(site: AttentionSite, inputs: tuple, candidates: dict[st
                                 disable=not progress, leave=False):
         if not isinstance(strategy, Dense):
             table[label] = launch_cost(strategy)
-    table = split_shared_launch_costs(table, candidates)
+    table = split_shared_launch_costs(fit_static_launch_costs(table, candidates, site.layout, block_size), candidates)
     mix = 0.0
     static = next(((label, s) for label, s in candidates.items() if not s.dynamic and not isinstance(s, Dense)), None)
     if static is not None and heads > 1:
