@@ -34,6 +34,9 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--pairs", type=int, default=16, help="prompt/seed pairs in the batch (doubled by CFG)")
     parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--timing", choices=("wall", "device"), default="wall",
+                        help="wall: each call from an idle GPU, host work included (what the 2026-12-06 run used); "
+                             "device: GPU work alone (vdopt.quality.TIMING_MODES)")
     args = parser.parse_args()
     # On CPU it runs as a smoke test (float32, wall clock); the figures mean something only on a GPU.
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -77,7 +80,7 @@ def main() -> None:
     results = {}
     with torch.no_grad():
         for name, fn in variants.items():
-            results[name] = min(_median_ms(fn, device, 5, 20) for _ in range(2))
+            results[name] = min(_median_ms(fn, device, 5, 20, args.timing) for _ in range(2))
             print(f"{name:40s} {results[name]:8.3f} ms", flush=True)
         parts = results["static_half_heads_alone"] + results["dense_half_heads_sdpa_views"]
         print(f"split beyond its parts: {results['split_static_then_dense'] - parts:.3f} ms", flush=True)
@@ -97,7 +100,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "torch": torch.__version__, "site": site.name, "q_shape": list(q.shape), "q_stride": list(q.stride()),
         "mask": None if mask is None else list(mask.shape), "block_size": args.block_size,
-        "timing": "median of 20 CUDA-event timed calls after 5 warm-up calls, lesser of 2 passes",
+        "timing": f"median of 20 CUDA-event timed calls after 5 warm-up calls, lesser of 2 passes, {args.timing} timing",
         "static_strategy": repr(static), "ms": results,
         "split_beyond_parts_ms": results["split_static_then_dense"] - parts,
         "split_profile_top_kernels_10_calls": table,

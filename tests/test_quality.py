@@ -453,3 +453,29 @@ def test_static_launch_costs_fit_and_dynamic_split() -> None:
     assert split["t"] == table["t"] and split["dense"] == table["dense"]  # no static partner / not dynamic
     assert split_shared_launch_costs(split, candidates) == split  # already split: kept
     assert Dense().launch_group() == "dense"
+
+
+def test_timing_mode_is_checked() -> None:
+    from vdopt.quality import _median_ms
+
+    with pytest.raises(ValueError, match="timing_mode must be one of"):
+        _median_ms(lambda: None, torch.device("cpu"), 0, 1, timing_mode="gpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_device_timing_hides_the_host_work_of_many_small_launches() -> None:
+    """A call that issues many tiny kernels is host-bound from an idle GPU; queued behind the spinning kernel its
+    events see only the kernels, so device timing is the smaller, and about the kernels' own time."""
+    from vdopt.quality import _median_ms
+
+    x = torch.randn(64, device="cuda")
+
+    def many_launches() -> None:
+        y = x
+        for _ in range(200):
+            y = y + 1.0
+
+    wall = _median_ms(many_launches, torch.device("cuda"), 3, 10, "wall")
+    device = _median_ms(many_launches, torch.device("cuda"), 3, 10, "device")
+    assert device < 0.7 * wall, (device, wall)

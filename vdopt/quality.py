@@ -382,21 +382,58 @@ def record_attention_inputs(model: nn.Module, inputs: dict[str, Any], layout: To
 TIMING_PASSES = 2
 
 
-def _median_ms(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
+#: How attention is timed on CUDA. "device": each timed call is queued behind a kernel that spins the GPU for
+#: longer than the host takes to issue the call, so the events see the call's GPU work alone, as in a model whose
+#: other layers keep the GPU busy while the host issues attention (host work still shows where the call waits for
+#: the GPU itself). "wall": each call starts on an idle GPU, so host work the GPU waits for is included; on the
+#: proxy's small sites it was of the order of the kernels (benchmarks/site_split_profile.py).
+TIMING_MODES = ("device", "wall")
+
+_SLEEP_CYCLES_PER_MS: dict[int, float] = {}
+
+
+def _sleep_cycles_per_ms(device: torch.device) -> float:
+    """Clock cycles ``torch.cuda._sleep`` spins per millisecond on ``device`` (measured once)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SLEEP_CYCLES_PER_MS:
+        torch.cuda._sleep(1000)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(5_000_000)
+        end.record()
+        torch.cuda.synchronize(device)
+        _SLEEP_CYCLES_PER_MS[index] = 5_000_000 / max(start.elapsed_time(end), 1e-3)
+    return _SLEEP_CYCLES_PER_MS[index]
+
+
+def _median_ms(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int,
+               timing_mode: str = "device") -> float:
+    if timing_mode not in TIMING_MODES:
+        raise ValueError(f"timing_mode must be one of {TIMING_MODES}, got {timing_mode!r}")
+    import time
+
     for _ in range(warmup):
         fn()
+    cycles = 0
+    if device.type == "cuda" and timing_mode == "device":
+        torch.cuda.synchronize(device)
+        begin = time.perf_counter()
+        fn()  # how long the host takes to issue one call, the GPU being idle
+        issue_ms = (time.perf_counter() - begin) * 1e3
+        torch.cuda.synchronize(device)
+        cycles = int((1.5 * issue_ms + 0.2) * _sleep_cycles_per_ms(device))
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            if cycles:
+                torch.cuda._sleep(cycles)
             start.record()
             fn()
             end.record()
             torch.cuda.synchronize(device)
             times.append(start.elapsed_time(end))
         else:
-            import time
-
             begin = time.perf_counter()
             fn()
             times.append((time.perf_counter() - begin) * 1e3)
@@ -422,7 +459,7 @@ def site_runner(site: AttentionSite, strategies: Sequence[Strategy], block_size:
 
 
 def attention_milliseconds(plan: Plan | None, sites: Sequence[AttentionSite], recorded: dict[str, tuple], t: float,
-                           warmup: int = 3, repeats: int = 10) -> dict[str, Any]:
+                           warmup: int = 3, repeats: int = 10, timing_mode: str = "device") -> dict[str, Any]:
     """Measured time of every sparsifiable site's attention at denoising time ``t`` under ``plan`` (None: dense).
 
     Each site runs through :func:`site_runner` (pattern building, selection and permutation included) on the
@@ -442,7 +479,7 @@ def attention_milliseconds(plan: Plan | None, sites: Sequence[AttentionSite], re
         def run(module=module, q=q, k=k, v=v, mask=mask, scale=scale) -> torch.Tensor:
             return module(q, k, v, attn_mask=mask, scale=scale)
         with torch.no_grad():
-            per_site[site.name] = _median_ms(run, q.device, warmup, repeats)
+            per_site[site.name] = _median_ms(run, q.device, warmup, repeats, timing_mode)
     return {"total_ms": sum(per_site.values()), "per_site_ms": per_site}
 
 
@@ -490,7 +527,7 @@ def split_shared_launch_costs(table: dict[str, LaunchCost], candidates: dict[str
 
 
 def _measure_shape_class(site: AttentionSite, inputs: tuple, candidates: dict[str, Strategy], block_size: int,
-                         seed: int, warmup: int, repeats: int, progress: bool,
+                         seed: int, warmup: int, repeats: int, progress: bool, timing_mode: str = "device",
                          ) -> tuple[dict[str, LaunchCost], float, float]:
     from tqdm.auto import tqdm
 
@@ -503,7 +540,8 @@ def _measure_shape_class(site: AttentionSite, inputs: tuple, candidates: dict[st
         with torch.no_grad():
             # The lesser of two passes, as plans are timed (attention_milliseconds' callers): a first pass ran up to
             # 1.6x a later one on the H100, and these figures are differences of such timings.
-            return min(_median_ms(lambda: module(*args, attn_mask=mask, scale=scale), q.device, warmup, repeats)
+            return min(_median_ms(lambda: module(*args, attn_mask=mask, scale=scale), q.device, warmup, repeats,
+                                  timing_mode)
                        for _ in range(TIMING_PASSES)) * 1e-3
 
     def launch_cost(strategy: Strategy) -> LaunchCost:
@@ -546,7 +584,7 @@ def _measure_shape_class(site: AttentionSite, inputs: tuple, candidates: dict[st
 
 def measure_site_costs(sites: Sequence[AttentionSite], recorded: dict[str, tuple], candidates: dict[str, Strategy],
                        block_size: int, seed: int = 0, warmup: int = 3, repeats: int = 10,
-                       progress: bool = False) -> SiteCosts:
+                       progress: bool = False, timing_mode: str = "device") -> SiteCosts:
     """:class:`~vdopt.search.SiteCosts` measured on this device: per shape class of ``sites`` (one representative
     site, its recorded q/k/v), every candidate timed (least of :data:`TIMING_PASSES` medians) through
     :func:`site_runner` on all heads and on one head (fixed = one-head time minus the per-head slope), dense
@@ -562,13 +600,14 @@ def measure_site_costs(sites: Sequence[AttentionSite], recorded: dict[str, tuple
     shared_mixing: dict[str, float] = {}
     for members in classes.values():
         table, mix, shared = _measure_shape_class(members[0], recorded[members[0].name], candidates, block_size, seed,
-                                                  warmup, repeats, progress)
+                                                  warmup, repeats, progress, timing_mode)
         for member in members:
             per_site[member.name] = table
             mixing[member.name] = mix
             shared_mixing[member.name] = shared
     device = next(iter(recorded.values()))[0].device
-    source = (f"measured on {device.type} through site_runner: least of {TIMING_PASSES} passes' median of {repeats} "
+    source = (f"measured on {device.type} ({timing_mode} timing) through site_runner: least of {TIMING_PASSES} "
+              f"passes' median of {repeats} "
               f"calls after {warmup} warm-up calls, all heads and one head per candidate")
     return SiteCosts(per_site, mixing, source, candidate_launch_groups(candidates), shared_mixing)
 
@@ -908,7 +947,9 @@ class QualityConfig:
     plan's objective (None: sites weighted alike); ``time_attention``: measure each plan's attention time on the
     q/k/v of one real denoising call after the warm-up, at the generation batch (None: on CUDA only); ``match``:
     the matched searches' budget, each baseline's predicted ``"density"``, its predicted attention ``"time"``
-    (priced by candidate timings measured on that call), ``"both"``, or ``"auto"`` (time when attention is timed).
+    (priced by candidate timings measured on that call), ``"both"``, or ``"auto"`` (time when attention is timed);
+    ``attention_timing``: ``"device"`` (GPU work alone, the host hidden behind a spinning kernel) or ``"wall"`` (from
+    an idle GPU, host work included), see :data:`TIMING_MODES`.
     """
 
     prompts: int = 14
@@ -932,6 +973,7 @@ class QualityConfig:
     time_attention: bool | None = None
     match: str = "auto"
     seed: int = 0
+    attention_timing: str = "device"
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.methods) - set(METHODS))
@@ -1080,6 +1122,9 @@ def run_quality(pipe: Any, config: QualityConfig = QualityConfig(), proxy: str =
 
     from vdopt.demo import proxy_calibration_prompts
 
+    if config.attention_timing not in TIMING_MODES:
+        raise ValueError(f"attention_timing must be one of {TIMING_MODES}, got {config.attention_timing!r}")
+
     original = pipe.transformer
     dtype = next(original.parameters()).dtype
     meta = environment(pipe, dtype)
@@ -1112,13 +1157,17 @@ def run_quality(pipe: Any, config: QualityConfig = QualityConfig(), proxy: str =
             timed_sites, recorded = record_attention_inputs(original, timing_inputs)
             t_timed = step_times[timing_call]
             timing = (timed_sites, recorded, t_timed)
-            dense_attention_ms = attention_milliseconds(None, timed_sites, recorded, t_timed)["total_ms"]
+            dense_attention_ms = attention_milliseconds(None, timed_sites, recorded, t_timed,
+                                                        timing_mode=config.attention_timing)["total_ms"]
             common["attention_timing"] = (
                 f"attention_ms: the {len(timed_sites)} self-attention sites of one transformer call at t={t_timed:.3f} "
                 f"(after the warm-up), batch {2 * len(pairs[:config.batch_size])} (CFG), each site run through "
                 "site_runner as a compiled phase runs it, uncompiled (LoweredAttention; k-means sites the eager "
                 "PlannedAttention; selection and permutation included) on that call's q/k/v; per site the median of "
-                "10 timed calls (CUDA events) after 3 warm-up calls, summed over sites; every plan is timed twice "
+                f"10 timed calls (CUDA events, {config.attention_timing} timing: "
+                + ("each call queued behind a spinning kernel, so the events see its GPU work alone"
+                   if config.attention_timing == "device" else "each call from an idle GPU, host work included")
+                + ") after 3 warm-up calls, summed over sites; every plan is timed twice "
                 "(after its videos, and in a second pass over all plans) and keeps the lesser total "
                 "(attention_ms_passes has both); a plan that runs like an earlier one (same_plan_as) is not run "
                 "again and carries that one's videos' metrics and timings; dense = SDPA")
@@ -1145,7 +1194,7 @@ def run_quality(pipe: Any, config: QualityConfig = QualityConfig(), proxy: str =
         site_costs = None
         if timing is not None:
             site_costs = measure_site_costs(timing[0], timing[1], calibration.candidates, block_size, config.seed,
-                                            progress=progress)
+                                            progress=progress, timing_mode=config.attention_timing)
         elif match != "density":
             raise ValueError(f"match={match!r} needs measured attention times; set time_attention=True")
         cutoff = _sparse_cutoff(calibration, t_warmup)
@@ -1158,7 +1207,8 @@ def run_quality(pipe: Any, config: QualityConfig = QualityConfig(), proxy: str =
                 if key not in measured_by_key:
                     # The lesser of two passes, as for the records: a plan's first pass ran up to 1.6x its later
                     # ones on the H100 (Sparse-vDiT at 0.1: 5.64 ms, then 3.51 in the records' passes).
-                    measured_by_key[key] = min(attention_milliseconds(plan, *timing)["total_ms"] for _ in range(2))
+                    measured_by_key[key] = min(attention_milliseconds(plan, *timing, timing_mode=config.attention_timing)
+                                               ["total_ms"] for _ in range(2))
                 return measured_by_key[key]
 
         method_plans: list[MethodPlan] = []
@@ -1208,7 +1258,7 @@ def run_quality(pipe: Any, config: QualityConfig = QualityConfig(), proxy: str =
                 videos = generate(pipe, pairs, config.steps, config.batch_size)
             seconds = seconds_per_video(pipe, pairs[0][0], pairs[0][1], config.steps, config.timing_repeats)
             pipe.transformer = original
-            attention_ms = None if timing is None else attention_milliseconds(mp.plan, *timing)["total_ms"]
+            attention_ms = None if timing is None else attention_milliseconds(mp.plan, *timing, timing_mode=config.attention_timing)["total_ms"]
             measured = {"density": recorder.density(t_warmup), "density_all_steps": recorder.density(),
                         **_metrics(videos, reference, pairs), "seconds_per_video": seconds, "attention_ms": attention_ms}
             record = _plan_record(mp, measured, dense_seconds, dense_attention_ms, block_size, common)
@@ -1219,13 +1269,13 @@ def run_quality(pipe: Any, config: QualityConfig = QualityConfig(), proxy: str =
         if timing is not None:
             # A second timing pass over every plan, in the same order: interference (host jitter, clocks) only adds
             # time, so each plan keeps the lesser of its two totals; both are recorded.
-            dense_again = attention_milliseconds(None, *timing)["total_ms"]
+            dense_again = attention_milliseconds(None, *timing, timing_mode=config.attention_timing)["total_ms"]
             records[0]["attention_ms_passes"] = [records[0]["attention_ms"], dense_again]
             records[0]["attention_ms"] = min(records[0]["attention_ms"], dense_again)
             for mp, record, key in zip(method_plans, records[1:], keys):
                 first = first_run[key]  # always earlier in the list than the plans that run like it
                 if first is record:
-                    again = attention_milliseconds(mp.plan, *timing)["total_ms"]
+                    again = attention_milliseconds(mp.plan, *timing, timing_mode=config.attention_timing)["total_ms"]
                     record["attention_ms_passes"] = [record["attention_ms"], again]
                     record["attention_ms"] = min(record["attention_ms"], again)
                 else:
@@ -1592,6 +1642,8 @@ def quality_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timing-repeats", type=int, default=2, help="timed single-video runs per method (CUDA)")
     parser.add_argument("--time-attention", choices=("auto", "yes", "no"), default="auto",
                         help="time each plan's attention on one real call's q/k/v (auto: on CUDA)")
+    parser.add_argument("--attention-timing", choices=TIMING_MODES, default="device",
+                        help="device: a call's GPU work alone (host hidden); wall: from an idle GPU, host included")
     parser.add_argument("--match", choices=("auto", "density", "time", "both"), default="auto",
                         help="budget of the searches matched to each baseline (auto: time when attention is timed)")
     parser.add_argument("--step-ranges", type=int, default=1, help="most step ranges after the warm-up (searched plan)")
@@ -1605,7 +1657,7 @@ def quality_main(argv: list[str] | None = None) -> int:
                                calib_prompts=args.calib_prompts, batch_size=args.batch_size,
                                timing_repeats=args.timing_repeats, step_ranges=args.step_ranges, matched=args.matched,
                                time_attention={"auto": None, "yes": True, "no": False}[args.time_attention],
-                               match=args.match)
+                               match=args.match, attention_timing=args.attention_timing)
         pipe, weights_meta = _load_pipe(args.proxy, device, getattr(torch, args.dtype), args.weights)
     except (ValueError, FileNotFoundError) as error:
         print(f"vdopt-bench quality: error: {error}", file=sys.stderr)
