@@ -7,7 +7,9 @@ used them, which must reproduce the recorded predictions; with the dynamic selec
 launch they share and their own estimation work (:func:`vdopt.quality.split_shared_launch_costs`, with the launch
 groups of today's :meth:`Strategy.launch_group`); and, as the harness now prices them, with that split after the
 static candidates of each launch group are priced from one fit (:func:`vdopt.quality.fit_static_launch_costs`). Both are compared
-with the measured times. The time-matched searched plans are left out: rebuilding them needs the GPU's timings.
+with the measured times. The time-matched searched plans are left out: rebuilding them needs the GPU's timings;
+instead, each baseline's time-matched search is re-run under the current pricing (no measured retries) and its
+predicted error compared with the baseline's.
 
     python benchmarks/reprice_quality.py --out benchmarks/results     # about a minute on CPU
 """
@@ -32,7 +34,7 @@ from vdopt.quality import (
     split_shared_launch_costs,
     with_dense_warmup,
 )
-from vdopt.search import SearchConfig, SiteCosts, candidate_launch_groups, search
+from vdopt.search import SearchConfig, SiteCosts, candidate_launch_groups, predicted_quality, search
 
 
 def main() -> None:
@@ -89,6 +91,24 @@ def main() -> None:
                 incumbents = [plans[(m, r["target_density"])].plan for m in sorted({b["method"] for b in baselines})]
                 plan = with_dense_warmup(search(model, calibration, sites, "h100", config, incumbents, costs), t_warmup)
                 rows.append((r, plan))
+    # What the time-matched search would now pick (no measured retries: those need the GPU): per baseline, the
+    # search at the baseline's predicted time under the harness's current pricing.
+    matched = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for r in baselines:
+            base = plans[(r["method"], r["target_density"])]
+            budget = predicted_attention_seconds(base.plan, calibration, refined, cutoff) * 1e3
+            config = SearchConfig(budget="time", time_budget_ms=budget, min_dense_warmup=1.0 - cutoff,
+                                  max_step_ranges=1, progress=False)
+            plan = with_dense_warmup(search(model, calibration, sites, "h100", config, [base.plan], refined), t_warmup)
+            matched.append({
+                "baseline": r["method"], "target_density": r["target_density"], "budget_ms": budget,
+                "searched_predicted_ms": predicted_attention_seconds(plan, calibration, refined, cutoff) * 1e3,
+                "searched_predicted_sq_error": predicted_quality(plan, calibration, cutoff).sq_error,
+                "baseline_predicted_sq_error": predicted_quality(base.plan, calibration, cutoff).sq_error,
+                "searched_labels": sorted({s.label() for site in plan.sites for rng in site.schedule for s in rng.heads}),
+            })
     out = []
     for r, plan in rows:
         old = predicted_attention_seconds(plan, calibration, costs, cutoff) * 1e3
@@ -112,6 +132,7 @@ def main() -> None:
                                                                    - o["recorded_predicted_ms"]) for o in out),
         "plans": len(out), "as_recorded": summary("error_as_recorded"), "split": summary("error_split"), "fit_and_split": summary("error_fit_and_split"),
         "records": out,
+        "time_matched_offline": matched,
     }
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "quality_repriced.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -119,6 +140,10 @@ def main() -> None:
         print(f"{o['method']:17s} {o['target_density']:.2f}  measured {o['measured_ms']:6.2f}  as recorded "
               f"{o['repriced_as_recorded_ms']:6.2f} ({o['error_as_recorded']:+.0%})  split {o['repriced_split_ms']:6.2f} "
               f"({o['error_split']:+.0%})  fit+split {o['repriced_fit_and_split_ms']:6.2f} ({o['error_fit_and_split']:+.0%})")
+    for m in matched:
+        print(f"time-matched offline: {m['baseline']:17s} {m['target_density']:.2f}  budget {m['budget_ms']:6.2f} ms  "
+              f"searched {m['searched_predicted_ms']:6.2f} ms  predicted error {m['searched_predicted_sq_error']:.5f} "
+              f"vs baseline {m['baseline_predicted_sq_error']:.5f}")
     print(f"t_warmup {t_warmup}; reproduction worst {result['reproduction_worst_abs_ms']:.4f} ms")
     print(f"abs error, as recorded: median {result['as_recorded']['median_abs']:.1%}, worst "
           f"{result['as_recorded']['worst_abs']:.1%}; split: median {result['split']['median_abs']:.1%}, worst "
