@@ -396,13 +396,14 @@ def _sleep_cycles_per_ms(device: torch.device) -> float:
     """Clock cycles ``torch.cuda._sleep`` spins per millisecond on ``device`` (measured once)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _SLEEP_CYCLES_PER_MS:
-        torch.cuda._sleep(1000)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        torch.cuda._sleep(5_000_000)
-        end.record()
-        torch.cuda.synchronize(device)
-        _SLEEP_CYCLES_PER_MS[index] = 5_000_000 / max(start.elapsed_time(end), 1e-3)
+        with torch.cuda.device(index):
+            torch.cuda._sleep(1000)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            torch.cuda._sleep(5_000_000)
+            end.record()
+            torch.cuda.synchronize(index)
+            _SLEEP_CYCLES_PER_MS[index] = 5_000_000 / max(start.elapsed_time(end), 1e-3)
     return _SLEEP_CYCLES_PER_MS[index]
 
 
