@@ -2,12 +2,12 @@
 
 The harness (``vdopt-bench quality``) saves its calibration and measured site costs (quality_calibration.json) and
 each plan's measured attention time (quality.json). This rebuilds the plans that need no GPU timing to rebuild (every
-baseline, and the searched plan at each target density) and prices them twice: with the site costs as the harness
-used them, which must reproduce the recorded predictions; with the dynamic selections' fixed costs split into the
-launch they share and their own estimation work (:func:`vdopt.quality.split_shared_launch_costs`, with the launch
-groups of today's :meth:`Strategy.launch_group`); and, as the harness now prices them, with that split after the
-static candidates of each launch group are priced from one fit (:func:`vdopt.quality.fit_static_launch_costs`). Both are compared
-with the measured times. The time-matched searched plans are left out: rebuilding them needs the GPU's timings;
+baseline, and the searched plan at each target density) and prices them three ways: with the site costs as the
+harness used them, which must reproduce the recorded predictions; with the dynamic selections' fixed costs split into
+the launch they share and their own estimation work (:func:`vdopt.quality.split_shared_launch_costs`, with the
+launch groups of today's :meth:`Strategy.launch_group`); and as the harness now prices them, that split after the
+static candidates of each launch group are priced from one fit (:func:`vdopt.quality.refine_measured_costs`). Each
+is compared with the measured times. The time-matched searched plans are left out: rebuilding them needs the GPU's timings;
 instead, each baseline's time-matched search is re-run under the current pricing (no measured retries) and its
 predicted error compared with the baseline's.
 
@@ -27,10 +27,10 @@ from vdopt.proxy.pipeline import load_proxy_pipeline
 from vdopt.quality import (
     _sparse_cutoff,
     baseline_grids,
-    fit_static_launch_costs,
     baseline_plan,
     load_harness_calibration,
     predicted_attention_seconds,
+    refine_measured_costs,
     split_shared_launch_costs,
     with_dense_warmup,
 )
@@ -51,14 +51,12 @@ def main() -> None:
                        for site, table in costs.per_site.items()},
                       costs.mixing, costs.source + "; dynamic selections split (split_shared_launch_costs)",
                       candidate_launch_groups(calibration.candidates), costs.shared_mixing)
-    layout, block_size = next(iter(calibration.sites.values())).site.layout, next(iter(calibration.sites.values())).block_size
-    refined = SiteCosts({site: split_shared_launch_costs(fit_static_launch_costs(table, calibration.candidates, layout,
-                                                                                block_size), calibration.candidates)
+    stats = next(iter(calibration.sites.values()))
+    refined = SiteCosts({site: refine_measured_costs(table, calibration.candidates, stats.site.layout, stats.block_size)
                          for site, table in costs.per_site.items()},
                         costs.mixing, costs.source + "; static fit and dynamic split (as the harness now prices)",
                         candidate_launch_groups(calibration.candidates), costs.shared_mixing)
     model = load_proxy_pipeline("cpu").transformer
-    stats = next(iter(calibration.sites.values()))
     grids = baseline_grids(stats.site.layout, stats.block_size)
     baselines = [r for r in records if r["method"] not in ("dense", "searched")]
     densities = sorted({r["target_density"] for r in baselines})

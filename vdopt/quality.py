@@ -20,6 +20,7 @@ import math
 import platform
 import statistics
 import sys
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -411,8 +412,6 @@ def _median_ms(fn: Callable[[], Any], device: torch.device, warmup: int, repeats
                timing_mode: str = "device") -> float:
     if timing_mode not in TIMING_MODES:
         raise ValueError(f"timing_mode must be one of {TIMING_MODES}, got {timing_mode!r}")
-    import time
-
     for _ in range(warmup):
         fn()
     cycles = 0
@@ -484,6 +483,15 @@ def attention_milliseconds(plan: Plan | None, sites: Sequence[AttentionSite], re
     return {"total_ms": sum(per_site.values()), "per_site_ms": per_site}
 
 
+def _static_launch_groups(table: dict[str, LaunchCost], candidates: dict[str, Strategy]) -> dict[str, list[str]]:
+    """Labels of the static (non-dense) candidates priced in ``table``, per launch group."""
+    groups: dict[str, list[str]] = {}
+    for label, s in candidates.items():
+        if not s.dynamic and not isinstance(s, Dense) and label in table:
+            groups.setdefault(s.launch_group(), []).append(label)
+    return groups
+
+
 def fit_static_launch_costs(table: dict[str, LaunchCost], candidates: dict[str, Strategy], layout: TokenLayout,
                             block_size: int) -> dict[str, LaunchCost]:
     """``table`` with the static candidates of each launch group (three or more) priced from one fit: they run one
@@ -492,19 +500,15 @@ def fit_static_launch_costs(table: dict[str, LaunchCost], candidates: dict[str, 
     (on the H100 proxy run of 2026-12-06 a sparser diagonal measured slower than a denser one); re-pricing that
     run's 18 rebuildable plans with the fit (benchmarks/reprice_quality.py) took the median error of predicted
     attention time from 16.7% to 12.3%."""
-    groups: dict[str, list[tuple[str, float]]] = {}
-    for label, s in candidates.items():
-        if not s.dynamic and not isinstance(s, Dense) and label in table:
-            groups.setdefault(s.launch_group(), []).append((label, static_density(s, layout, block_size)))
     out = dict(table)
-    for members in groups.values():
-        if len(members) < 3:
+    for labels in _static_launch_groups(table, candidates).values():
+        if len(labels) < 3:
             continue
-        density = np.array([d for _, d in members])
-        per_head = np.array([table[label].per_head for label, _ in members])
+        density = np.array([static_density(candidates[label], layout, block_size) for label in labels])
+        per_head = np.array([table[label].per_head for label in labels])
         (intercept, slope), *_ = np.linalg.lstsq(np.stack([np.ones_like(density), density], 1), per_head, rcond=None)
-        fixed = statistics.median(table[label].fixed for label, _ in members)
-        for label, d in members:
+        fixed = statistics.median(table[label].fixed for label in labels)
+        for label, d in zip(labels, density):
             out[label] = LaunchCost(fixed, max(float(intercept + slope * d), 0.0), table[label].own)
     return out
 
@@ -514,17 +518,21 @@ def split_shared_launch_costs(table: dict[str, LaunchCost], candidates: dict[str
     one) priced as the runtime runs it. Timed alone, its fixed cost holds that launch's; the part beyond the launch's
     fixed cost (the median of the group's static candidates') becomes its ``own`` seconds, paid whoever shares the
     launch. Entries already split (``own`` > 0) and candidates with no static partner are kept."""
-    static_fixed: dict[str, list[float]] = {}
-    for label, s in candidates.items():
-        if not s.dynamic and not isinstance(s, Dense) and label in table:
-            static_fixed.setdefault(s.launch_group(), []).append(table[label].fixed)
+    static = _static_launch_groups(table, candidates)
     out = dict(table)
     for label, s in candidates.items():
         cost = out.get(label)
-        if s.dynamic and s.launch_group() in static_fixed and cost is not None and cost.own == 0.0:
-            shared_launch = min(cost.fixed, statistics.median(static_fixed[s.launch_group()]))
+        if s.dynamic and s.launch_group() in static and cost is not None and cost.own == 0.0:
+            shared_launch = min(cost.fixed, statistics.median(table[other].fixed for other in static[s.launch_group()]))
             out[label] = LaunchCost(shared_launch, cost.per_head, cost.fixed - shared_launch)
     return out
+
+
+def refine_measured_costs(table: dict[str, LaunchCost], candidates: dict[str, Strategy], layout: TokenLayout,
+                          block_size: int) -> dict[str, LaunchCost]:
+    """A measured site-cost table as the harness prices it: :func:`fit_static_launch_costs`, then
+    :func:`split_shared_launch_costs`."""
+    return split_shared_launch_costs(fit_static_launch_costs(table, candidates, layout, block_size), candidates)
 
 
 def _measure_shape_class(site: AttentionSite, inputs: tuple, candidates: dict[str, Strategy], block_size: int,
@@ -556,7 +564,7 @@ def _measure_shape_class(site: AttentionSite, inputs: tuple, candidates: dict[st
                                 disable=not progress, leave=False):
         if not isinstance(strategy, Dense):
             table[label] = launch_cost(strategy)
-    table = split_shared_launch_costs(fit_static_launch_costs(table, candidates, site.layout, block_size), candidates)
+    table = refine_measured_costs(table, candidates, site.layout, block_size)
     mix = 0.0
     static = next(((label, s) for label, s in candidates.items() if not s.dynamic and not isinstance(s, Dense)), None)
     if static is not None and heads > 1:
@@ -1125,6 +1133,7 @@ def run_quality(pipe: Any, config: QualityConfig = QualityConfig(), proxy: str =
 
     if config.attention_timing not in TIMING_MODES:
         raise ValueError(f"attention_timing must be one of {TIMING_MODES}, got {config.attention_timing!r}")
+    attention_ms_of = functools.partial(attention_milliseconds, timing_mode=config.attention_timing)
 
     original = pipe.transformer
     dtype = next(original.parameters()).dtype
@@ -1158,8 +1167,7 @@ def run_quality(pipe: Any, config: QualityConfig = QualityConfig(), proxy: str =
             timed_sites, recorded = record_attention_inputs(original, timing_inputs)
             t_timed = step_times[timing_call]
             timing = (timed_sites, recorded, t_timed)
-            dense_attention_ms = attention_milliseconds(None, timed_sites, recorded, t_timed,
-                                                        timing_mode=config.attention_timing)["total_ms"]
+            dense_attention_ms = attention_ms_of(None, timed_sites, recorded, t_timed)["total_ms"]
             common["attention_timing"] = (
                 f"attention_ms: the {len(timed_sites)} self-attention sites of one transformer call at t={t_timed:.3f} "
                 f"(after the warm-up), batch {2 * len(pairs[:config.batch_size])} (CFG), each site run through "
@@ -1208,8 +1216,7 @@ def run_quality(pipe: Any, config: QualityConfig = QualityConfig(), proxy: str =
                 if key not in measured_by_key:
                     # The lesser of two passes, as for the records: a plan's first pass ran up to 1.6x its later
                     # ones on the H100 (Sparse-vDiT at 0.1: 5.64 ms, then 3.51 in the records' passes).
-                    measured_by_key[key] = min(attention_milliseconds(plan, *timing, timing_mode=config.attention_timing)
-                                               ["total_ms"] for _ in range(2))
+                    measured_by_key[key] = min(attention_ms_of(plan, *timing)["total_ms"] for _ in range(2))
                 return measured_by_key[key]
 
         method_plans: list[MethodPlan] = []
@@ -1259,7 +1266,7 @@ def run_quality(pipe: Any, config: QualityConfig = QualityConfig(), proxy: str =
                 videos = generate(pipe, pairs, config.steps, config.batch_size)
             seconds = seconds_per_video(pipe, pairs[0][0], pairs[0][1], config.steps, config.timing_repeats)
             pipe.transformer = original
-            attention_ms = None if timing is None else attention_milliseconds(mp.plan, *timing, timing_mode=config.attention_timing)["total_ms"]
+            attention_ms = None if timing is None else attention_ms_of(mp.plan, *timing)["total_ms"]
             measured = {"density": recorder.density(t_warmup), "density_all_steps": recorder.density(),
                         **_metrics(videos, reference, pairs), "seconds_per_video": seconds, "attention_ms": attention_ms}
             record = _plan_record(mp, measured, dense_seconds, dense_attention_ms, block_size, common)
@@ -1270,13 +1277,13 @@ def run_quality(pipe: Any, config: QualityConfig = QualityConfig(), proxy: str =
         if timing is not None:
             # A second timing pass over every plan, in the same order: interference (host jitter, clocks) only adds
             # time, so each plan keeps the lesser of its two totals; both are recorded.
-            dense_again = attention_milliseconds(None, *timing, timing_mode=config.attention_timing)["total_ms"]
+            dense_again = attention_ms_of(None, *timing)["total_ms"]
             records[0]["attention_ms_passes"] = [records[0]["attention_ms"], dense_again]
             records[0]["attention_ms"] = min(records[0]["attention_ms"], dense_again)
             for mp, record, key in zip(method_plans, records[1:], keys):
                 first = first_run[key]  # always earlier in the list than the plans that run like it
                 if first is record:
-                    again = attention_milliseconds(mp.plan, *timing, timing_mode=config.attention_timing)["total_ms"]
+                    again = attention_ms_of(mp.plan, *timing)["total_ms"]
                     record["attention_ms_passes"] = [record["attention_ms"], again]
                     record["attention_ms"] = min(record["attention_ms"], again)
                 else:

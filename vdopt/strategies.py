@@ -431,8 +431,8 @@ class SemanticKMeans(Strategy):
 
     One iteration per step by default: on the trained proxy (benchmarks/kmeans_iterations.py, CPU, 2026-12-06) it
     kept 0.1 percentage point less attention mass than two (0.8668 vs 0.8678) at 0.5 points more density, and on
-    an H100 the whole step cost 3.9% of dense attention with one iteration at 64/64 clusters and 5.7% with two at
-    32/64 (benchmarks/results/strategy_overheads_2026-12-0*.json; one iteration at 32/64 is not yet timed).
+    an H100 the whole step at 32/64 clusters cost 3.65% of dense attention with one iteration against 5.66% with
+    two (benchmarks/results/strategy_overheads_2026-12-06_default*.json).
     """
 
     name: ClassVar[str] = "kmeans"
