@@ -46,6 +46,9 @@ and DIR/attention_kernels.png at the end (DIR: --out, else $OUT, else .); DIR/at
 Cells not started by --deadline seconds after the start are skipped and listed under "skipped". ``--mode smoke``
 runs the full mode's code on CPU at tiny shapes (set TRITON_INTERPRET=1), FA4's interface served by a stand-in
 that computes with the PyTorch reference, wall-clock timings: a check of the script, not a measurement.
+``--merge A.json B.json ...`` (no GPU) joins full runs cut by their deadline into DIR/attention_kernels.json and
+its plot: a later file's (shape, density) cell replaces an earlier one's, each record names the run it came from
+(``run``), and ``meta.runs`` keeps every run's meta.
 """
 
 from __future__ import annotations
@@ -835,6 +838,35 @@ def plot(records, path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def merge(paths: list[str], out_dir: Path) -> dict[str, Any]:
+    """Full-mode results of several device runs as one: cells by (shape, density), later runs winning; the checks
+    keep each kernel's worst error over the runs. Writes out_dir/attention_kernels.json and .png."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    for path, run in zip(paths, runs):
+        if "records" not in run or "meta" not in run:
+            raise SystemExit(f"--merge: {path} is not a full-mode attention_kernels.json (no records/meta)")
+    cells: dict[tuple[str, float], dict] = {}
+    for i, run in enumerate(runs):
+        for record in run["records"]:
+            cells[(record["shape"], record["density"])] = {**record, "run": i}
+    shape_order = list(SHAPES)
+    records = sorted(cells.values(), key=lambda r: (shape_order.index(r["shape"]) if r["shape"] in shape_order
+                                                    else len(shape_order), r["density"]))
+    checks: dict[str, float] = {}
+    for run in runs:
+        for name, value in run.get("checks_worst_rel_l2", {}).items():
+            checks[name] = max(checks.get(name, 0.0), value)
+    done = {f"{shape} d={density}" for shape, density in cells}
+    skipped = sorted({s for run in runs for s in run.get("skipped", []) if s not in done})
+    result = {"meta": {"merged_from": [Path(p).name for p in paths], "runs": [run["meta"] for run in runs],
+                       "device": runs[-1]["meta"]["device"], "date": runs[-1]["meta"]["date"]},
+              "checks_worst_rel_l2": checks, "records": records, "skipped": skipped, "complete": not skipped}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "attention_kernels.json").write_text(json.dumps(result, indent=1) + "\n")
+    plot(records, str(out_dir / "attention_kernels.png"))
+    return result
+
+
 def smoke(args) -> None:
     """CPU run of the full mode's code (TRITON_INTERPRET=1) at tiny sizes, then the sweep's peer bookkeeping:
     catches errors before device time is spent."""
@@ -857,7 +889,14 @@ def main() -> None:
                     help="seconds after the start; cells not started by then are skipped (one started may run on)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of fa4 / op timings (median kept)")
     ap.add_argument("--out", default=OUT, help="folder for the JSON and the plot (default $OUT, else .)")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                    help="join these full-mode results (later cells win) into --out; runs nothing on the GPU")
     args = ap.parse_args()
+    if args.merge:
+        result = merge(args.merge, Path(args.out))
+        log(f"merged {len(result['records'])} cells from {len(args.merge)} runs into {args.out}; "
+            f"skipped: {', '.join(result['skipped']) or 'none'}")
+        return
     if args.mode == "sweep" and args.densities is None:
         args.densities = ",".join(map(str, SWEEP_DENSITIES))
     if args.mode == "sweep" and args.shapes is None:

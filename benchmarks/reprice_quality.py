@@ -1,15 +1,17 @@
 """Re-price the committed quality harness's plans under changed site-cost pricing, offline (CPU, no GPU needed).
 
 The harness (``vdopt-bench quality``) saves its calibration and measured site costs (quality_calibration.json) and
-each plan's measured attention time (quality.json). This rebuilds the plans that need no GPU timing to rebuild (every
-baseline, and the searched plan at each target density) and prices them three ways: with the site costs as the
-harness used them, which must reproduce the recorded predictions; with the dynamic selections' fixed costs split into
-the launch they share and their own estimation work (:func:`vdopt.quality.split_shared_launch_costs`, with the
-launch groups of today's :meth:`Strategy.launch_group`); and as the harness now prices them, that split after the
-static candidates of each launch group are priced from one fit (:func:`vdopt.quality.refine_measured_costs`). Each
-is compared with the measured times. The time-matched searched plans are left out: rebuilding them needs the GPU's timings;
-instead, each baseline's time-matched search is re-run under the current pricing (no measured retries) and its
-predicted error compared with the baseline's.
+each plan's measured attention time (quality.json), including every plan its time-matched searches tried
+(``time_match.tries``: the budget searched at and the time measured). The searches are deterministic, so every one
+of those plans is rebuilt here: each baseline, the searched plan at each target density, and each try (searched
+again at its recorded budget, its baseline the incumbent). Each is priced two ways and compared with its measured
+time: with the site costs as the harness recorded them (which must reproduce the recorded predictions), and with
+every dynamic candidate priced at each site's own calibrated density (:func:`vdopt.quality.density_scaled_costs`,
+what the harness now does). Then each baseline's time-matched search is re-run under the new pricing (no measured
+retries: those need the GPU) and its predicted error compared with the baseline's. Per plan it also counts the
+all-sparse sites whose in-order launch the runtime before 2026-12-06 fed in strategy order rather than head order
+(``reordered_sites``: a head list and a copy of the output back into place, which no site cost priced) and fits the
+measured-minus-predicted time of the tries against that count.
 
     python benchmarks/reprice_quality.py --out benchmarks/results     # about a minute on CPU
 """
@@ -23,18 +25,37 @@ import statistics
 import warnings
 from pathlib import Path
 
+import numpy as np
+
 from vdopt.proxy.pipeline import load_proxy_pipeline
 from vdopt.quality import (
     _sparse_cutoff,
     baseline_grids,
     baseline_plan,
+    density_scaled_costs,
     load_harness_calibration,
     predicted_attention_seconds,
-    refine_measured_costs,
-    split_shared_launch_costs,
     with_dense_warmup,
 )
-from vdopt.search import SearchConfig, SiteCosts, candidate_launch_groups, predicted_quality, search
+from vdopt.search import SearchConfig, predicted_quality, search
+from vdopt.strategies import Dense
+
+
+def reordered_sites(plan, t: float = 0.5) -> int:
+    """Sites with every head sparse whose in-order heads the earlier runtime launched grouped by strategy (static
+    groups, then dynamic ones) in an order other than the heads' own."""
+    count = 0
+    for site_plan in plan.sites:
+        strategies = site_plan.strategies_at(t)
+        if any(isinstance(s, Dense) for s in strategies):
+            continue
+        groups: dict = {}
+        for head, strategy in enumerate(strategies):
+            groups.setdefault(strategy, []).append(head)
+        order = [h for s, m in groups.items() if not s.dynamic for h in m] + [
+            h for s, m in groups.items() if s.dynamic for h in m]
+        count += order != sorted(order)
+    return count
 
 
 def main() -> None:
@@ -47,16 +68,8 @@ def main() -> None:
     calibration, sites, costs = load_harness_calibration(results / "quality_calibration.json")
     if costs is None:
         raise SystemExit("quality_calibration.json has no measured site costs (the harness ran without a GPU)")
-    split = SiteCosts({site: split_shared_launch_costs(table, calibration.candidates)
-                       for site, table in costs.per_site.items()},
-                      costs.mixing, costs.source + "; dynamic selections split (split_shared_launch_costs)",
-                      candidate_launch_groups(calibration.candidates), costs.shared_mixing)
-    stats = next(iter(calibration.sites.values()))
-    refined = SiteCosts({site: refine_measured_costs(table, calibration.candidates, stats.site.layout, stats.block_size)
-                         for site, table in costs.per_site.items()},
-                        costs.mixing, costs.source + "; static fit and dynamic split (as the harness now prices)",
-                        candidate_launch_groups(calibration.candidates), costs.shared_mixing)
     model = load_proxy_pipeline("cpu").transformer
+    stats = next(iter(calibration.sites.values()))
     grids = baseline_grids(stats.site.layout, stats.block_size)
     baselines = [r for r in records if r["method"] not in ("dense", "searched")]
     densities = sorted({r["target_density"] for r in baselines})
@@ -72,81 +85,106 @@ def main() -> None:
                                                    cutoff) * 1e3 - r["predicted_attention_ms"])
                    for r in baselines)
 
+    rows: list[tuple[str, float, object]] = []  # (name, measured ms, plan)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         candidates_t = sorted(set(stats.times))
         tried = {t: baseline_plans(t) for t in candidates_t}
         t_warmup = min(candidates_t, key=lambda t: reproduction_error(t, tried[t]))
-        plans = tried[t_warmup]
+        plans = {key: mp.plan for key, mp in tried[t_warmup].items()}
         cutoff = _sparse_cutoff(calibration, t_warmup)
-        rows = []
+        scaled = density_scaled_costs(costs, calibration, cutoff)
+
+        def searched_at(budget: str, value: float, incumbents: list) -> object:
+            config = SearchConfig(budget=budget, min_dense_warmup=1.0 - cutoff, max_step_ranges=1, progress=False,
+                                  **({"density_budget": value} if budget == "density" else {"time_budget_ms": value}))
+            return with_dense_warmup(search(model, calibration, sites, "h100", config, incumbents, costs), t_warmup)
+
         for r in baselines:
-            rows.append((r, plans[(r["method"], r["target_density"])].plan))
+            rows.append((f"{r['method']} {r['target_density']}", r["attention_ms"],
+                         plans[(r["method"], r["target_density"])]))
         for r in records:
             if r["method"] == "searched" and r.get("matched_to") is None:
-                config = SearchConfig(budget="density", density_budget=r["target_density"],
-                                      min_dense_warmup=1.0 - cutoff, max_step_ranges=1, progress=False)
-                incumbents = [plans[(m, r["target_density"])].plan for m in sorted({b["method"] for b in baselines})]
-                plan = with_dense_warmup(search(model, calibration, sites, "h100", config, incumbents, costs), t_warmup)
-                rows.append((r, plan))
-    # What the time-matched search would now pick (no measured retries: those need the GPU): per baseline, the
-    # search at the baseline's predicted time under the harness's current pricing.
-    matched = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
+                incumbents = [plans[(m, r["target_density"])] for m in sorted({b["method"] for b in baselines})]
+                rows.append((f"searched {r['target_density']}", r["attention_ms"],
+                             searched_at("density", r["target_density"], incumbents)))
+            elif r["method"] == "searched" and r.get("time_match"):
+                base = plans[(r["matched_to"], r["target_density"])]
+                for i, attempt in enumerate(r["time_match"]["tries"]):
+                    if attempt.get("measured_ms") is not None:
+                        rows.append((f"try {i} for {r['matched_to']} {r['target_density']}", attempt["measured_ms"],
+                                     searched_at("time", attempt["budget_ms"], [base])))
+        # What the time-matched search would now pick (no measured retries: those need the GPU): per baseline, the
+        # search at the baseline's predicted time under the new pricing.
+        matched = []
         for r in baselines:
             base = plans[(r["method"], r["target_density"])]
-            budget = predicted_attention_seconds(base.plan, calibration, refined, cutoff) * 1e3
+            budget = predicted_attention_seconds(base, calibration, scaled, cutoff) * 1e3
             config = SearchConfig(budget="time", time_budget_ms=budget, min_dense_warmup=1.0 - cutoff,
                                   max_step_ranges=1, progress=False)
-            plan = with_dense_warmup(search(model, calibration, sites, "h100", config, [base.plan], refined), t_warmup)
+            plan = with_dense_warmup(search(model, calibration, sites, "h100", config, [base], scaled), t_warmup)
             matched.append({
                 "baseline": r["method"], "target_density": r["target_density"], "budget_ms": budget,
-                "searched_predicted_ms": predicted_attention_seconds(plan, calibration, refined, cutoff) * 1e3,
+                "searched_predicted_ms": predicted_attention_seconds(plan, calibration, scaled, cutoff) * 1e3,
                 "searched_predicted_sq_error": predicted_quality(plan, calibration, cutoff).sq_error,
-                "baseline_predicted_sq_error": predicted_quality(base.plan, calibration, cutoff).sq_error,
+                "baseline_predicted_sq_error": predicted_quality(base, calibration, cutoff).sq_error,
                 "searched_labels": sorted({s.label() for site in plan.sites for rng in site.schedule for s in rng.heads}),
             })
     out = []
-    for r, plan in rows:
-        old = predicted_attention_seconds(plan, calibration, costs, cutoff) * 1e3
-        new = predicted_attention_seconds(plan, calibration, split, cutoff) * 1e3
-        now = predicted_attention_seconds(plan, calibration, refined, cutoff) * 1e3
-        out.append({"method": r["method"], "target_density": r["target_density"], "measured_ms": r["attention_ms"],
-                    "recorded_predicted_ms": r["predicted_attention_ms"], "repriced_as_recorded_ms": old,
-                    "repriced_split_ms": new, "repriced_fit_and_split_ms": now, "error_as_recorded": old / r["attention_ms"] - 1.0,
-                    "error_split": new / r["attention_ms"] - 1.0,
-                    "error_fit_and_split": now / r["attention_ms"] - 1.0})
+    for name, measured, plan in rows:
+        recorded = predicted_attention_seconds(plan, calibration, costs, cutoff) * 1e3
+        rescaled = predicted_attention_seconds(plan, calibration, scaled, cutoff) * 1e3
+        out.append({"plan": name, "measured_ms": measured, "reordered_sites": reordered_sites(plan),
+                    "predicted_as_recorded_ms": recorded,
+                    "predicted_density_scaled_ms": rescaled, "error_as_recorded": recorded / measured - 1.0,
+                    "error_density_scaled": rescaled / measured - 1.0})
 
-    def summary(key: str) -> dict[str, float]:
-        errors = sorted(abs(o[key]) for o in out)
-        return {"median_abs": statistics.median(errors), "worst_abs": errors[-1]}
+    def summary(key: str, subset: list[dict]) -> dict[str, float]:
+        errors = sorted(abs(o[key]) for o in subset)
+        return {"plans": len(errors), "median_abs": statistics.median(errors), "worst_abs": errors[-1],
+                "median_signed": statistics.median(o[key] for o in subset)}
 
+    untried = [o for o in out if not o["plan"].startswith("try")]
+    tries = [o for o in out if o["plan"].startswith("try")]
+    x = np.array([o["reordered_sites"] for o in tries], dtype=float)
+    y = np.array([o["measured_ms"] - o["predicted_as_recorded_ms"] for o in tries])
+    (intercept, per_site), *_ = np.linalg.lstsq(np.stack([np.ones_like(x), x], 1), y, rcond=None)
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source": "benchmarks/results/quality.json and quality_calibration.json (their device and date)",
         "device_of_measurements": records[0].get("device"), "date_of_measurements": records[0].get("date"),
-        "t_warmup": t_warmup, "reproduction_worst_abs_ms": max(abs(o["repriced_as_recorded_ms"]
-                                                                   - o["recorded_predicted_ms"]) for o in out),
-        "plans": len(out), "as_recorded": summary("error_as_recorded"), "split": summary("error_split"), "fit_and_split": summary("error_fit_and_split"),
+        "t_warmup": t_warmup,
+        "reproduction_worst_abs_ms": max(abs(predicted_attention_seconds(plans[(r["method"], r["target_density"])],
+                                                                         calibration, costs, cutoff) * 1e3
+                                             - r["predicted_attention_ms"]) for r in baselines),
+        "summary": {pricing: {"baselines_and_density_searched": summary(key, untried),
+                              "time_match_tries": summary(key, tries), "all": summary(key, out)}
+                    for pricing, key in (("as_recorded", "error_as_recorded"),
+                                         ("density_scaled", "error_density_scaled"))},
+        "tries_under_prediction_vs_reordered_sites": {
+            "fit": "measured - predicted (as recorded) ms = intercept + ms_per_site * reordered_sites, least squares",
+            "intercept_ms": float(intercept), "ms_per_site": float(per_site),
+            "correlation": float(np.corrcoef(x, y)[0, 1])},
         "records": out,
         "time_matched_offline": matched,
     }
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "quality_repriced.json").write_text(json.dumps(result, indent=1) + "\n")
     for o in out:
-        print(f"{o['method']:17s} {o['target_density']:.2f}  measured {o['measured_ms']:6.2f}  as recorded "
-              f"{o['repriced_as_recorded_ms']:6.2f} ({o['error_as_recorded']:+.0%})  split {o['repriced_split_ms']:6.2f} "
-              f"({o['error_split']:+.0%})  fit+split {o['repriced_fit_and_split_ms']:6.2f} ({o['error_fit_and_split']:+.0%})")
+        print(f"{o['plan']:36s} measured {o['measured_ms']:6.2f}  as recorded {o['predicted_as_recorded_ms']:6.2f} "
+              f"({o['error_as_recorded']:+.0%})  density-scaled {o['predicted_density_scaled_ms']:6.2f} "
+              f"({o['error_density_scaled']:+.0%})")
     for m in matched:
         print(f"time-matched offline: {m['baseline']:17s} {m['target_density']:.2f}  budget {m['budget_ms']:6.2f} ms  "
               f"searched {m['searched_predicted_ms']:6.2f} ms  predicted error {m['searched_predicted_sq_error']:.5f} "
               f"vs baseline {m['baseline_predicted_sq_error']:.5f}")
+    fit = result["tries_under_prediction_vs_reordered_sites"]
+    print(f"tries: measured - predicted = {fit['intercept_ms']:.3f} + {fit['ms_per_site']:.3f} ms x reordered sites "
+          f"(correlation {fit['correlation']:.2f})")
     print(f"t_warmup {t_warmup}; reproduction worst {result['reproduction_worst_abs_ms']:.4f} ms")
-    print(f"abs error, as recorded: median {result['as_recorded']['median_abs']:.1%}, worst "
-          f"{result['as_recorded']['worst_abs']:.1%}; split: median {result['split']['median_abs']:.1%}, worst "
-          f"{result['split']['worst_abs']:.1%}; fit and split: median {result['fit_and_split']['median_abs']:.1%}, worst "
-          f"{result['fit_and_split']['worst_abs']:.1%} over {len(out)} plans")
+    for pricing, parts in result["summary"].items():
+        print(pricing + ": " + "; ".join(f"{part} median {s['median_abs']:.1%} (signed {s['median_signed']:+.1%}), "
+                                         f"worst {s['worst_abs']:.1%} over {s['plans']}" for part, s in parts.items()))
 
 
 if __name__ == "__main__":

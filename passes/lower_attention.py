@@ -96,17 +96,34 @@ class LoweredAttention(nn.Module):
             else:
                 raise NotLowerable(f"{strategy.name} builds per-head token orders")
 
-        # The launch that keeps the token order: static lists as one buffer, dynamic ones appended per call.
-        self.in_order_heads = [h for members, _ in static_in_order for h in members]
-        self.in_order_heads += [h for _, members in self.dynamic for h in members]
+        # The launch that keeps the token order lists its heads in head order, whatever strategy each runs: then a
+        # site whose heads are all sparse launches on q/k/v as they are and returns the launch's output, where
+        # heads grouped by strategy ([0, 3, 1, 2] for two strategies on alternate heads) would pass a head list
+        # and copy every head's output back into place. Static lists are one buffer (in head order), a dynamic
+        # selection's are made per call, and ``in_order_segments`` joins runs of them in head order.
         kv_blocks = -(-(v1 - v0) // block_size)
         self.in_order_width = kv_blocks
-        if static_in_order:
+        static_rows = {h: (p, j) for members, p in static_in_order for j, h in enumerate(members)}
+        static_heads = sorted(static_rows)
+        source = {h: (-1, j) for j, h in enumerate(static_heads)}
+        source.update({h: (i, j) for i, (_, members) in enumerate(self.dynamic) for j, h in enumerate(members)})
+        self.in_order_heads = sorted(source)
+        # (source, first, stop): rows first..stop-1 of the static buffer (source -1) or of dynamic selection i.
+        self.in_order_segments: list[tuple[int, int, int]] = []
+        for h in self.in_order_heads:
+            src, j = source[h]
+            last = self.in_order_segments[-1] if self.in_order_segments else None
+            if last is not None and last[0] == src and last[2] == j:
+                self.in_order_segments[-1] = (src, last[1], j + 1)
+            else:
+                self.in_order_segments.append((src, j, j + 1))
+        if static_heads:
+            rows = [static_rows[h] for h in static_heads]
             self.register_buffer("static_indices", torch.cat(
-                [_pad_width(p.kv_block_indices, kv_blocks) for _, p in static_in_order], dim=1).to(torch.int32),
+                [_pad_width(p.kv_block_indices[:, j:j + 1], kv_blocks) for p, j in rows], dim=1).to(torch.int32),
                 persistent=False)
             self.register_buffer("static_counts", torch.cat(
-                [p.kv_block_counts for _, p in static_in_order], dim=1).to(torch.int32), persistent=False)
+                [p.kv_block_counts[:, j:j + 1] for p, j in rows], dim=1).to(torch.int32), persistent=False)
         else:
             self.static_indices = self.static_counts = None
         self.in_order_all_heads = self.in_order_heads == list(range(heads))
@@ -145,17 +162,24 @@ class LoweredAttention(nn.Module):
         outs: list[torch.Tensor] = []
         lses: list[torch.Tensor] = []
         if self.in_order_heads:
-            indices = [] if self.static_indices is None else [self.static_indices]
-            counts = [] if self.static_counts is None else [self.static_counts]
-            for strategy, members in self.dynamic:
+            lists: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+            if self.static_indices is not None:
+                lists[-1] = (self.static_indices, self.static_counts)
+            for i, (strategy, members) in enumerate(self.dynamic):
                 # The selections read strided views: a run of consecutive heads is not copied.
                 pattern = strategy.build(_attention.select_heads(qv, members), _attention.select_heads(kv, members),
                                          self.ctx)
-                indices.append(_pad_width(pattern.kv_block_indices.to(torch.int32), self.in_order_width))
-                counts.append(pattern.kv_block_counts.to(torch.int32))
-            # One list as it is (the same tensor every step, which the FA4 backend converts once), several joined.
-            indices = indices[0] if len(indices) == 1 else torch.cat(indices, dim=1)
-            counts = counts[0] if len(counts) == 1 else torch.cat(counts, dim=1)
+                lists[i] = (_pad_width(pattern.kv_block_indices.to(torch.int32), self.in_order_width),
+                            pattern.kv_block_counts.to(torch.int32))
+
+            def rows(which: int, src: int, first: int, stop: int) -> torch.Tensor:
+                whole = lists[src][which]
+                return whole if (first, stop) == (0, whole.shape[1]) else whole[:, first:stop]
+            # One list as it is (the static one is the same tensor every step, which the FA4 backend converts
+            # once), several joined in head order.
+            segments = self.in_order_segments
+            indices, counts = [rows(w, *segments[0]) if len(segments) == 1 else
+                               torch.cat([rows(w, *seg) for seg in segments], dim=1) for w in (0, 1)]
             out, lse = self._launch(qv, kv, vv, indices, counts, scale,
                                     None if self.in_order_all_heads else self.in_order_index)
             outs.append(out)

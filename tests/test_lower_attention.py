@@ -237,3 +237,49 @@ def test_dynamic_and_static_in_order_heads_share_one_launch(monkeypatch: pytest.
     LoweredAttention(_site(layout, 4, 16), strategies, 8, tuple(q.shape), q.device)(q, k, v)
     assert len(launches) == 1
     assert {s.launch_group() for s in strategies[:3]} == {"block:original"}
+
+
+@pytest.mark.parametrize("strategies", [
+    [vdopt.SpatialWindow(0), vdopt.Diagonal(1), vdopt.SpatialWindow(0), vdopt.Diagonal(1)],
+    [vdopt.Diagonal(1), vdopt.PooledTopP(0.6), vdopt.SpatialWindow(0), vdopt.PooledTopP(0.6), vdopt.Diagonal(1)],
+    [vdopt.VerticalStripe(0.8), vdopt.SpatialWindow(1), vdopt.PooledTopP(0.6), vdopt.VerticalStripe(0.8)],
+], ids=["two static alternating", "dynamic between static", "two dynamic around static"])
+def test_alternating_in_order_heads_launch_in_head_order_with_no_copy(
+        strategies: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Heads of several in-order strategies on alternate heads go to the one launch in head order, so a site with
+    every head sparse passes no head list and copies no output back into place (the search prices such a site as
+    one launch); the result equals the eager runtime's, per head too."""
+    import vdopt.attention as attention_module
+
+    layout = TokenLayout(3, 5, 6)
+    heads, block = len(strategies), 8
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 90, heads, 16, generator=g).transpose(1, 2) for _ in range(3))
+    calls: list[dict] = []
+    writes: list[list[int]] = []
+    launch, write = attention_module.block_sparse_attention, attention_module.write_heads
+
+    def counting_launch(*args, **kwargs):
+        calls.append(kwargs)
+        return launch(*args, **kwargs)
+
+    def counting_write(out, members, value):
+        writes.append(list(members))
+        return write(out, members, value)
+
+    lowered = LoweredAttention(_site(layout, heads, 16), strategies, block, tuple(q.shape), q.device)
+    assert lowered.in_order_heads == list(range(heads))
+    monkeypatch.setattr(attention_module, "block_sparse_attention", counting_launch)
+    monkeypatch.setattr(attention_module, "write_heads", counting_write)
+    got = lowered(q, k, v)
+    assert len(calls) == 1 and calls[0]["head_indices"] is None
+    assert writes == []
+    monkeypatch.setattr(attention_module, "block_sparse_attention", launch)
+    monkeypatch.setattr(attention_module, "write_heads", write)
+    ctx = PatternContext(layout, block, {})
+    torch.testing.assert_close(got, sparse_site_attention(q, k, v, None, None, layout, strategies, ctx),
+                               atol=2e-6, rtol=2e-6)
+    for h, strategy in enumerate(strategies):
+        sl = slice(h, h + 1)
+        alone = sparse_site_attention(q[:, sl], k[:, sl], v[:, sl], None, None, layout, [strategy], ctx)
+        torch.testing.assert_close(got[:, sl], alone, atol=2e-6, rtol=2e-6)

@@ -367,10 +367,25 @@ def test_time_match_searches_again_while_the_plan_measures_slower_than_its_basel
         return ms
 
     plan, record = _match_measured_time(10.0, "baseline", 10.0, measure, 3, search_at)
-    # 13 ms > 10: budget x 10/13; that plan measures exactly 10 ms: kept.
-    assert searched_at == [pytest.approx(10.0 / 1.3)] and plan == pytest.approx(10.0 / 1.3)
+    # 13 ms > 10: budget x 10/13; that plan measures exactly 10 ms and fits. The two searches left bisect upward
+    # between 10/1.3 (fits) and 10 (too slow); both plans measure slower, so the one that fit is kept.
+    fit = 10.0 / 1.3
+    up = (fit * 10.0) ** 0.5
+    assert searched_at == [pytest.approx(fit), pytest.approx(up), pytest.approx((fit * up) ** 0.5)]
+    assert plan == pytest.approx(fit)
     assert record["no_slower_than_baseline"] and record["measured_ms"] == pytest.approx(10.0)
-    assert [t["budget_ms"] for t in record["tries"]] == [10.0, pytest.approx(10.0 / 1.3)]
+    assert [t["budget_ms"] for t in record["tries"]][:2] == [10.0, pytest.approx(fit)]
+
+    # Where a plan between them fits too, the one searched at the largest budget that fit is kept: the time the
+    # baseline takes is used, not given away by a scaled budget that overshot.
+    def kinked(plan):
+        return 10.0 if plan == "baseline" else (1.3 if plan > 8.5 else 1.1) * plan
+
+    searched_at.clear()
+    plan, record = _match_measured_time(10.0, "baseline", 10.0, kinked, 3, search_at)
+    assert searched_at[-1] == pytest.approx((fit * up) ** 0.5) and plan == pytest.approx(searched_at[-1])
+    assert kinked(plan) <= 10.0 and plan > fit and not record["kept_baseline_plan"]
+    searched_at.clear()
     # Already no slower: no search.
     searched_at.clear()
     plan, record = _match_measured_time(7.0, "baseline", 10.0, measure, 3, search_at)
@@ -453,6 +468,52 @@ def test_static_launch_costs_fit_and_dynamic_split() -> None:
     assert split["t"] == table["t"] and split["dense"] == table["dense"]  # no static partner / not dynamic
     assert split_shared_launch_costs(split, candidates) == split  # already split: kept
     assert Dense().launch_group() == "dense"
+
+
+def test_dynamic_costs_are_priced_at_each_sites_own_density() -> None:
+    """Measured costs time one site per shape class; a dynamic selection keeps another share of blocks at every
+    site, so its family's per-head cost (a line in density, fitted at the timed site) is read at each site's own
+    calibrated density after the warm-up. Static candidates, fixed and own costs are kept."""
+    from vdopt.calibrate import CalibrationResult, SiteStats
+    from vdopt.quality import density_scaled_costs
+    from vdopt.search import LaunchCost, SiteCosts
+    from vdopt.strategies import PooledTopP, SemanticKMeans
+
+    layout = TokenLayout(4, 8, 8)
+    candidates = {"p5": PooledTopP(0.5), "p9": PooledTopP(0.9), "s0": SpatialWindow(0),
+                  "k5": SemanticKMeans(4, 4, 0.5, iterations=1), "k9": SemanticKMeans(4, 4, 0.9, iterations=1)}
+    times = [1.0, 0.6, 0.2]  # the first sample lies in the warm-up (t_warmup 0.8) and must not count
+    heads = 2
+
+    def stats(name: str, scale: float) -> SiteStats:
+        site = AttentionSite(name, 0, "self", heads, 16, 256, 256, "float32", layout)
+        base = {"p5": 0.2, "p9": 0.6, "s0": 0.25, "k5": 0.3, "k9": 0.7}
+        # Warm-up samples are dense-ish (0.99): counting them would move every mean.
+        return SiteStats(site, 32, list(times), density={
+            label: [[0.99] * heads] + [[d * scale] * heads for _ in times[1:]] for label, d in base.items()})
+
+    calibration = CalibrationResult({"a": stats("a", 1.0), "b": stats("b", 0.5)}, candidates, {})
+    line = {"p": (0.01, 0.1), "k": (0.05, 0.2)}  # (intercept, slope) per family, per head, at the timed site "a"
+    dens = {"p5": 0.2, "p9": 0.6, "k5": 0.3, "k9": 0.7}
+    table = {"dense": LaunchCost(0.02, 0.3), "s0": LaunchCost(0.02, 0.04),
+             **{label: LaunchCost(0.0 if label[0] == "p" else 0.03, line[label[0]][0] + line[label[0]][1] * d,
+                                  0.005) for label, d in dens.items()}}
+    costs = SiteCosts({"a": table, "b": table}, {"a": 0.001, "b": 0.001}, "test")
+    scaled = density_scaled_costs(costs, calibration, 0.8)
+    for label, d in dens.items():
+        intercept, slope = line[label[0]]
+        assert scaled.per_site["a"][label].per_head == pytest.approx(intercept + slope * d)
+        assert scaled.per_site["b"][label].per_head == pytest.approx(intercept + slope * d * 0.5)
+        assert scaled.per_site["b"][label].fixed == table[label].fixed
+        assert scaled.per_site["b"][label].own == table[label].own
+    assert scaled.per_site["b"]["s0"] == table["s0"] and scaled.per_site["b"]["dense"] == table["dense"]
+    again = density_scaled_costs(scaled, calibration, 0.8)  # saved scaled costs re-read: no second scaling
+    for site in ("a", "b"):
+        for label, cost in scaled.per_site[site].items():
+            assert again.per_site[site][label].per_head == pytest.approx(cost.per_head)
+    # A site named as timed elsewhere is read from that site's line.
+    other = density_scaled_costs(costs, calibration, 0.8, measured_at={"a": "b", "b": "b"})
+    assert other.per_site["b"]["p9"].per_head == pytest.approx(table["p9"].per_head)
 
 
 def test_timing_mode_is_checked() -> None:
