@@ -555,7 +555,7 @@ def density_scaled_costs(costs: SiteCosts, calibration: CalibrationResult, t_war
 
     Measured costs time one representative site per shape class (``measured_at[site]`` names it; by default the
     first site with the same table), but a dynamic selection keeps a different share of blocks at every site: on the
-    trained proxy (H100, 2026-12-06) pooled top-p kept 0.89-0.93x and k-means 0.79-0.92x of the first layer's
+    trained proxy (H100, 2026-12-06) pooled top-p kept 0.89-0.98x and k-means 0.79-0.92x of the first layer's
     density on average over the layers, so pricing every layer from the first over-predicted their plans by up to
     38%. Per family of candidates that differ only in ``top_p`` (same estimation work, same kernel), the per-head
     cost is fitted as a line in the representative site's mean calibrated density (least squares, slope clipped at
