@@ -492,6 +492,12 @@ def _static_launch_groups(table: dict[str, LaunchCost], candidates: dict[str, St
     return groups
 
 
+def _line_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Least-squares ``(intercept, slope)`` of ``y`` against ``x``."""
+    (intercept, slope), *_ = np.linalg.lstsq(np.stack([np.ones_like(x), x], 1), y, rcond=None)
+    return float(intercept), float(slope)
+
+
 def fit_static_launch_costs(table: dict[str, LaunchCost], candidates: dict[str, Strategy], layout: TokenLayout,
                             block_size: int) -> dict[str, LaunchCost]:
     """``table`` with the static candidates of each launch group (three or more) priced from one fit: they run one
@@ -505,8 +511,7 @@ def fit_static_launch_costs(table: dict[str, LaunchCost], candidates: dict[str, 
         if len(labels) < 3:
             continue
         density = np.array([static_density(candidates[label], layout, block_size) for label in labels])
-        per_head = np.array([table[label].per_head for label in labels])
-        (intercept, slope), *_ = np.linalg.lstsq(np.stack([np.ones_like(density), density], 1), per_head, rcond=None)
+        intercept, slope = _line_fit(density, np.array([table[label].per_head for label in labels]))
         fixed = statistics.median(table[label].fixed for label in labels)
         for label, d in zip(labels, density):
             out[label] = LaunchCost(fixed, max(float(intercept + slope * d), 0.0), table[label].own)
@@ -561,14 +566,11 @@ def density_scaled_costs(costs: SiteCosts, calibration: CalibrationResult, t_war
     cost is fitted as a line in the representative site's mean calibrated density (least squares, slope clipped at
     0; a family of one keeps its timing) and evaluated at each site's mean density over the calibration times after
     ``t_warmup``; fixed and own costs are kept."""
-    times_ok = {name: [i for i, t in enumerate(stats.times) if t <= t_warmup + 1e-9] or list(range(len(stats.times)))
-                for name, stats in calibration.sites.items()}
-
     def mean_density(site: str, label: str) -> float | None:
         stats = calibration.sites.get(site)
         if stats is None or label not in stats.density:
             return None
-        values = [v for i in times_ok[site] for v in stats.density[label][i]]
+        values = [v for i in _sparse_samples(stats.times, t_warmup) for v in stats.density[label][i]]
         return sum(values) / len(values) if values else None
 
     representative: dict[str, str] = {}
@@ -587,7 +589,7 @@ def density_scaled_costs(costs: SiteCosts, calibration: CalibrationResult, t_war
                 continue
             x = np.array([d for d, _ in points])
             y = np.array([c for _, c in points])
-            (intercept, slope), *_ = np.linalg.lstsq(np.stack([np.ones_like(x), x], 1), y, rcond=None)
+            intercept, slope = _line_fit(x, y)
             if slope < 0.0:
                 intercept, slope = float(np.median(y)), 0.0
             for site in (s for s, r in representative.items() if r == rep):
