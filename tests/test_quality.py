@@ -385,11 +385,21 @@ def test_time_match_searches_again_while_the_plan_measures_slower_than_its_basel
     plan, record = _match_measured_time(10.0, "baseline", 10.0, kinked, 3, search_at)
     assert searched_at[-1] == pytest.approx((fit * up) ** 0.5) and plan == pytest.approx(searched_at[-1])
     assert kinked(plan) <= 10.0 and plan > fit and not record["kept_baseline_plan"]
+    # Already within TIME_MATCH_GAP of the baseline: no search.
     searched_at.clear()
-    # Already no slower: no search.
+    plan, record = _match_measured_time(7.6, "baseline", 7.6, measure, 3, search_at)
+    assert plan == 7.6 and searched_at == [] and len(record["tries"]) == 1
+    # Faster than the baseline by more: one search at the budget scaled up by the measured ratio; it fits, so the
+    # larger budget is kept.
+    plan, record = _match_measured_time(7.0, "baseline", 7.0, measure, 3, search_at)
+    assert searched_at == [pytest.approx(7.0 * 10.0 / 9.1)] and plan == pytest.approx(searched_at[0])
+    assert measure(plan) <= 10.0 and len(record["tries"]) == 2 and not record["kept_baseline_plan"]
     searched_at.clear()
-    plan, record = _match_measured_time(7.0, "baseline", 10.0, measure, 3, search_at)
-    assert plan == 7.0 and searched_at == [] and len(record["tries"]) == 1
+    plan, record = _match_measured_time(7.0, "baseline", 7.0, lambda p: 10.0 if p == "baseline" else 9.1 * p / 7.0
+                                        if p == 7.0 else 11.0, 3, search_at)
+    # The scaled-up plan measured too slow: the retries left bisect between 7.0 (fits) and it, and none fits.
+    assert plan == 7.0 and searched_at[1] == pytest.approx((7.0 * searched_at[0]) ** 0.5)
+    assert len(searched_at) == 3 and [t["measured_ms"] for t in record["tries"][1:]] == [11.0] * 3
 
     # A plan that stays slower whatever the budget: after the retries, the baseline's own plan, flagged.
     def never(plan):
@@ -424,6 +434,44 @@ def test_time_match_searches_again_while_the_plan_measures_slower_than_its_basel
     assert budgets[0] == 5.5 and "error" in record["tries"][1] and budgets[1] < 3.2
     assert budgets[2] == pytest.approx((budgets[1] * 5.5) ** 0.5)  # bisected between infeasible and too slow
     assert record["no_slower_than_baseline"] and skewed(plan) <= 3.5 and plan >= 3.2
+
+
+def test_time_match_keeps_the_best_measured_plan_on_calibration_videos() -> None:
+    from vdopt.quality import _match_measured_time
+
+    def measure(plan):  # the plans searched at 10/1.3 and at the second bisection point both fit
+        return 10.0 if plan == "baseline" else (1.3 if plan > 8.5 else 1.1) * plan
+
+    def search_at(ms):
+        return ms
+
+    # Every plan that fits and the baseline are measured; the larger budget that fit is not kept when a smaller
+    # one measures a higher calibration PSNR.
+    psnr_of = {"baseline": 20.0}
+    measured = []
+
+    def measure_psnr(plan):
+        measured.append(plan)
+        if plan in psnr_of:
+            return psnr_of[plan]
+        return 25.0 if plan < 7.8 else 22.0
+
+    plan, record = _match_measured_time(10.0, "baseline", 10.0, measure, 3, search_at, measure_psnr)
+    fits = [t for t in record["tries"] if t["measured_ms"] is not None and t["measured_ms"] <= 10.0]
+    assert len(fits) == 2 and "baseline" in measured and len(measured) == 3
+    assert plan == pytest.approx(10.0 / 1.3) and record["chosen_by"] == "calibration_psnr"
+    assert record["measured_ms"] == pytest.approx(1.1 * 10.0 / 1.3) and not record["kept_baseline_plan"]
+    assert all("calibration_psnr" in t for t in fits) and record["baseline_calibration_psnr"] == 20.0
+
+    # The baseline's own plan measures best: it is kept, as a tie.
+    psnr_of["baseline"] = 30.0
+    plan, record = _match_measured_time(10.0, "baseline", 10.0, measure, 3, search_at, measure_psnr)
+    assert plan == "baseline" and record["kept_baseline_plan"] and record["measured_ms"] == 10.0
+
+    # Nothing fits: the baseline's plan, measured only as the comparison.
+    plan, record = _match_measured_time(10.0, "baseline", 10.0, lambda p: 10.0 if p == "baseline" else 30.0, 2,
+                                        search_at, measure_psnr)
+    assert plan == "baseline" and record["kept_baseline_plan"]
 
 
 def test_calibration_candidates_include_a_point_below_the_sparsest_target() -> None:
