@@ -436,6 +436,22 @@ def test_time_match_searches_again_while_the_plan_measures_slower_than_its_basel
     assert record["no_slower_than_baseline"] and skewed(plan) <= 3.5 and plan >= 3.2
 
 
+def test_time_match_steps_at_least_the_gap_below_a_plan_slower_by_noise() -> None:
+    from vdopt.quality import TIME_MATCH_GAP, _match_measured_time
+
+    searched_at = []
+
+    def search_at(ms):
+        searched_at.append(ms)
+        return ms
+
+    # 0.2% slower than the baseline: the next budget is TIME_MATCH_GAP below, not 0.2% below.
+    plan, record = _match_measured_time(10.0, "baseline", 10.0, lambda p: 10.0 if p == "baseline" else 1.002 * p, 3,
+                                        search_at)
+    assert searched_at[0] == pytest.approx(10.0 / (1.0 + TIME_MATCH_GAP))
+    assert plan == searched_at[0] and not record["kept_baseline_plan"]
+
+
 def test_time_match_keeps_the_best_measured_plan_on_calibration_videos() -> None:
     from vdopt.quality import _match_measured_time
 
