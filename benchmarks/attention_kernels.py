@@ -33,7 +33,8 @@ self-attention shapes on the same random per-head block masks:
                 *_w8: the same with 8 warps, called directly;
                 cluster_*tile_tflop are the FLOPs of the tiles each mode computes, padding included
 FA4 and the op are timed in alternating rounds (``--rounds``, the median kept; ``vdopt_vs_fa4`` is the median of
-the rounds' ratios), so drift of the GPU's clocks between them does not read as op overhead. Host time per call
+the rounds' ratios; the order reversed every other round), so drift of the GPU's clocks between them, or the position
+in a round, does not read as op overhead (runs before 2026-12-06 17:00 UTC timed FA4 first in every round). Host time per call
 (``*_host_us``: enqueueing 10 calls, no synchronisation) is recorded beside, to show how far the host runs ahead.
 FA4, when it runs, is also recorded as the measured peer. Peers this run cannot run (FlashInfer always, FA4 when
 not installed) keep their H100 figures from shared/measurements/peer-kernels-h100.txt, labelled as such.
@@ -528,10 +529,12 @@ def sweep(args) -> None:
 
 
 def paired_rounds(clock: Clock, runners: dict[str, Any], rounds: int, rep_ms: float) -> dict[str, list[float]]:
-    """Time each runner once per round, the runners alternating within a round: ``{name: [ms per round]}``."""
+    """Time each runner once per round, the runners alternating within a round and their order reversed every
+    other round (so a runner is not always timed after the same one): ``{name: [ms per round]}``."""
     times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(rounds):
-        for name, fn in runners.items():
+    for r in range(rounds):
+        order = list(runners.items())
+        for name, fn in (reversed(order) if r % 2 else order):
             times[name].append(clock.ms(fn, rep_ms))
     return times
 

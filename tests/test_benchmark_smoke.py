@@ -65,3 +65,22 @@ def test_strategy_overheads_smoke(tmp_path: Path) -> None:
     assert all(default[f"{key}_ms"] > 0 for key in ("strategy_total", "step_out_scatter",
                                                      "cluster_kernel_in_cluster_order"))
     assert any(name.startswith("semantic_permutation") for name in names)
+
+
+def test_paired_rounds_reverse_the_order_every_other_round() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("attention_kernels_bench",
+                                                  Path(__file__).parent.parent / "benchmarks" / "attention_kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    calls = []
+
+    class Clock:  # the order of calls is what is checked; the time is the call's position
+        def ms(self, fn, rep_ms):
+            calls.append(fn())
+            return float(len(calls))
+
+    times = module.paired_rounds(Clock(), {"fa4": lambda: "fa4", "op": lambda: "op"}, 4, 1.0)
+    assert calls == ["fa4", "op", "op", "fa4", "fa4", "op", "op", "fa4"]
+    assert times == {"fa4": [1.0, 4.0, 5.0, 8.0], "op": [2.0, 3.0, 6.0, 7.0]}
