@@ -34,8 +34,8 @@ self-attention shapes on the same random per-head block masks:
                 cluster_*tile_tflop are the FLOPs of the tiles each mode computes, padding included
 FA4 and the op are timed in alternating rounds (``--rounds``, the median kept; ``vdopt_vs_fa4`` is the median of
 the rounds' ratios; the order reversed every other round), so drift of the GPU's clocks between them, or the position
-in a round, does not read as op overhead (the runs committed up to 2026-12-06 timed FA4 first in every round). Host time per call
-(``*_host_us``: enqueueing 10 calls, no synchronisation) is recorded beside, to show how far the host runs ahead.
+in a round, does not read as op overhead (the runs committed up to 2026-12-06 timed FA4 first in every round). Host
+time per call (``*_host_us``: enqueueing 10 calls, no synchronisation) is recorded beside, to show how far the host runs ahead.
 FA4, when it runs, is also recorded as the measured peer. Peers this run cannot run (FlashInfer always, FA4 when
 not installed) keep their H100 figures from shared/measurements/peer-kernels-h100.txt, labelled as such.
 TFLOP/s are counted on kept blocks only: 4 * D * sum over (batch, head, query block) of rows * kept key tokens.
