@@ -1,0 +1,169 @@
+"""Does the search's predicted model-output error rank plans the way the model's real output error does? (CPU)
+
+The quality harness's searches minimise an additive prediction: per site, the calibrated squared attention error of
+each head's strategy, weighted by the site's measured output gain, summed over sites (``predicted_quality``). On the
+H100 proxy run of 2026-12-06 it ranked a mixed searched plan 17% below the Sparse-vDiT d0.1 baseline's error at
+equal time, and the plan's videos measured 1.7 dB lower PSNR. This script separates the two places the ranking can
+go wrong, on the harness's own calibration (``quality_calibration.json``, the trained proxy, CPU):
+
+- one step: each plan runs the transformer on the recorded calibration forward inputs after the warm-up (the same
+  inputs calibration saw), and the relative squared error of its output against dense is measured per input;
+- the trajectory: each plan generates the calibration videos (calibration captions, seeds 9000+, as the harness's
+  time-match check does) and its PSNR against dense is measured.
+
+Plans: every baseline at the harness's target densities and the time-matched searched plan at each baseline's
+predicted time (the first try of each search, rebuilt; the searches are deterministic).
+
+    python benchmarks/predictor_check.py --methods sparse_vdit,pooled_draft --seeds 0   # 3.5 min a plan, 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from vdopt.calibrate import CalibrationConfig, record_forward_inputs
+from vdopt.demo import proxy_calibration_prompts
+from vdopt.runtime import OptimizedModel
+from vdopt.proxy.pipeline import load_proxy_pipeline
+from vdopt.quality import (
+    VERIFY_SEED_BASE,
+    _sparse_cutoff,
+    baseline_grids,
+    baseline_plan,
+    generate,
+    load_harness_calibration,
+    predicted_attention_seconds,
+    psnr,
+    rank_correlation,
+    with_dense_warmup,
+)
+from vdopt.search import SearchConfig, predicted_quality, search
+
+
+def _output(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+    out = model(**inputs)
+    out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
+    return out.float()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--results", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--steps", type=int, default=30, help="denoising steps (the harness used 30)")
+    parser.add_argument("--calib-prompts", type=int, default=2, help="as the harness (its --calib-prompts)")
+    parser.add_argument("--seeds", type=int, default=1, help="calibration-video seeds per prompt (0: one step only)")
+    parser.add_argument("--densities", default="0.1", help="comma-separated target densities of the baselines")
+    parser.add_argument("--methods", default=None, help="comma-separated baselines (default: every one in the results)")
+    args = parser.parse_args()
+    results = Path(args.results)
+    records = json.loads((results / "quality.json").read_text())
+    calibration, sites, costs = load_harness_calibration(results / "quality_calibration.json")
+    if costs is None:
+        raise SystemExit("quality_calibration.json has no measured site costs (the harness ran without a GPU)")
+    pipe = load_proxy_pipeline("cpu")
+    model = pipe.transformer
+    stats = next(iter(calibration.sites.values()))
+    grids = baseline_grids(stats.site.layout, stats.block_size)
+    densities = [float(d) for d in args.densities.split(",")]
+    methods = args.methods.split(",") if args.methods else None
+    baselines = [r for r in records if r["method"] not in ("dense", "searched") and r["target_density"] in densities
+                 and (methods is None or r["method"] in methods)]
+    if not baselines:
+        raise SystemExit(f"no baseline record matches --methods {args.methods} --densities {args.densities}")
+    times = sorted(set(stats.times))
+    warmup_steps = records[0]["warmup_steps"]
+    # The harness's t_warmup: the calibration time that reproduces its recorded baseline predictions (not saved).
+    plans: dict[str, object] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+
+        def baseline_plans(t_warmup: float) -> dict[str, object]:
+            return {f"{r['method']} {r['target_density']}": baseline_plan(r["method"], grids, calibration, model,
+                                                                          r["target_density"], t_warmup, "h100").plan
+                    for r in baselines}
+
+        def mismatch(t_warmup: float, built: dict) -> float:
+            cutoff = _sparse_cutoff(calibration, t_warmup)
+            return max(abs(predicted_attention_seconds(built[f"{r['method']} {r['target_density']}"], calibration,
+                                                       costs, cutoff) * 1e3 - r["predicted_attention_ms"])
+                       for r in baselines)
+
+        tried = {t: baseline_plans(t) for t in times}
+        t_warmup = min(times, key=lambda t: mismatch(t, tried[t]))
+        cutoff = _sparse_cutoff(calibration, t_warmup)
+        for r in baselines:
+            name = f"{r['method']} {r['target_density']}"
+            base = tried[t_warmup][name]
+            plans[name] = base
+            budget = predicted_attention_seconds(base, calibration, costs, cutoff) * 1e3
+            config = SearchConfig(budget="time", time_budget_ms=budget, min_dense_warmup=1.0 - cutoff,
+                                  max_step_ranges=1, progress=False)
+            plans[f"searched at {name}'s time"] = with_dense_warmup(
+                search(model, calibration, sites, "h100", config, [base], costs), t_warmup)
+
+    calib_prompts = proxy_calibration_prompts(args.calib_prompts, seed=1234)
+    inputs = record_forward_inputs(model, calib_prompts, pipe,
+                                   CalibrationConfig(num_inference_steps=args.steps, steps_per_input=6,
+                                                     query_rows=256, seed=0))
+    after = [x for x in inputs if float(x["timestep"].flatten()[0]) / 1000.0 <= t_warmup + 1e-6]
+    with torch.no_grad():
+        dense_out = [_output(model, x) for x in after]
+        pairs = [(p, VERIFY_SEED_BASE + i) for p in calib_prompts for i in range(args.seeds)]
+        reference = generate(pipe, pairs, args.steps, 16) if pairs else None
+        rows = []
+        for name, plan in plans.items():
+            start = time.perf_counter()
+            opt = OptimizedModel(model, plan)
+            step_errors = []
+            for x, ref in zip(after, dense_out):
+                out = _output(opt, x)
+                step_errors.append(float(((out - ref) ** 2).sum() / (ref ** 2).sum()))
+            video_psnr = None
+            if reference is not None:
+                pipe.transformer = opt
+                try:
+                    video_psnr = float(psnr(generate(pipe, pairs, args.steps, 16), reference).mean())
+                finally:
+                    pipe.transformer = model
+            estimate = predicted_quality(plan, calibration, cutoff)
+            rows.append({"plan": name, "predicted_sq_error": estimate.sq_error,
+                         "predicted_attention_ms": predicted_attention_seconds(plan, calibration, costs, cutoff) * 1e3,
+                         "one_step_sq_error": sum(step_errors) / len(step_errors),
+                         "one_step_sq_error_per_input": step_errors, "calibration_video_psnr": video_psnr,
+                         "labels": sorted({s.label() for site in plan.sites for rng in site.schedule
+                                           for s in rng.heads})})
+            print(f"{name:44s} predicted {estimate.sq_error:.4f}  one step {rows[-1]['one_step_sq_error']:.4f}  "
+                  f"video PSNR {video_psnr if video_psnr is None else round(video_psnr, 2)}  "
+                  f"({time.perf_counter() - start:.0f} s)", flush=True)
+    predicted = [r["predicted_sq_error"] for r in rows]
+    summary = {
+        "rank_correlation_predicted_vs_one_step": rank_correlation(predicted, [r["one_step_sq_error"] for r in rows]),
+        "rank_correlation_predicted_vs_minus_video_psnr": None if reference is None else rank_correlation(
+            predicted, [-r["calibration_video_psnr"] for r in rows]),
+        "one_step_over_predicted": [r["one_step_sq_error"] / r["predicted_sq_error"] for r in rows
+                                    if r["predicted_sq_error"] > 0],
+    }
+    out = {"meta": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    "device": "cpu", "torch": torch.__version__, "steps": args.steps, "warmup_steps": warmup_steps,
+                    "t_warmup": t_warmup, "inputs_after_warmup": len(after), "video_pairs": pairs,
+                    "results_from": str(results / "quality.json"),
+                    "command": "python benchmarks/predictor_check.py " + " ".join(
+                        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("results", "out"))},
+           "summary": summary, "records": rows}
+    path = Path(args.out) / "predictor_check.json"
+    path.write_text(json.dumps(out, indent=1, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v))
+    print(json.dumps(summary, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
