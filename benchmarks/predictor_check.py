@@ -15,8 +15,9 @@ go wrong, on the harness's own calibration (``quality_calibration.json``, the tr
 Result of 2026-12-06 (``predictor_check.json``, one step only): over the 10 plans at d 0.1 the predicted error ranks
 the measured one-step error with rank correlation 0.98; the measured error is 0.93-1.96x the predicted, most for the
 sparsest patterns. At Sparse-vDiT's time the searched plan has 29% less one-step error than the baseline (predicted:
-19% less), yet its videos scored lower on the GPU: the loss builds up over the denoising steps, which the one-step
-objective does not see.
+19% less), yet the plan the same search chose in the H100 run before the calibration-video check (same strategy set,
+predicted 0.0176 under that run's site costs) scored 1.7 dB lower PSNR on the held-out videos: the loss builds up over
+the denoising steps, which the one-step objective does not see.
 
 Plans: every baseline at the harness's target densities and the time-matched searched plan at each baseline's
 predicted time (the first try of each search, rebuilt; the searches are deterministic).
