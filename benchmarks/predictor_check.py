@@ -43,13 +43,12 @@ from vdopt.proxy.pipeline import load_proxy_pipeline
 from vdopt.quality import (
     VERIFY_SEED_BASE,
     _sparse_cutoff,
-    baseline_grids,
-    baseline_plan,
     generate,
     load_harness_calibration,
     predicted_attention_seconds,
     psnr,
     rank_correlation,
+    rebuild_harness_baselines,
     with_dense_warmup,
 )
 from vdopt.runtime import OptimizedModel
@@ -80,44 +79,26 @@ def main() -> None:
         raise SystemExit("quality_calibration.json has no measured site costs (the harness ran without a GPU)")
     pipe = load_proxy_pipeline("cpu")
     model = pipe.transformer
-    stats = next(iter(calibration.sites.values()))
-    grids = baseline_grids(stats.site.layout, stats.block_size)
     densities = [float(d) for d in args.densities.split(",")]
     methods = args.methods.split(",") if args.methods else None
     baselines = [r for r in records if r["method"] not in ("dense", "searched") and r["target_density"] in densities
                  and (methods is None or r["method"] in methods)]
     if not baselines:
         raise SystemExit(f"no baseline record matches --methods {args.methods} --densities {args.densities}")
-    times = sorted(set(stats.times))
     warmup_steps = records[0]["warmup_steps"]
-    # The harness's t_warmup: the calibration time that reproduces its recorded baseline predictions (not saved).
+    t_warmup, rebuilt = rebuild_harness_baselines(baselines, calibration, costs, model)
+    cutoff = _sparse_cutoff(calibration, t_warmup)
     plans: dict[str, object] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-
-        def baseline_plans(t_warmup: float) -> dict[str, object]:
-            return {f"{r['method']} {r['target_density']}": baseline_plan(r["method"], grids, calibration, model,
-                                                                          r["target_density"], t_warmup, "h100").plan
-                    for r in baselines}
-
-        def mismatch(t_warmup: float, built: dict) -> float:
-            cutoff = _sparse_cutoff(calibration, t_warmup)
-            return max(abs(predicted_attention_seconds(built[f"{r['method']} {r['target_density']}"], calibration,
-                                                       costs, cutoff) * 1e3 - r["predicted_attention_ms"])
-                       for r in baselines)
-
-        tried = {t: baseline_plans(t) for t in times}
-        t_warmup = min(times, key=lambda t: mismatch(t, tried[t]))
-        cutoff = _sparse_cutoff(calibration, t_warmup)
-        for r in baselines:
-            name = f"{r['method']} {r['target_density']}"
-            base = tried[t_warmup][name]
-            plans[name] = base
-            budget = predicted_attention_seconds(base, calibration, costs, cutoff) * 1e3
+        for (method, density), base in rebuilt.items():
+            name = f"{method} {density}"
+            plans[name] = base.plan
+            budget = predicted_attention_seconds(base.plan, calibration, costs, cutoff) * 1e3
             config = SearchConfig(budget="time", time_budget_ms=budget, min_dense_warmup=1.0 - cutoff,
                                   max_step_ranges=1, progress=False)
             plans[f"searched at {name}'s time"] = with_dense_warmup(
-                search(model, calibration, sites, "h100", config, [base], costs), t_warmup)
+                search(model, calibration, sites, "h100", config, [base.plan], costs), t_warmup)
 
     calib_prompts = proxy_calibration_prompts(args.calib_prompts, seed=1234)
     inputs = record_forward_inputs(model, calib_prompts, pipe,

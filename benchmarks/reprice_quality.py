@@ -30,11 +30,10 @@ import numpy as np
 from vdopt.proxy.pipeline import load_proxy_pipeline
 from vdopt.quality import (
     _sparse_cutoff,
-    baseline_grids,
-    baseline_plan,
     density_scaled_costs,
     load_harness_calibration,
     predicted_attention_seconds,
+    rebuild_harness_baselines,
     with_dense_warmup,
 )
 from vdopt.search import SearchConfig, predicted_quality, search
@@ -69,29 +68,13 @@ def main() -> None:
     if costs is None:
         raise SystemExit("quality_calibration.json has no measured site costs (the harness ran without a GPU)")
     model = load_proxy_pipeline("cpu").transformer
-    stats = next(iter(calibration.sites.values()))
-    grids = baseline_grids(stats.site.layout, stats.block_size)
     baselines = [r for r in records if r["method"] not in ("dense", "searched")]
-    densities = sorted({r["target_density"] for r in baselines})
-
-    # t_warmup is not saved; it is the calibration time that reproduces the recorded baseline predictions.
-    def baseline_plans(t_warmup: float) -> dict[tuple[str, float], object]:
-        return {(m, d): baseline_plan(m, grids, calibration, model, d, t_warmup, "h100")
-                for m in sorted({r["method"] for r in baselines}) for d in densities}
-
-    def reproduction_error(t_warmup: float, plans: dict) -> float:
-        cutoff = _sparse_cutoff(calibration, t_warmup)
-        return max(abs(predicted_attention_seconds(plans[(r["method"], r["target_density"])].plan, calibration, costs,
-                                                   cutoff) * 1e3 - r["predicted_attention_ms"])
-                   for r in baselines)
 
     rows: list[tuple[str, float, object]] = []  # (name, measured ms, plan)
+    t_warmup, rebuilt = rebuild_harness_baselines(baselines, calibration, costs, model)
+    plans = {key: mp.plan for key, mp in rebuilt.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        candidates_t = sorted(set(stats.times))
-        tried = {t: baseline_plans(t) for t in candidates_t}
-        t_warmup = min(candidates_t, key=lambda t: reproduction_error(t, tried[t]))
-        plans = {key: mp.plan for key, mp in tried[t_warmup].items()}
         cutoff = _sparse_cutoff(calibration, t_warmup)
         scaled = density_scaled_costs(costs, calibration, cutoff)
 
