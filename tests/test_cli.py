@@ -54,6 +54,18 @@ def test_search_from_a_saved_calibration_gives_the_same_plan(tmp_path, calib_fil
     # Another budget from the same calibration, no model run: a different plan.
     assert search_main([*base[:-1], "0.6", "--from-calibration", str(saved), "--out", str(tmp_path / "c.json")]) == 0
     assert Plan.load(tmp_path / "c.json").to_json()["sites"] != first["sites"]
+    # Restricted to one calibrated strategy: only it and dense are used.
+    from vdopt.calibrate import load_calibration
+
+    label = min(load_calibration(saved)[0].candidates)
+    assert search_main([*base, "--from-calibration", str(saved), "--out", str(tmp_path / "d.json"),
+                        "--strategy", label]) == 0
+    used = {s.label() for site in Plan.load(tmp_path / "d.json").sites for r in site.schedule for s in r.heads}
+    assert used <= {"dense", label}
+    capsys.readouterr()
+    assert search_main([*base, "--from-calibration", str(saved), "--out", str(tmp_path / "e.json"),
+                        "--strategy", "diagonal(width=9.0)"]) == 2
+    assert "--strategy: strategies ['diagonal(width=9.0)'] were not calibrated" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

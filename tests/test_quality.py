@@ -189,7 +189,10 @@ def test_harness_end_to_end_on_tiny_untrained_proxy(tmp_path) -> None:
             assert record["time_match"]["measured_ms"] == record["time_match"]["baseline_measured_ms"]
             assert record["predicted_sq_error"] == pytest.approx(baseline["predicted_sq_error"])
             continue
-        assert record["time_match"]["measured_ms"] in [t["measured_ms"] for t in tries]
+        every_try = tries + [t for alt in record["time_match"].get("alternative_tries", []) for t in alt["tries"]]
+        assert record["time_match"]["measured_ms"] in [t["measured_ms"] for t in every_try]
+        if record["time_match"].get("chosen_search", "all candidates") != "all candidates":
+            continue  # a search restricted to the baseline's pattern set: its bounds are its own
         if len(tries) == 1:  # searched at the baseline's own predicted time, not re-searched tighter
             assert record["predicted_sq_error"] <= baseline["predicted_sq_error"] + 1e-12
         # Two head groups per site (the default): the exact DP, whose bound sits below the plan's predicted error.
@@ -488,6 +491,42 @@ def test_time_match_keeps_the_best_measured_plan_on_calibration_videos() -> None
     plan, record = _match_measured_time(10.0, "baseline", 10.0, lambda p: 10.0 if p == "baseline" else 30.0, 2,
                                         search_at, measure_psnr)
     assert plan == "baseline" and record["kept_baseline_plan"]
+
+
+def test_time_match_alternative_searches_compete_on_calibration_videos() -> None:
+    from vdopt.quality import _match_measured_time
+
+    # Plans are (search, budget) pairs; both searches' plans measure 1.1x their budget, the baseline 10 ms.
+    def measure(plan):
+        return 10.0 if plan == "baseline" else 1.1 * plan[1]
+
+    def search_at(name):
+        return lambda ms: (name, ms)
+
+    def measure_psnr(plan):
+        if plan == "baseline":
+            return 20.0
+        return {"all": 19.0, "family": 21.0}[plan[0]] + plan[1] / 100.0
+
+    first_all, first_family = ("all", 10.0), ("family", 10.0)
+    plan, record = _match_measured_time(first_all, "baseline", 10.0, measure, 3, search_at("all"), measure_psnr,
+                                        [("family", first_family, 10.0, search_at("family"))])
+    # Each search is time-matched on its own (10 ms measures 11: one step down to 10/1.1, which fits, and so on);
+    # the family's fitting plan at the largest budget measures best.
+    assert plan[0] == "family" and record["chosen_search"] == "family" and not record["kept_baseline_plan"]
+    assert measure(plan) <= 10.0
+    (alt,) = record["alternative_tries"]
+    assert alt["search"] == "family" and alt["tries"][0]["budget_ms"] == 10.0
+    assert all("calibration_psnr" in t for t in alt["tries"] if t["measured_ms"] <= 10.0)
+    assert all("calibration_psnr" in t for t in record["tries"] if t["measured_ms"] <= 10.0)
+    fits = [t for t in alt["tries"] if t["measured_ms"] <= 10.0]
+    assert plan[1] == max(t["budget_ms"] for t in fits)
+
+    # When the baseline measures best, it is kept (a tie) whatever the alternatives found.
+    plan, record = _match_measured_time(first_all, "baseline", 10.0, measure, 3, search_at("all"),
+                                        lambda p: 30.0 if p == "baseline" else measure_psnr(p),
+                                        [("family", first_family, 10.0, search_at("family"))])
+    assert plan == "baseline" and record["kept_baseline_plan"] and "chosen_search" not in record
 
 
 def test_calibration_candidates_include_a_point_below_the_sparsest_target() -> None:

@@ -680,3 +680,42 @@ def test_block_frontier_is_every_undominated_two_group_assignment(shared: bool) 
     for sec, err, assignment in zip(secs, errs, picks):
         assert _prepared_block_seconds(per_head, fixed, mixing, list(assignment), group_of) == pytest.approx(sec)
         assert error[np.arange(heads), assignment].sum() == pytest.approx(err)
+
+
+@pytest.mark.parametrize("budget", ["density", "time"])
+def test_search_restricted_to_named_strategies_uses_only_them(budget: str) -> None:
+    import warnings
+
+    from conftest import tiny_dit
+
+    from vdopt.search import SearchConfig, search
+    from vdopt.strategies import Diagonal, SpatialWindow
+
+    calibration = _random_calibration(1)
+    costs = _random_costs(calibration, 1)
+    model, _ = tiny_dit()
+    sites = [stats.site for stats in calibration.sites.values()]
+    allowed = (SpatialWindow(0).label(), Diagonal(0.5).label())
+    common = {"min_dense_warmup": 0.2, "max_step_ranges": 1, "progress": False}
+    if budget == "density":
+        config = SearchConfig(budget="density", density_budget=0.3, **common)
+    else:
+        dense_ms = sum(costs.seconds(s.name, ["dense"] * s.heads) for s in sites) * 1e3
+        config = SearchConfig(budget="time", time_budget_ms=0.6 * dense_ms, **common)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        free = search(model, calibration, sites, "h100", config, site_costs=costs)
+        restricted = search(model, calibration, sites, "h100",
+                            SearchConfig(**{**config.__dict__, "strategies": allowed}), site_costs=costs)
+    used = {s.label() for site in restricted.sites for r in site.schedule for s in r.heads}
+    free_used = {s.label() for site in free.sites for r in site.schedule for s in r.heads}
+    assert used <= {"dense", *allowed} and used & set(allowed)
+    assert free_used - {"dense", *allowed}  # the restriction changed what this search could pick
+    # Fewer choices can only predict as much error or more.
+    assert restricted.predictions["predicted_sq_error"] >= free.predictions["predicted_sq_error"] - 1e-12
+    assert restricted.search["strategies"] == allowed
+    with pytest.raises(ValueError, match=r"strategies \['diagonal\(width=9.0\)'\] were not calibrated"):
+        search(model, calibration, sites, "h100", SearchConfig(**{**config.__dict__, "strategies": ("diagonal(width=9.0)",)}),
+               site_costs=costs)
+    with pytest.raises(ValueError, match="at least one"):
+        SearchConfig(strategies=())

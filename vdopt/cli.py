@@ -120,6 +120,9 @@ def search_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-calibration", default=None, metavar="FILE",
                         help="search on a calibration written by --save-calibration instead of calibrating again "
                              "(the model is still loaded: the plan is fingerprinted to it)")
+    parser.add_argument("--strategy", action="append", default=None, metavar="LABEL",
+                        help="restrict the search to this calibrated strategy (repeat for several; dense is always "
+                             "open), e.g. --strategy 'diagonal(width=0.25)'; default: every calibrated candidate")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     try:
@@ -133,7 +136,7 @@ def search_main(argv: list[str] | None = None) -> int:
                                          error_budget=args.error, density_budget=args.density,
                                          time_budget_ms=args.time_ms,
                                          max_step_ranges=args.max_ranges, tokens=args.tokens,
-                                         **extra)
+                                         strategies=None if args.strategy is None else tuple(args.strategy), **extra)
         except ValueError as error:
             raise UsageError(str(error)) from None
         out = Path(args.out)
@@ -187,7 +190,7 @@ def _calibrate_and_search(model: Any, calib: Any, target: str, config: Any, step
         record_forward_inputs,
         save_calibration,
     )
-    from vdopt.search import search_with_report
+    from vdopt.search import restrict_candidates, search_with_report
 
     transformer = model if isinstance(model, nn.Module) else getattr(model, "transformer", None)
     if not isinstance(transformer, nn.Module):
@@ -206,6 +209,10 @@ def _calibrate_and_search(model: Any, calib: Any, target: str, config: Any, step
             calibration, sites = calibrate(transformer, inputs, calibration_config)
     if save_to:
         print(f"calibration written to {save_calibration(save_to, calibration, sites)}")
+    try:
+        restrict_candidates(calibration, config.strategies)
+    except ValueError as error:
+        raise UsageError(f"--strategy: {error}") from None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         result = search_with_report(transformer, calibration, sites, target, config)

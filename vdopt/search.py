@@ -44,6 +44,7 @@ calibration (fixed seed) gives the same plan.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import warnings
@@ -87,6 +88,7 @@ class SearchConfig:
     the calibrated site's own; set the deployment size, e.g. 32760 for Wan2.1 480p 81 frames, when calibrating
     smaller). ``attention_share``: fraction of an eager denoising step that self-attention takes, for the
     end-to-end prediction (default: Wan2.1-1.3B's measured 55%, DESIGN.md). ``progress``: bar over sites.
+    ``strategies``: labels of the calibrated candidates the search may choose (dense always may); None: all of them.
     """
 
     recall_budget: float = 0.95
@@ -104,6 +106,7 @@ class SearchConfig:
     tokens: int | None = None
     attention_share: float = WAN_1_3B_ATTENTION_SHARE
     progress: bool = True
+    strategies: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.recall_budget <= 1.0:
@@ -135,6 +138,23 @@ class SearchConfig:
             raise ValueError(f"batch and tokens must be >= 1, got batch={self.batch}, tokens={self.tokens}")
         if not 0.0 < self.attention_share <= 1.0:
             raise ValueError(f"attention_share must be in (0, 1], got {self.attention_share}")
+        if self.strategies is not None and not self.strategies:
+            raise ValueError("strategies must name at least one calibrated strategy label (or be None for all)")
+
+
+def restrict_candidates(calibration: CalibrationResult, labels: Sequence[str] | None) -> CalibrationResult:
+    """``calibration`` with only the candidates ``labels`` names (and dense) open to a search; None: unchanged.
+
+    Raises ValueError naming any label calibration did not measure."""
+    if labels is None:
+        return calibration
+    unknown = sorted(set(labels) - set(calibration.candidates) - {"dense"})
+    if unknown:
+        raise ValueError(f"strategies {unknown} were not calibrated; choose among {sorted(calibration.candidates)} "
+                         "or calibrate with them among CalibrationConfig.candidates")
+    keep = set(labels)
+    return dataclasses.replace(calibration, candidates={label: s for label, s in calibration.candidates.items()
+                                                        if label in keep or isinstance(s, Dense)})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1210,6 +1230,7 @@ def search_with_report(model: nn.Module, calibration: CalibrationResult, sites: 
                        incumbents: Sequence[Plan] = (), site_costs: SiteCosts | None = None,
                        ) -> tuple[Plan, SearchReport]:
     """:func:`search`, also returning what it decided and why (for ``--explain``)."""
+    calibration = restrict_candidates(calibration, config.strategies)
     cost = CostModel.for_target(target)
     report = SearchReport(config, target)
     per_site: dict[str, list[tuple[float, float, _RangeResult]]] = {}
