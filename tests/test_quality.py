@@ -529,6 +529,33 @@ def test_time_match_alternative_searches_compete_on_calibration_videos() -> None
     assert plan == "baseline" and record["kept_baseline_plan"] and "chosen_search" not in record
 
 
+def test_time_match_keeps_a_searched_plan_only_for_a_gain_beyond_one_standard_error() -> None:
+    from vdopt.quality import _match_measured_time, _paired_gain
+
+    assert _paired_gain([21.0, 23.0], [20.0, 20.0]) == (pytest.approx(2.0), pytest.approx(1.0))
+    with pytest.raises(ValueError, match="cannot be paired"):
+        _paired_gain([1.0], [1.0, 2.0])
+
+    def measure(plan):  # every searched plan fits at once
+        return 10.0 if plan == "baseline" else 0.99 * plan
+
+    baseline = [20.0, 22.0, 18.0, 21.0]
+    # +0.5 dB on average, but -3 to +4 dB per video: within the spread, so the baseline's plan is kept (a tie).
+    noisy = [24.0, 19.0, 19.0, 21.0]
+    plan, record = _match_measured_time(10.0, "baseline", 10.0, measure, 0, lambda ms: ms,
+                                        lambda p: baseline if p == "baseline" else noisy)
+    assert plan == "baseline" and record["kept_baseline_plan"]
+    (entry,) = record["tries"]
+    assert entry["calibration_psnr_gain"] == pytest.approx(0.5) and entry["calibration_psnr_gain_stderr"] > 0.5
+    assert record["baseline_calibration_psnr"] == pytest.approx(20.25)
+    # +0.5 dB on every video: kept.
+    steady = [x + 0.5 for x in baseline]
+    plan, record = _match_measured_time(10.0, "baseline", 10.0, measure, 0, lambda ms: ms,
+                                        lambda p: baseline if p == "baseline" else steady)
+    assert plan == 10.0 and not record["kept_baseline_plan"]
+    assert record["tries"][0]["calibration_psnr_gain_stderr"] == pytest.approx(0.0, abs=1e-9)
+
+
 def test_calibration_candidates_include_a_point_below_the_sparsest_target() -> None:
     from vdopt.quality import baseline_grids, calibration_candidates, static_density
 
