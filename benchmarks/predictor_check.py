@@ -8,8 +8,9 @@ go wrong, on the harness's own calibration (``quality_calibration.json``, the tr
 
 - one step: each plan runs the transformer on the recorded calibration forward inputs after the warm-up (the same
   inputs calibration saw), and the relative squared error of its output against dense is measured per input;
-- the trajectory (``--seeds N``): each plan generates the calibration videos (calibration captions, seeds 9000+, as
-  the harness's time-match check does) and its PSNR against dense is measured. On CPU the reference attention path
+- the trajectory (``--seeds N``): each plan generates the calibration videos (calibration captions, seeds 9000+;
+  the harness's time-match check now uses 8 verification captions of its own) and its PSNR against dense is
+  measured. On CPU the reference attention path
   takes about 20 s a forward, so a 30-step video takes about 10 minutes a plan; on a GPU, seconds.
 
 Result of 2026-12-06 (``predictor_check.json``, one step only): over the 10 plans at d 0.1 the predicted error ranks

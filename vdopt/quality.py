@@ -887,7 +887,7 @@ def baseline_plan(method: str, grids: dict[str, list[list[Strategy]]], calibrati
     return MethodPlan(method, target_density, plan, estimate.density, used, estimate.sq_error)
 
 
-#: First noise seed of the calibration videos time-matched plans are chosen on (far from the held-out seeds).
+#: First noise seed of the verification videos time-matched plans are chosen on (far from the held-out seeds).
 VERIFY_SEED_BASE = 9000
 #: Most re-searches of a time-matched plan measured slower than its baseline.
 TIME_MATCH_RETRIES = 3
@@ -911,12 +911,13 @@ def searched_plans(calibration: CalibrationResult, sites: list[AttentionSite], m
     ``measure_ms`` (a plan's measured attention milliseconds): a time-matched plan measured slower than its
     baseline is searched again at the budget scaled by their measured ratio, at most ``time_match_retries`` times,
     since predicted times err per plan (by 4% median, 86% worst on the proxy, H100) and the comparison that counts
-    is at equal measured time; ``time_match`` records every try. ``measure_psnr`` (a plan's PSNR vs dense on
-    calibration videos): the time-matched plan kept is the best measured of those no slower than the baseline and
-    the baseline's own plan (see :func:`_match_measured_time`). ``families`` (method -> the calibrated labels of its
-    pattern set): with ``measure_psnr``, a time-matched search is also run restricted to its baseline's pattern set
-    (per head and step range any of the baseline's patterns, or dense), and its fitting plans compete on the
-    calibration videos too. Warm-up: dense for ``t > t_warmup``.
+    is at equal measured time; ``time_match`` records every try. ``measure_psnr`` (a plan's PSNR vs dense on each
+    verification video): the time-matched plan kept is the best measured of those no slower than the baseline, if
+    it beats the baseline's own plan by more than the videos' spread, else the baseline's plan (see
+    :func:`_match_measured_time`). ``families`` (method -> the calibrated labels of its pattern set): with
+    ``measure_psnr``, a time-matched search is also run restricted to its baseline's pattern set (per head and step
+    range any of the baseline's patterns, or dense), and its fitting plans compete on the verification videos too.
+    Warm-up: dense for ``t > t_warmup``.
     """
     if match not in ("density", "time", "both"):
         raise ValueError(f"match must be 'density', 'time' or 'both', got {match!r}")
