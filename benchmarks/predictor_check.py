@@ -45,7 +45,7 @@ from vdopt.quality import (
     VERIFY_SEED_BASE,
     _sparse_cutoff,
     generate,
-    load_harness_calibration,
+    load_harness_run,
     predicted_attention_seconds,
     psnr,
     rank_correlation,
@@ -74,10 +74,10 @@ def main() -> None:
     parser.add_argument("--methods", default=None, help="comma-separated baselines (default: every one in the results)")
     args = parser.parse_args()
     results = Path(args.results)
-    records = json.loads((results / "quality.json").read_text())
-    calibration, sites, costs = load_harness_calibration(results / "quality_calibration.json")
-    if costs is None:
-        raise SystemExit("quality_calibration.json has no measured site costs (the harness ran without a GPU)")
+    try:
+        records, calibration, sites, costs = load_harness_run(results)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     pipe = load_proxy_pipeline("cpu")
     model = pipe.transformer
     densities = [float(d) for d in args.densities.split(",")]

@@ -31,7 +31,7 @@ from vdopt.proxy.pipeline import load_proxy_pipeline
 from vdopt.quality import (
     _sparse_cutoff,
     density_scaled_costs,
-    load_harness_calibration,
+    load_harness_run,
     predicted_attention_seconds,
     rebuild_harness_baselines,
     with_dense_warmup,
@@ -63,10 +63,10 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     results = Path(args.results)
-    records = json.loads((results / "quality.json").read_text())
-    calibration, sites, costs = load_harness_calibration(results / "quality_calibration.json")
-    if costs is None:
-        raise SystemExit("quality_calibration.json has no measured site costs (the harness ran without a GPU)")
+    try:
+        records, calibration, sites, costs = load_harness_run(results)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     model = load_proxy_pipeline("cpu").transformer
     baselines = [r for r in records if r["method"] not in ("dense", "searched")]
 

@@ -45,7 +45,7 @@ from vdopt.proxy.pipeline import load_proxy_pipeline
 from vdopt.quality import (
     VERIFY_SEED_BASE,
     _sparse_cutoff,
-    load_harness_calibration,
+    load_harness_run,
     predicted_attention_seconds,
     psnr,
     rebuild_harness_baselines,
@@ -123,10 +123,10 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     results = Path(args.results)
-    records = json.loads((results / "quality.json").read_text())
-    calibration, sites, costs = load_harness_calibration(results / "quality_calibration.json")
-    if costs is None:
-        raise SystemExit("quality_calibration.json has no measured site costs (the harness ran without a GPU)")
+    try:
+        records, calibration, sites, costs = load_harness_run(results)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     baseline_records = [r for r in records if r["method"] == args.method and r["target_density"] == args.density]
     if not baseline_records:
         raise SystemExit(f"no {args.method} record at target density {args.density} in {results / 'quality.json'}")

@@ -900,7 +900,7 @@ def searched_plans(calibration: CalibrationResult, sites: list[AttentionSite], m
                    step_ranges: int = 1, matched: bool = True, site_costs: SiteCosts | None = None,
                    match: str = "density", measure_ms: Callable[[Plan], float] | None = None,
                    time_match_retries: int = TIME_MATCH_RETRIES,
-                   measure_psnr: Callable[[Plan], float] | None = None,
+                   measure_psnr: Callable[[Plan], float | Sequence[float]] | None = None,
                    families: dict[str, tuple[str, ...]] | None = None) -> list[MethodPlan]:
     """vdopt's search over every calibrated candidate, the ``baselines`` as incumbents.
 
@@ -1040,7 +1040,7 @@ def _as_videos(measured: float | Sequence[float]) -> list[float]:
 def _paired_gain(videos: Sequence[float], baseline: Sequence[float]) -> tuple[float, float]:
     """Mean per-video PSNR gain over the baseline on the same videos, and its standard error (0 for one video)."""
     if len(videos) != len(baseline):
-        raise ValueError(f"calibration PSNRs of {len(videos)} and {len(baseline)} videos cannot be paired")
+        raise ValueError(f"PSNRs of {len(videos)} and {len(baseline)} videos cannot be paired")
     diffs = [a - b for a, b in zip(videos, baseline)]
     mean = sum(diffs) / len(diffs)
     if len(diffs) < 2:
@@ -1050,7 +1050,7 @@ def _paired_gain(videos: Sequence[float], baseline: Sequence[float]) -> tuple[fl
 
 def _match_measured_time(plan: Plan, baseline: Plan, budget_ms: float, measure_ms: Callable[[Plan], float],
                          retries: int, search_at: Callable[[float], Plan],
-                         measure_psnr: Callable[[Plan], float] | None = None,
+                         measure_psnr: Callable[[Plan], float | Sequence[float]] | None = None,
                          alternatives: Sequence[tuple[str, Plan, float, Callable[[float], Plan]]] = (),
                          ) -> tuple[Plan, dict[str, Any]]:
     """The plan searched at ``budget_ms`` (predicted), re-searched until it uses the time ``baseline`` measures.
@@ -1066,9 +1066,10 @@ def _match_measured_time(plan: Plan, baseline: Plan, budget_ms: float, measure_m
     their mean; never the evaluation's videos), every plan no slower than the baseline and the baseline's own plan
     are measured; the plan whose mean per-video gain over the baseline, less one standard error of it, is largest
     is kept if that is >= 0, else the baseline's own plan (a gain within the videos' spread is not evidence, and
-    a tie is better than a loss). Why measure: the predicted error that ranks plans inside the search is additive over sites and can mis-rank
-    plans of near-equal prediction (on the H100 proxy run of 2026-12-06, Sparse-vDiT d0.1's searched plan was
-    predicted 17% less error than the baseline at equal time and measured 1.7 dB lower PSNR).
+    a tie is better than a loss). Why measure: the predicted error that ranks plans inside the search is additive
+    over sites and can mis-rank plans of near-equal prediction (on the H100 proxy run of 2026-12-06, Sparse-vDiT
+    d0.1's searched plan was predicted 17% less error than the baseline at equal time and measured 1.7 dB lower
+    PSNR).
 
     ``alternatives`` (used only with ``measure_psnr``): more searches, each ``(name, first plan, its budget, its
     search_at)``, time-matched the same way with ``retries`` of their own; their fitting plans compete too (e.g. the
@@ -1742,6 +1743,18 @@ def load_harness_calibration(path: str | Path) -> tuple[CalibrationResult, list[
     return calibration, sites, None if costs is None else SiteCosts.from_json(costs)
 
 
+def load_harness_run(results: str | Path) -> tuple[list[dict[str, Any]], CalibrationResult, list[AttentionSite],
+                                                  SiteCosts]:
+    """A harness run's records (``quality.json``), calibration, sites and measured site costs from its folder, for
+    offline re-runs of its searches. Raises ValueError if the run measured no site costs (no GPU)."""
+    results = Path(results)
+    records = json.loads((results / "quality.json").read_text())  # as written: null PSNRs stay null
+    calibration, sites, costs = load_harness_calibration(results / "quality_calibration.json")
+    if costs is None:
+        raise ValueError("quality_calibration.json has no measured site costs (the harness ran without a GPU)")
+    return records, calibration, sites, costs
+
+
 def rebuild_harness_baselines(records: Sequence[dict[str, Any]], calibration: CalibrationResult, costs: SiteCosts,
                               model: nn.Module, target: str = "h100") -> tuple[float, dict[tuple[str, float], MethodPlan]]:
     """The baseline plans of a harness run's ``records`` (baseline records only), rebuilt offline, and ``t_warmup``.
@@ -1946,6 +1959,7 @@ __all__ = [
     "density_scaled_costs",
     "fixed_plan",
     "format_comparison",
+    "load_harness_run",
     "pareto_comparison",
     "psnr",
     "quality_main",
